@@ -1,0 +1,209 @@
+"""Command line: ``pytunnel run|check|version`` and stunnel's own command line.
+
+``pytunnel CONFIG`` (no subcommand), ``pytunnel -fd N``, ``-version``, ``-help``,
+``-sockets`` and ``-options`` behave as stunnel's do, so scripts written for stunnel
+keep working.  ``pytunnel run CONFIG`` applies pytunnel's secure defaults.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tunnel import __version__
+from tunnel.errors import CONFIG_FAILURE
+from tunnel.runtime import banner, check_path, run_path
+from tunnel.settings import (
+    GLOBAL_FIELDS,
+    SERVICE_FIELDS,
+    SOCKET_OPTIONS,
+    SSL_OPTIONS,
+    ServiceSettings,
+    field_meta,
+)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+WINDOWS_FLAGS = {"-install", "-uninstall", "-start", "-stop", "-reload", "-reopen", "-exit", "-quiet"}
+STUNNEL_FLAGS = {"-version", "-help", "-sockets", "-options", "-fd"} | WINDOWS_FLAGS
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="pytunnel")
+def cli() -> None:
+    """pytunnel: a TLS tunnel that reads stunnel.conf.
+
+    \b
+    Examples:
+      pytunnel run examples/stunnel.conf     # secure defaults (verify upstreams)
+      pytunnel check /etc/stunnel/gmail.conf # validate, load certs, bind nothing
+      pytunnel /etc/stunnel/stunnel.conf     # exactly like `stunnel CONFIG`
+
+    Every option also reads an environment variable: PYTUNNEL_<COMMAND>_<OPTION>
+    (e.g. PYTUNNEL_RUN_DRAIN_TIMEOUT=10).
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(dir_okay=False), envvar="PYTUNNEL_CONFIG")
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds to let live connections finish after SIGTERM/SIGINT before closing them.",
+)
+def run(config: str, drain_timeout: float) -> None:
+    """Run the tunnel described by CONFIG (a stunnel.conf) with secure defaults.
+
+    Client-mode upstreams are verified against the system CA store (or CAfile /
+    CApath) and the name in checkHost / sni / connect, unless the service says
+    verifyChain = no.  TLS below 1.2 is refused unless configured.
+
+    \b
+    Example:
+      pytunnel run examples/stunnel.conf
+    """
+    sys.exit(run_path(config, secure=True, drain_timeout=drain_timeout))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(dir_okay=False), envvar="PYTUNNEL_CONFIG")
+@click.option(
+    "--stunnel-defaults",
+    is_flag=True,
+    help="Check as `pytunnel CONFIG` runs it (stunnel's defaults, no verification by default).",
+)
+def check(config: str, stunnel_defaults: bool) -> None:
+    """Validate CONFIG and load its certificates, keys and CAs; bind nothing.
+
+    Exit status 0 when the configuration would start, 1 (stunnel's) when not;
+    every problem is printed as FILE:LINE: "line": what is wrong; how to fix.
+
+    \b
+    Example:
+      pytunnel check examples/stunnel.conf
+    """
+    sys.exit(check_path(config, secure=not stunnel_defaults))
+
+
+@cli.command(context_settings=CONTEXT)
+def version() -> None:
+    """Print pytunnel's version and the stunnel-style banner."""
+    click.echo(f"pytunnel {__version__}")
+    for line in banner():
+        click.echo(line)
+
+
+# ------------------------------------------------------------------ stunnel's command line
+
+STUNNEL_HELP = """\
+Syntax:
+pytunnel [<filename>] ; start pytunnel with the stunnel configuration file
+pytunnel -fd <n>      ; read the config file from a file descriptor
+pytunnel -help        ; get config file help
+pytunnel -version     ; display version and defaults
+pytunnel -sockets     ; display default socket options
+pytunnel -options     ; display supported TLS options
+pytunnel run CONFIG   ; run with pytunnel's secure defaults (see pytunnel --help)
+"""
+
+
+def _defaults_text() -> list[str]:
+    lines = [" ", "Global options:"]
+    for name in ("RNDbytes", "RNDfile", "RNDoverwrite"):
+        info = GLOBAL_FIELDS[name]
+        value = info.default
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        lines.append(f"{name:<22} = {value}")
+    lines += [" ", "Service-level options:"]
+    d = ServiceSettings()
+    lines += [
+        f"{'ciphers':<22} = {d.ciphers}",
+        f"{'ciphersuites':<22} = {d.ciphersuites} (with TLSv1.3)",
+        f"{'curves':<22} = {d.curves}",
+        f"{'debug':<22} = daemon.notice",
+        f"{'logId':<22} = {d.logId}",
+        f"{'options':<22} = NO_SSLv2",
+        f"{'options':<22} = NO_SSLv3",
+        f"{'securityLevel':<22} = {d.securityLevel}",
+        f"{'sessionCacheSize':<22} = {d.sessionCacheSize}",
+        f"{'sessionCacheTimeout':<22} = {d.sessionCacheTimeout} seconds",
+        f"{'stack':<22} = {d.stack} bytes",
+        f"{'TIMEOUTbusy':<22} = {d.TIMEOUTbusy} seconds",
+        f"{'TIMEOUTclose':<22} = {d.TIMEOUTclose} seconds",
+        f"{'TIMEOUTconnect':<22} = {d.TIMEOUTconnect} seconds",
+        f"{'TIMEOUTidle':<22} = {d.TIMEOUTidle} seconds",
+        f"{'verify':<22} = none",
+    ]
+    return lines
+
+
+def _sockets_text() -> list[str]:
+    lines = [
+        "Socket option defaults:",
+        "    Option Name         |  Accept  |   Local  |  Remote  ",
+        "    --------------------+----------+----------+----------",
+    ]
+    for name in SOCKET_OPTIONS:
+        a = "yes" if name == "SO_REUSEADDR" else "--"
+        lr = "yes" if name == "TCP_NODELAY" else "--"
+        lines.append(f"    {name:<20}|{a:>10}|{lr:>10}|{lr:>10}")
+    return lines
+
+
+def _options_text() -> list[str]:
+    return ["Supported TLS options:"] + [f"options = {name}" for name in SSL_OPTIONS]
+
+
+def _help_text() -> list[str]:
+    lines = [STUNNEL_HELP, "Global options:"]
+    for name, info in GLOBAL_FIELDS.items():
+        why = field_meta(name).get("unsupported")
+        lines.append(f"  {name:<24} {info.description}" + (f"  [not supported: {why}]" if why else ""))
+    lines.append("Service-level options:")
+    for name, info in SERVICE_FIELDS.items():
+        why = field_meta(name).get("unsupported")
+        lines.append(f"  {name:<24} {info.description}" + (f"  [not supported: {why}]" if why else ""))
+    return lines
+
+
+def stunnel_main(args: list[str]) -> int:
+    first = args[0]
+    err = sys.stderr
+    if first in WINDOWS_FLAGS:
+        err.write(f"{first}: this option exists only in stunnel's Windows build\n")
+        return CONFIG_FAILURE
+    if first == "-version":
+        err.write("\n".join(banner() + _defaults_text()) + "\n")
+        return 0
+    if first == "-sockets":
+        err.write("\n".join(banner()[:3] + [" "] + _sockets_text()) + "\n")
+        return 0
+    if first == "-options":
+        err.write("\n".join(banner()[:3] + [" "] + _options_text()) + "\n")
+        return 0
+    if first == "-help":
+        err.write("\n".join(_help_text()) + "\n")
+        return 0
+    if first == "-fd":
+        if len(args) < 2 or not args[1].isdigit():
+            err.write("-fd needs a file descriptor number, e.g. pytunnel -fd 3\n")
+            return CONFIG_FAILURE
+        return run_path(f"FD={args[1]}", secure=False, drain_timeout=5.0, fd=int(args[1]))
+    if len(args) > 1:
+        err.write(f"unexpected arguments after {first}: {' '.join(args[1:])}\n{STUNNEL_HELP}")
+        return CONFIG_FAILURE
+    return run_path(first, secure=False, drain_timeout=5.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and (args[0] in STUNNEL_FLAGS or (not args[0].startswith("-") and args[0] not in cli.commands)):
+        sys.exit(stunnel_main(args))
+    cli.main(args=args, prog_name="pytunnel", auto_envvar_prefix="PYTUNNEL")
+
+
+if __name__ == "__main__":
+    main()

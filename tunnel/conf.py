@@ -1,0 +1,406 @@
+"""stunnel.conf reader.
+
+Reads what stunnel's parser reads -- global options, then ``[service]`` sections;
+``;`` and ``#`` comments; blank and indented lines; a UTF-8 BOM; case-insensitive
+option names and the aliases ``curve``/``session``; repeatable options in order;
+``include = DIR`` -- and turns it into :class:`tunnel.settings.Settings`.  Every
+value remembers its file and line, and every problem is collected before failing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from tunnel.errors import ConfigError, Problem
+from tunnel.settings import (
+    CANONICAL,
+    GLOBAL_FIELDS,
+    SERVICE_FIELDS,
+    GlobalSettings,
+    ServiceSettings,
+    Settings,
+    field_meta,
+    is_repeatable,
+)
+
+MAX_INCLUDE_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ``name = value`` line."""
+
+    name: str  # canonical stunnel spelling
+    value: str
+    file: str
+    line: int
+    text: str
+
+    def problem(self, message: str, hint: str | None = None) -> Problem:
+        return Problem(message, self.file, self.line, self.text, hint)
+
+
+@dataclass
+class Section:
+    name: str
+    file: str
+    line: int
+    text: str
+    entries: list[Entry] = field(default_factory=list)
+
+
+@dataclass
+class RawConfig:
+    source: str
+    globals: list[Entry] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    bom: bool = False
+
+
+def _suggest(name: str) -> str | None:
+    close = difflib.get_close_matches(name.lower(), list(CANONICAL), n=1, cutoff=0.7)
+    if close:
+        return f'did you mean "{CANONICAL[close[0]]}"?'
+    return None
+
+
+class Reader:
+    def __init__(self, source: str) -> None:
+        self.raw = RawConfig(source=source)
+        self._current: Section | None = None
+
+    def read_file(self, path: str, depth: int = 0) -> None:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            self.raw.problems.append(
+                Problem(f"cannot read the configuration file: {exc.strerror}", path)
+            )
+            return
+        self.read_bytes(data, path, depth)
+
+    def read_bytes(self, data: bytes, path: str, depth: int = 0) -> None:
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+            if depth == 0:
+                self.raw.bom = True
+        for number, raw_line in enumerate(data.split(b"\n"), start=1):
+            try:
+                text = raw_line.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError:
+                self.raw.problems.append(
+                    Problem(
+                        "the line is not valid UTF-8",
+                        path,
+                        number,
+                        raw_line.decode("utf-8", "replace").strip(),
+                        "save the file as UTF-8",
+                    )
+                )
+                continue
+            self._line(text.strip(), path, number, depth)
+
+    def _line(self, line: str, path: str, number: int, depth: int) -> None:
+        if not line or line[0] in ";#":
+            return
+        if line.startswith("["):
+            if not line.endswith("]") or len(line) < 3:
+                self.raw.problems.append(
+                    Problem("malformed section header", path, number, line, "write it as [NAME]")
+                )
+                return
+            name = line[1:-1].strip()
+            if not name:
+                self.raw.problems.append(
+                    Problem("empty section name", path, number, line, "write it as [NAME]")
+                )
+                return
+            section = Section(name, path, number, line)
+            self.raw.sections.append(section)
+            self._current = section
+            return
+        name, sep, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            self.raw.problems.append(
+                Problem(
+                    'expected "option = value", "[section]" or a comment',
+                    path,
+                    number,
+                    line,
+                    "comments start with ; or #",
+                )
+            )
+            return
+        canon = CANONICAL.get(name.lower())
+        if canon is None:
+            self.raw.problems.append(
+                Problem(
+                    "Specified option name is not valid here",
+                    path,
+                    number,
+                    line,
+                    _suggest(name) or "`pytunnel -help` lists the options",
+                )
+            )
+            return
+        entry = Entry(canon, value, path, number, line)
+        if canon == "include":
+            self._include(entry, depth)
+            return
+        if self._current is None:
+            self.raw.globals.append(entry)
+        elif canon in GLOBAL_FIELDS:
+            self.raw.problems.append(
+                entry.problem(
+                    f"{canon} is a global option and is not valid inside [{self._current.name}]",
+                    "move it above the first [section]",
+                )
+            )
+        else:
+            self._current.entries.append(entry)
+
+    def _include(self, entry: Entry, depth: int) -> None:
+        if depth >= MAX_INCLUDE_DEPTH:
+            self.raw.problems.append(entry.problem("includes nested too deeply (a loop?)"))
+            return
+        folder = entry.value
+        if not os.path.isabs(folder):
+            folder = os.path.join(os.path.dirname(entry.file), folder)
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as exc:
+            self.raw.problems.append(
+                entry.problem(
+                    f"cannot read the include directory: {exc.strerror}",
+                    "include takes a directory whose files are read in name order",
+                )
+            )
+            return
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                self.read_file(path, depth + 1)
+
+
+def read(path: str) -> RawConfig:
+    reader = Reader(path)
+    reader.read_file(path)
+    return reader.raw
+
+
+def read_bytes(data: bytes, source: str) -> RawConfig:
+    reader = Reader(source)
+    reader.read_bytes(data, source)
+    return reader.raw
+
+
+# ----------------------------------------------------------------- to Settings
+
+
+def _collect(entries: list[Entry], problems: list[Problem]) -> dict[str, list[Entry]]:
+    """Group entries by option, rejecting unsupported values on the way."""
+    grouped: dict[str, list[Entry]] = {}
+    for entry in entries:
+        meta = field_meta(entry.name)
+        why = meta.get("unsupported")
+        if why and entry.value.lower() not in meta.get("accepted", []):
+            if entry.name == "fips":
+                problems.append(entry.problem(why))
+            else:
+                problems.append(
+                    entry.problem(
+                        f"{entry.name} is not supported: {why}",
+                        "remove the line",
+                    )
+                )
+            continue
+        grouped.setdefault(entry.name, []).append(entry)
+    return grouped
+
+
+def _validate(
+    model: type[Any],
+    grouped: dict[str, list[Entry]],
+    extra: dict[str, Any],
+    problems: list[Problem],
+    fallback: Problem,
+) -> Any:
+    data: dict[str, Any] = dict(extra)
+    for name, entries in grouped.items():
+        meta = field_meta(name)
+        if meta.get("unsupported") or name == "include":
+            continue  # accepted "off" values of unsupported options change nothing
+        if is_repeatable(name):
+            data[name] = [e.value for e in entries]
+        else:
+            data[name] = entries[-1].value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = err["loc"]
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            name = str(loc[0]) if loc else ""
+            entries = grouped.get(name, [])
+            entry: Entry | None = None
+            if entries:
+                idx = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else -1
+                entry = entries[idx] if -len(entries) <= idx < len(entries) else entries[-1]
+            if entry is not None:
+                problems.append(entry.problem(msg))
+            else:
+                problems.append(
+                    Problem(f"{name}: {msg}", fallback.file, fallback.line, fallback.text)
+                )
+        return None
+
+
+def is_secondary(svc: ServiceSettings) -> bool:
+    """A server-mode ``sni = SERVICE:PATTERN`` service rides on SERVICE's listener."""
+    return not svc.client and bool(svc.sni) and ":" in (svc.sni or "")
+
+
+def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Problem]:
+    """stunnel's cross-field rules, with its own texts where tools grep them."""
+    out: list[Problem] = []
+
+    def bad(message: str, hint: str | None = None) -> None:
+        out.append(Problem(f"Service [{svc.name}]: {message}", where.file, where.line, where.text, hint))
+
+    if inetd:
+        if not svc.connect:
+            bad("Each service must define two endpoints", 'add "connect = [HOST:]PORT"')
+        if svc.accept:
+            bad("accept is not valid in inetd mode", "put the options in a [service] section")
+    elif is_secondary(svc):
+        if not svc.connect:
+            bad("Each service must define two endpoints", 'add "connect = [HOST:]PORT"')
+    elif not svc.accept or not svc.connect:
+        missing = "accept" if not svc.accept else "connect"
+        bad(
+            "Each service must define two endpoints",
+            f'add "{missing} = [HOST:]PORT"',
+        )
+    if not svc.client and not svc.cert:
+        bad("TLS server needs a certificate", "add cert = /path/to/cert.pem, or set client = yes")
+    if (svc.verifyChain or svc.verifyPeer) and not (svc.CAfile or svc.CApath):
+        bad(
+            'Either "CAengine", "CAfile" or "CApath" has to be configured',
+            "add CAfile = /path/to/ca.pem",
+        )
+    if (svc.checkHost or svc.checkIP or svc.checkEmail) and not (
+        svc.verifyChain or svc.verifyPeer or (svc.verify or 0) >= 2
+    ):
+        bad(
+            'Either "verifyChain" or "verifyPeer" has to be enabled',
+            "add verifyChain = yes",
+        )
+    versions = ["SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+    lo = svc.sslVersionMin or svc.sslVersion
+    hi = svc.sslVersionMax or svc.sslVersion
+    if lo and hi and lo != "all" and hi != "all" and versions.index(lo) > versions.index(hi):
+        bad("Invalid protocol version range", "sslVersionMin must not exceed sslVersionMax")
+    for version in (lo, hi):
+        if version in ("SSLv2", "SSLv3"):
+            bad(f"{version} is not available in this OpenSSL build", "use TLSv1.2 or later")
+    default_ct = ServiceSettings.model_fields["ciphersuites"].default
+    if svc.ciphersuites != default_ct:
+        bad(
+            "ciphersuites other than the default cannot be set: Python's ssl module has no API for TLS 1.3 ciphersuites",
+            "remove the line, or disable TLS 1.3 with sslVersionMax = TLSv1.2 and use ciphers",
+        )
+    curves = svc.curves.split(":")
+    if svc.curves != ServiceSettings.model_fields["curves"].default and len(curves) > 1:
+        bad(
+            "a curves list other than the default cannot be set: Python's ssl module sets one group only",
+            "name a single group (e.g. curves = prime256v1) or remove the line",
+        )
+    if svc.sessionCacheSize != 1000 or svc.sessionCacheTimeout != 300:
+        bad(
+            "sessionCacheSize/sessionCacheTimeout cannot be changed: Python's ssl module has no API to size the session cache",
+            "remove the line",
+        )
+    if not svc.sessionResume and not svc.client:
+        bad(
+            "sessionResume = no is only supported in client mode: Python's ssl module cannot switch off a server's session cache",
+            "remove the line",
+        )
+    if svc.sni and not svc.client and ":" not in svc.sni:
+        bad("server-mode sni needs SERVICE:PATTERN", "e.g. sni = primary:*.example.com")
+    return out
+
+
+def build(raw: RawConfig) -> Settings:
+    """Validate a read configuration; raise ConfigError listing every problem."""
+    problems = list(raw.problems)
+    top = Problem("", raw.source, None, None)
+
+    glob_entries = [e for e in raw.globals if e.name in GLOBAL_FIELDS]
+    default_entries = [e for e in raw.globals if e.name in SERVICE_FIELDS]
+
+    gsettings = _validate(GlobalSettings, _collect(glob_entries, problems), {}, problems, top)
+    defaults_grouped = _collect(default_entries, problems)
+    defaults = _validate(ServiceSettings, defaults_grouped, {}, problems, top)
+
+    services: list[ServiceSettings] = []
+    inetd = not raw.sections
+    sections = raw.sections or [Section(gsettings.service if gsettings else "stunnel", raw.source, 0, "")]
+    seen: set[str] = set()
+    for section in sections:
+        where = Problem("", section.file, section.line or None, section.text or None)
+        if section.name.lower() in seen:
+            problems.append(
+                Problem(f"duplicate section [{section.name}]", section.file, section.line, section.text, "give each service its own name")
+            )
+        seen.add(section.name.lower())
+        local_problems: list[Problem] = []
+        grouped: dict[str, list[Entry]] = {k: list(v) for k, v in defaults_grouped.items()}
+        if not inetd:
+            for name, entries in _collect(section.entries, local_problems).items():
+                if is_repeatable(name):
+                    grouped.setdefault(name, []).extend(entries)
+                else:
+                    grouped[name] = entries
+        svc = _validate(ServiceSettings, grouped, {"name": section.name}, local_problems, where)
+        if svc is not None and not local_problems:
+            local_problems.extend(_check_service(svc, where, inetd))
+            services.append(svc)
+        problems.extend(local_problems)
+
+    names = {s.name for s in services}
+    for svc in services:
+        if svc.sni and not svc.client and ":" in svc.sni:
+            primary = svc.sni.split(":", 1)[0]
+            if primary not in names:
+                problems.append(
+                    Problem(f"Service [{svc.name}]: sni names unknown service [{primary}]", raw.source, None, None)
+                )
+
+    # duplicates across files make the same problem twice; keep the first
+    unique: list[Problem] = []
+    for p in problems:
+        if p not in unique:
+            unique.append(p)
+    if unique:
+        unique.sort(key=lambda p: (p.file or "", p.line or 0))
+        raise ConfigError(unique)
+    assert gsettings is not None and defaults is not None
+    return Settings(
+        source=raw.source, globals=gsettings, defaults=defaults, services=services, inetd=inetd
+    )
+
+
+def load(path: str) -> Settings:
+    return build(read(path))
+
+
+def load_bytes(data: bytes, source: str) -> Settings:
+    return build(read_bytes(data, source))

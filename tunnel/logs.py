@@ -1,0 +1,148 @@
+"""stunnel-format logging: ``YYYY.MM.DD HH:MM:SS LOG5[id]: text``.
+
+Before the configuration is read, lines go to stderr as ``[!] text`` (error),
+``[:] text`` (warning), ``[.] text`` (notice) or ``[ ] text`` (info/debug), as stunnel
+prints them.  Afterwards they go where the global options say: stderr with
+``foreground = yes``, the ``output`` file, and syslog (``syslog = yes``, stunnel's
+default on Unix; when ``/dev/log`` is missing we say so once and carry on).
+Callers check :meth:`Log.enabled` before formatting anything costly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import TextIO
+
+EARLY_TAGS = {0: "!", 1: "!", 2: "!", 3: "!", 4: ":", 5: ".", 6: " ", 7: " "}
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+    "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{f"local{i}": 16 + i for i in range(8)},
+}  # fmt: skip
+
+
+class Log:
+    def __init__(self) -> None:
+        self.level = 5
+        self.early = True
+        self.to_stderr = True
+        self.file: TextIO | None = None
+        self.file_path: str | None = None
+        self.file_mode = "a"
+        self.syslog: socket.socket | None = None
+        self.ident = "stunnel"
+        self.facility = 3
+        self._stamp_sec = -1
+        self._stamp = ""
+        self.errors_seen: list[str] = []
+        self.buffer: list[tuple[int, str, str]] = []
+
+    # ---- configuration ---------------------------------------------------------
+    def configure(
+        self,
+        level: int,
+        foreground: str,
+        output: str | None,
+        overwrite: bool,
+        use_syslog: bool,
+        ident: str,
+        facility: str,
+    ) -> None:
+        self.level = level
+        self.early = False
+        self.to_stderr = foreground == "yes"
+        self.ident = ident
+        self.facility = FACILITIES.get(facility, 3)
+        self.file_mode = "w" if overwrite else "a"
+        if output:
+            self.file_path = output
+            self.open_file()
+        if use_syslog:
+            self._open_syslog()
+        pending, self.buffer = self.buffer, []
+        for lvl, ident, text in pending:
+            self.write(lvl, ident, text)
+
+    def flush_early(self) -> None:
+        """Print what was buffered before the configuration was known, stunnel's way."""
+        pending, self.buffer = self.buffer, []
+        for lvl, _ident, text in pending:
+            if lvl <= self.level:
+                sys.stderr.write(f"[{EARLY_TAGS.get(lvl, ' ')}] {text}\n")
+        sys.stderr.flush()
+
+    def open_file(self) -> None:
+        if self.file_path is None:
+            return
+        if self.file is not None and self.file not in (sys.stdout, sys.stderr):
+            self.file.close()
+        if self.file_path in ("/dev/stdout", "-"):
+            self.file = sys.stdout
+        elif self.file_path == "/dev/stderr":
+            self.file = sys.stderr
+        else:
+            self.file = open(self.file_path, self.file_mode, encoding="utf-8", buffering=1)  # noqa: SIM115
+            self.file_mode = "a"  # a reopen (SIGUSR1) never truncates
+
+    def reopen(self) -> None:
+        """SIGUSR1: reopen the output file (after log rotation)."""
+        self.open_file()
+
+    def _open_syslog(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect("/dev/log")
+        except OSError:
+            sock.close()
+            self.syslog = None
+            self.write(4, "ui", "syslog is not available (no /dev/log): logging to stderr/output only")
+            self.to_stderr = self.to_stderr or self.file is None
+            return
+        self.syslog = sock
+
+    # ---- writing -----------------------------------------------------------------
+    def enabled(self, level: int) -> bool:
+        return level <= self.level
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        sec = int(now)
+        if sec != self._stamp_sec:
+            self._stamp_sec = sec
+            self._stamp = time.strftime("%Y.%m.%d %H:%M:%S", time.localtime(sec))
+        return self._stamp
+
+    def write(self, level: int, ident: str, text: str, threshold: int | None = None) -> None:
+        if level > (self.level if threshold is None else threshold) and not self.early:
+            return
+        if level <= 3:
+            self.errors_seen.append(text)
+            del self.errors_seen[:-50]
+        if self.early:
+            self.buffer.append((level, ident, text))
+            return
+        body = f"LOG{level}[{ident}]: {text}"
+        line = f"{self._timestamp()} {body}\n"
+        if self.to_stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        if self.file is not None:
+            try:
+                self.file.write(line)
+            except OSError:
+                pass
+        if self.syslog is not None:
+            msg = f"<{self.facility * 8 + level}>{self.ident}[{os.getpid()}]: {body}"
+            try:
+                self.syslog.send(msg.encode("utf-8", "replace"))
+            except OSError:
+                pass
+
+    def ui(self, level: int, text: str) -> None:
+        self.write(level, "ui", text)
+
+
+log = Log()

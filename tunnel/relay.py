@@ -1,0 +1,495 @@
+"""The data path: two asyncio Protocols per connection, and how a connection ends.
+
+Theory of operation
+===================
+
+A connection has two sides, each an ``asyncio.Protocol`` on a plain TCP (or Unix)
+transport.  The *plain* side passes bytes through.  The *TLS* side runs TLS itself
+over an ``ssl.SSLObject`` and two ``MemoryBIO``s: asyncio's own SSL transport cannot
+half-close, cannot resume a client session, and hides close_notify from us, and a
+stunnel replacement needs all three.  Bytes read on one side are written to the other
+unchanged; nothing parses the application protocol.
+
+Flow control.  When one side's transport write buffer passes its high-water mark
+(``pause_writing``), we stop reading the *other* side's transport, and resume on
+``resume_writing``.  Memory per connection stays bounded when one end stops reading.
+
+Close semantics (each direction is closed independently):
+
+* **close_notify from the TLS peer** (``SSLZeroReturnError``): a clean end of the
+  TLS -> plain direction.  We ``write_eof()`` the plain socket (TCP FIN) and keep
+  relaying plain -> TLS until that side ends too.
+* **TCP EOF from the TLS peer without close_notify** (an unclean EOF, possible
+  truncation): treated like close_notify -- stunnel does the same -- but logged at
+  info level as ``TLS socket closed without close_notify``.
+* **EOF from the plain side** (the app half-closed): we send close_notify
+  (``SSLObject.unwrap``) followed by a TCP FIN on the TLS socket, then keep reading
+  from the TLS peer until it ends its direction.  The reverse (EOF from a plain
+  upstream in server mode) is the same.
+* **TIMEOUTclose**: once one direction has ended, the other has ``TIMEOUTclose``
+  seconds of inactivity to finish before both sockets are closed (0 = close at once,
+  stunnel's setting for peers that never send close_notify).  While both directions
+  are open the inactivity limit is ``TIMEOUTidle``.
+* **Errors**: a TLS error (bad record, alert, failed verification) or a reset ends
+  the whole connection.  With ``reset = yes`` (the default) the plain side is closed
+  with a TCP RST (``SO_LINGER`` 0), so the app sees ``Connection reset by peer``
+  rather than a clean EOF it could mistake for a complete reply.
+
+Every connection ends with exactly one :class:`CloseReason`; the summary line and the
+counters key on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunnel.service import Service
+
+READ_SIZE = 65536
+
+
+class CloseReason(enum.Enum):
+    CLOSED = "closed"
+    PEER_RESET = "peer reset"
+    IDLE_TIMEOUT = "idle timeout"
+    CONNECT_FAILED = "connect failed"
+    HANDSHAKE_FAILED = "handshake failed"
+    VERIFY_FAILED = "verify failed"
+    SHUTDOWN = "shutdown"
+    ERROR = "error"
+
+
+def set_linger_zero(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+class Side(asyncio.Protocol):
+    """One end of a connection.  Subclasses differ in how bytes cross the transport."""
+
+    transport: asyncio.Transport | None = None
+    conn: Connection
+    made_hook: Callable[[Side], None] | None = None
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.peer: Side | None = None
+        self.eof_in = False  # this side's peer will send no more
+        self.eof_out = False  # we sent EOF to this side
+        self.read_paused = False
+        self.write_paused = False
+        self.closed = False
+
+    # ---- flow control (idempotent) ----------------------------------------
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = True
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.peer is not None and self.conn.linked:
+            self.peer.resume_reading()
+
+    # ---- asyncio callbacks ------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.made_hook is not None:
+            self.made_hook(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.conn.side_lost(self, exc)
+
+    # ---- used by the peer side -------------------------------------------
+    def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_eof(self) -> None:
+        raise NotImplementedError
+
+    def close(self, rst: bool = False) -> None:
+        if self.transport is None or self.closed:
+            return
+        if rst:
+            set_linger_zero(self.transport)
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.last_activity = conn.loop.time()
+        peer = self.peer
+        if peer is not None:
+            peer.send(data)
+
+    def received_eof(self) -> None:
+        if self.eof_in:
+            return
+        self.eof_in = True
+        self.conn.direction_done(self)
+
+
+class PlainSide(Side):
+    """The plaintext socket: the app in client mode, the upstream in server mode."""
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.to_tls += len(data)
+        self.received(data)
+
+    def eof_received(self) -> bool:
+        self.received_eof()
+        return True  # keep the transport open: we may still write
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def send_eof(self) -> None:
+        if self.eof_out or self.transport is None or self.closed:
+            return
+        self.eof_out = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+
+class TlsSide(Side):
+    """TLS over a plain transport through ``SSLObject`` and memory BIOs."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        context: ssl.SSLContext,
+        server_side: bool,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+        on_handshake: Callable[[TlsSide, BaseException | None], None] | None = None,
+    ) -> None:
+        super().__init__(conn)
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.sslobj = context.wrap_bio(
+            self.incoming,
+            self.outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
+        )
+        self.handshaking = True
+        self.on_handshake = on_handshake
+        self.pending: list[bytes] = []
+        self.clean_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._handshake()
+
+    def _flush(self) -> None:
+        if self.outgoing.pending and self.transport is not None and not self.closed:
+            self.transport.write(self.outgoing.read())
+
+    def _handshake(self) -> None:
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._flush()
+            self.handshaking = False
+            if self.on_handshake is not None:
+                self.on_handshake(self, exc)
+            return
+        self._flush()
+        self.handshaking = False
+        if self.on_handshake is not None:
+            self.on_handshake(self, None)
+        if self.incoming.pending and not self.closed:
+            self._read_records()
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        if self.handshaking:
+            self._handshake()
+            return
+        self._read_records()
+
+    def _read_records(self) -> None:
+        chunks: list[bytes] = []
+        read = self.sslobj.read
+        try:
+            while True:
+                chunk = read(READ_SIZE)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.clean_eof = True
+            self._deliver(chunks)
+            self._flush()
+            self.received_eof()
+            return
+        except ssl.SSLError as exc:
+            self._deliver(chunks)
+            self.conn.fail(CloseReason.ERROR, f"TLS error: {_reason(exc)}")
+            return
+        self._deliver(chunks)
+        if self.pending:
+            self._retry_pending()
+        self._flush()
+
+    def _deliver(self, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.conn.to_sock += len(data)
+        self.received(data)
+
+    def eof_received(self) -> bool:
+        # TCP FIN from the TLS peer.  Drain whatever records are buffered first.
+        if not self.handshaking and not self.eof_in:
+            self.incoming.write_eof()
+            self._read_records()
+            if not self.eof_in:
+                self.conn.log(6, "TLS socket closed without close_notify")
+                self.received_eof()
+        elif self.handshaking:
+            self.handshaking = False
+            if self.on_handshake is not None:
+                self.on_handshake(self, ConnectionResetError("peer closed during the TLS handshake"))
+        return True
+
+    def send(self, data: bytes) -> None:
+        if self.closed or self.eof_out:
+            return
+        if self.pending:
+            self.pending.append(data)
+            return
+        try:
+            self.sslobj.write(data)
+        except ssl.SSLWantReadError:
+            self.pending.append(data)
+        except ssl.SSLError as exc:
+            self.conn.fail(CloseReason.ERROR, f"TLS error: {_reason(exc)}")
+            return
+        self._flush()
+
+    def _retry_pending(self) -> None:
+        pending, self.pending = self.pending, []
+        for data in pending:
+            self.send(data)
+
+    def send_eof(self) -> None:
+        if self.eof_out or self.closed or self.transport is None:
+            return
+        self.eof_out = True
+        try:
+            self.sslobj.unwrap()  # sends close_notify
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+        except (ssl.SSLError, OSError):
+            pass
+        self._flush()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+
+def _reason(exc: BaseException) -> str:
+    from tunnel.tls import reason_of
+
+    return reason_of(exc)
+
+
+class Connection:
+    """One relayed connection: both sides, counters, timers and the one close reason."""
+
+    __slots__ = (
+        "id",
+        "service",
+        "loop",
+        "plain",
+        "tls",
+        "linked",
+        "to_tls",
+        "to_sock",
+        "started",
+        "last_activity",
+        "reason",
+        "detail",
+        "timer",
+        "done_dirs",
+        "peer_addr",
+        "ended",
+        "peer_cn",
+        "target",
+        "target_host",
+        "__weakref__",
+    )
+
+    def __init__(self, service: Service, conn_id: str) -> None:
+        self.id = conn_id
+        self.service = service
+        self.loop = asyncio.get_running_loop()
+        self.plain: PlainSide | None = None
+        self.tls: TlsSide | None = None
+        self.linked = False
+        self.to_tls = 0
+        self.to_sock = 0
+        self.started = time.monotonic()
+        self.last_activity = self.loop.time()
+        self.reason: CloseReason | None = None
+        self.detail = ""
+        self.timer: asyncio.TimerHandle | None = None
+        self.done_dirs = 0
+        self.peer_addr = ""
+        self.ended = False
+        self.peer_cn = ""
+        self.target = ""  # the upstream address actually connected
+        self.target_host: str | None = None  # its name as configured
+
+    # ---- logging -----------------------------------------------------------
+    def log(self, level: int, text: str) -> None:
+        self.service.log_conn(level, self.id, text)
+
+    # ---- lifecycle ---------------------------------------------------------
+    def link(self) -> None:
+        """Both sides are up: start relaying in both directions."""
+        assert self.plain is not None and self.tls is not None
+        self.plain.peer = self.tls
+        self.tls.peer = self.plain
+        self.linked = True
+        self.last_activity = self.loop.time()
+        self._arm_timer()
+        if not self.tls.write_paused:
+            self.plain.resume_reading()
+        if not self.plain.write_paused:
+            self.tls.resume_reading()
+
+    def _limit(self) -> float:
+        opts = self.service.settings
+        return float(opts.TIMEOUTclose if self.done_dirs else opts.TIMEOUTidle)
+
+    def _arm_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        limit = self._limit()
+        self.timer = self.loop.call_at(self.last_activity + limit, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.reason is not None:
+            return
+        limit = self._limit()
+        if self.loop.time() - self.last_activity >= limit:
+            if self.done_dirs:
+                self.log(6, "TIMEOUTclose exceeded: closing")
+                self.finish(CloseReason.CLOSED)
+            else:
+                self.log(5, "Connection reset: TIMEOUTidle exceeded")
+                self.finish(CloseReason.IDLE_TIMEOUT)
+            return
+        self._arm_timer()
+
+    def direction_done(self, source: Side) -> None:
+        """``source`` will send no more: pass the EOF on, close when both are done."""
+        self.done_dirs += 1
+        peer = source.peer
+        if peer is not None:
+            peer.send_eof()
+        if self.done_dirs >= 2:
+            self.finish(CloseReason.CLOSED)
+            return
+        if not self.linked:
+            self.finish(CloseReason.CLOSED)
+            return
+        self.last_activity = self.loop.time()
+        if self.service.settings.TIMEOUTclose == 0:
+            self.finish(CloseReason.CLOSED)
+            return
+        self._arm_timer()
+
+    def fail(self, reason: CloseReason, detail: str) -> None:
+        """An error ends the whole connection (RST to the plain side with reset = yes)."""
+        if self.reason is not None:
+            return
+        self.detail = detail
+        self.log(3, detail)
+        self.finish(reason, rst=self.service.settings.reset)
+
+    def finish(self, reason: CloseReason, rst: bool = False) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.tls is not None:
+            self.tls.close(rst=rst and reason is not CloseReason.CLOSED)
+        if self.plain is not None:
+            self.plain.close(rst=rst)
+        self._maybe_done()
+
+    def side_lost(self, side: Side, exc: Exception | None) -> None:
+        if self.reason is None:
+            if exc is not None and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                self.log(5, f"Connection reset by peer ({type(exc).__name__})")
+                self.finish(CloseReason.PEER_RESET)
+            elif exc is not None:
+                self.fail(CloseReason.ERROR, f"socket error: {exc}")
+            elif not side.eof_in:
+                # closed without EOF first (e.g. transport aborted)
+                side.eof_in = True
+                self.direction_done(side)
+            if self.reason is None:
+                # the other side may still be relaying; it has nowhere to write
+                self.finish(CloseReason.CLOSED)
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        sides = [s for s in (self.plain, self.tls) if s is not None and s.transport is not None]
+        if not self.ended and all(s.closed for s in sides):
+            self.ended = True
+            self.service.connection_ended(self)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "service": self.service.name,
+            "peer": self.peer_addr,
+            "to_tls": self.to_tls,
+            "to_sock": self.to_sock,
+            "duration": round(time.monotonic() - self.started, 3),
+            "reason": self.reason.value if self.reason else "open",
+        }

@@ -1,0 +1,428 @@
+"""The process: configuration to services, the event loop, signals, reload, exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf
+from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, StartupError
+from tunnel.logs import log
+from tunnel.service import Service
+from tunnel.settings import Settings, ServiceSettings
+from tunnel.tls import TlsConfigError
+from tunnel.tls import build as build_tls
+
+
+def banner() -> list[str]:
+    machine = platform.machine() or "unknown"
+    system = platform.system().lower() or "unknown"
+    ver = ssl.OPENSSL_VERSION.removeprefix("OpenSSL ")
+    return [
+        f"stunnel {STUNNEL_COMPAT_VERSION} (pytunnel {__version__}) on {machine}-{system} platform",
+        f"Compiled/running with OpenSSL {ver}",
+        "Threading:ASYNCIO Sockets:UVLOOP,IPv6 TLS:SNI",
+    ]
+
+
+@dataclass
+class Source:
+    """Where the configuration comes from: a path, or bytes read once from ``-fd N``."""
+
+    path: str
+    data: bytes | None = None
+
+    def load(self) -> Settings:
+        if self.data is not None:
+            return conf.load_bytes(self.data, self.path)
+        return conf.load(os.path.abspath(self.path))
+
+
+def build_services(settings: Settings, secure: bool, generation: int = 0) -> list[Service]:
+    """TLS contexts for every service (once per load); raises ConfigError."""
+    problems: list[Problem] = []
+    tls_of: dict[str, object] = {}
+    for svc in settings.services:
+        try:
+            tls_of[svc.name] = build_tls(svc, secure, generation)
+        except TlsConfigError as exc:
+            problems.append(
+                Problem(f"Service [{svc.name}]: {exc}", settings.source, None, None, "Failed to initialize TLS context")
+            )
+    if problems:
+        raise ConfigError(problems)
+    secondaries: dict[str, list[ServiceSettings]] = {}
+    for svc in settings.services:
+        if not svc.client and svc.sni and ":" in svc.sni:
+            secondaries.setdefault(svc.sni.split(":", 1)[0], []).append(svc)
+    made: dict[str, Service] = {}
+    for svc in settings.services:
+        if svc.name in {s.name for group in secondaries.values() for s in group}:
+            made[svc.name] = Service(svc, tls_of[svc.name], secure)  # type: ignore[arg-type]
+    out: list[Service] = []
+    for svc in settings.services:
+        if svc.name in made:
+            continue
+        subs = [made[s.name] for s in secondaries.get(svc.name, [])]
+        out.append(Service(svc, tls_of[svc.name], secure, subs))  # type: ignore[arg-type]
+    return out
+
+
+def warn_services(services: list[Service], secure: bool) -> None:
+    for service in services:
+        svc = service.settings
+        pol = service.tls.policy
+        if svc.client and not (pol.verify_chain or pol.verify_peer):
+            log.ui(4, f"Service [{svc.name}] needs authentication to prevent MITM attacks")
+            if secure:
+                log.ui(4, f"Service [{svc.name}]: upstream certificate verification is OFF (verifyChain = no)")
+        if svc.client:
+            for ep in svc.accept:
+                if ep.path is None and ep.host not in ("127.0.0.1", "::1", "localhost"):
+                    log.ui(
+                        4,
+                        f"Service [{svc.name}]: plaintext listener {ep.display()} is not on loopback; "
+                        "anyone who can reach it can use the tunnel (use accept = 127.0.0.1:PORT)",
+                    )
+        if svc.retry:
+            log.ui(4, f"Service [{svc.name}]: retry has no effect without exec")
+        if svc.stack != 65536:
+            log.ui(4, f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
+
+
+def _seed(settings: Settings) -> None:
+    g = settings.globals
+    if not g.RNDfile or g.RNDbytes == 0:
+        return
+    try:
+        with open(g.RNDfile, "rb") as fh:
+            data = fh.read(g.RNDbytes)
+    except OSError as exc:
+        log.ui(4, f"Cannot read RNDfile {g.RNDfile}: {exc.strerror}")
+        return
+    ssl.RAND_add(data, len(data))
+    log.ui(7, f"Seeded PRNG with {len(data)} byte(s) from {g.RNDfile}")
+    if g.RNDoverwrite and os.path.isfile(g.RNDfile):
+        with contextlib.suppress(OSError), open(g.RNDfile, "wb") as fh:
+            fh.write(ssl.RAND_bytes(g.RNDbytes))
+
+
+def _drop_privileges(settings: Settings) -> None:
+    import grp
+    import pwd
+
+    user, group = settings.defaults.setuid, settings.defaults.setgid
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        os.setgroups([gid])
+        os.setgid(gid)
+    if user:
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+        if not group:
+            os.setgroups([])
+        os.setuid(uid)
+
+
+def _daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.new_event_loop()
+
+
+class Runtime:
+    def __init__(
+        self,
+        source: Source,
+        secure: bool,
+        drain_timeout: float = 5.0,
+        stop_trigger: Callable[[Runtime], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.secure = secure
+        self.drain_timeout = drain_timeout
+        self.services: list[Service] = []
+        self.retired: list[Service] = []  # replaced by a reload; their connections go on
+        self.settings: Settings | None = None
+        self.generation = 0
+        self.stop_event: asyncio.Event | None = None
+        self.stopping = 0
+        self.stop_trigger = stop_trigger
+        self.pidfile: str | None = None
+        self.ready = False
+
+    # ---- configuration --------------------------------------------------------------
+    def configure(self, apply_log: bool = True) -> int:
+        """Read and check everything; bind nothing.  Returns 0 or an exit code."""
+        for line in banner():
+            log.ui(5, line)
+        log.ui(5, f"Reading configuration from file {self.source.path}")
+        try:
+            settings = self.source.load()
+            log.ui(5, "UTF-8 byte order mark detected" if _has_bom(self.source) else "UTF-8 byte order mark not detected")
+            log.ui(5, "FIPS mode disabled")
+            services = build_services(settings, self.secure)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.ui(3, problem.render())
+            log.ui(3, "Configuration failed")
+            log.flush_early()
+            return CONFIG_FAILURE
+        if settings.inetd:
+            log.ui(3, "inetd mode (a configuration without [sections]) is not supported yet")
+            log.ui(3, "Configuration failed")
+            log.flush_early()
+            return CONFIG_FAILURE
+        self.settings = settings
+        self.services = services
+        g = settings.globals
+        if not apply_log:
+            warn_services(services, self.secure)
+            return 0
+        log.configure(
+            level=settings.log_level,
+            foreground=g.foreground,
+            output=g.output,
+            overwrite=g.log == "overwrite",
+            use_syslog=g.syslog,
+            ident=g.service,
+            facility=settings.defaults.debug[0],
+        )
+        warn_services(services, self.secure)
+        log.ui(5, "Configuration successful")
+        return 0
+
+    def bind(self) -> int:
+        failed = False
+        for service in self.services:
+            errors = service.bind()
+            if service.settings.accept and not service.listeners:
+                failed = True
+            del errors
+        return STARTUP_FAILURE if failed else 0
+
+    # ---- main ------------------------------------------------------------------------
+    def run(self) -> int:
+        code = self.configure()
+        if code:
+            return code
+        assert self.settings is not None
+        g = self.settings.globals
+        code = self.bind()
+        if code:
+            self._close_all()
+            return code
+        _seed(self.settings)
+        if g.foreground == "no":
+            log.to_stderr = False
+            _daemonize()
+        try:
+            if g.chroot:
+                os.chroot(g.chroot)
+                os.chdir("/")
+            if g.pid:
+                self.pidfile = g.pid
+                with open(g.pid, "w", encoding="ascii") as fh:
+                    fh.write(f"{os.getpid()}\n")
+            _drop_privileges(self.settings)
+        except (OSError, KeyError) as exc:
+            log.ui(3, f"Start-up failed: {exc}")
+            self._close_all()
+            return STARTUP_FAILURE
+        if os.getpid() == 1:
+            log.ui(6, "Running as PID 1: installing explicit TERM/INT handlers")
+        loop = new_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(self._main())
+        except StartupError as exc:
+            log.ui(3, str(exc))
+            return STARTUP_FAILURE
+        finally:
+            self._close_all()
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            if self.pidfile:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.pidfile)
+
+    def _close_all(self) -> None:
+        for service in self.services:
+            service.close_listeners()
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_exception_handler)
+        self.stop_event = asyncio.Event()
+        for service in self.services:
+            errors = await service.resolve_all()
+            if errors:
+                for err in errors:
+                    log.ui(3, err)
+                raise StartupError(f"Service [{service.name}]: cannot resolve its connect address")
+            await service.start()
+        self._install_signals(loop)
+        log.ui(6, "Accepting new connections")
+        self.ready = True
+        if self.stop_trigger is not None:
+            self.stop_trigger(self)
+        await self.stop_event.wait()
+        return await self._shutdown()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_log)
+        loop.add_signal_handler(signal.SIGUSR2, self._list_connections)
+
+    def request_stop(self, sig: int = signal.SIGTERM) -> None:
+        self.stopping += 1
+        if self.stopping == 1:
+            log.ui(5, f"Received signal {sig}; terminating")
+            if self.stop_event is not None:
+                self.stop_event.set()
+        else:
+            log.ui(5, "Second termination signal: closing every connection now")
+            for service in self.all_services():
+                service.abort_all()
+
+    async def _shutdown(self) -> int:
+        self.ready = False
+        for service in self.services:
+            service.close_listeners()
+        everyone = self.all_services()
+        live = sum(len(s.connections) for s in everyone)
+        if live and self.drain_timeout > 0:
+            log.ui(5, f"Draining {live} connection(s) for up to {self.drain_timeout:g} seconds")
+            results = await asyncio.gather(*(s.drain(self.drain_timeout) for s in everyone))
+            if all(results):
+                log.ui(5, "All connections finished")
+            else:
+                left = sum(len(s.connections) for s in everyone)
+                log.ui(5, f"Drain deadline reached: closing {left} connection(s)")
+        for service in everyone:
+            service.abort_all()
+        await asyncio.sleep(0)
+        log.ui(5, "Terminated")
+        return 0
+
+    def _reopen_log(self) -> None:
+        log.reopen()
+        log.ui(5, "Log file reopened")
+
+    def _list_connections(self) -> None:
+        total = 0
+        for service in self.all_services():
+            for line in service.connection_list():
+                log.ui(5, line)
+                total += 1
+        log.ui(5, f"{total} active connection(s)")
+
+    async def reload(self) -> None:
+        if self.stopping:
+            return
+        log.ui(5, "Received SIGHUP: reloading the configuration")
+        if self.source.data is not None:
+            log.ui(4, "The configuration came from a file descriptor and cannot be re-read")
+            return
+        try:
+            settings = self.source.load()
+            self.generation += 1
+            services = build_services(settings, self.secure, self.generation)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.ui(3, problem.render())
+            log.ui(3, "Reload failed: keeping the old configuration")
+            return
+        old = {s.name: s for s in self.services}
+        for service in services:
+            prev = old.pop(service.name, None)
+            if prev is not None and prev.settings.accept == service.settings.accept:
+                service.adopt_listeners(prev)
+                self.retired.append(prev)
+            else:
+                if prev is not None:
+                    prev.close_listeners()
+                    self.retired.append(prev)
+                service.bind()
+                await service.start()
+            errors = await service.resolve_all()
+            for err in errors:
+                log.ui(3, err)
+        for gone in old.values():
+            gone.close_listeners()
+            self.retired.append(gone)
+            log.ui(5, f"Service [{gone.name}] removed; its live connections continue")
+        self.services = services
+        self.settings = settings
+        self.retired = [s for s in self.retired if s.connections]
+        log.ui(5, "Configuration successful")
+
+    def all_services(self) -> list[Service]:
+        return self.services + self.retired
+
+
+def _has_bom(source: Source) -> bool:
+    try:
+        data = source.data
+        if data is None:
+            with open(source.path, "rb") as fh:
+                data = fh.read(3)
+    except OSError:
+        return False
+    return data.startswith(b"\xef\xbb\xbf")
+
+
+def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    exc = context.get("exception")
+    if isinstance(exc, (ssl.SSLError, ConnectionError)):
+        log.ui(7, f"{context.get('message')}: {exc}")
+        return
+    log.ui(3, f"Internal error: {context.get('message')}: {exc!r}")
+    if log.enabled(7):
+        loop.default_exception_handler(context)
+
+
+def run_path(path: str, secure: bool, drain_timeout: float, fd: int | None = None) -> int:
+    data = None
+    if fd is not None:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read()
+        path = f"FD={fd}"
+    rt = Runtime(Source(path, data), secure=secure, drain_timeout=drain_timeout)
+    return rt.run()
+
+
+def check_path(path: str, secure: bool) -> int:
+    """`pytunnel check`: parse, validate, load every certificate/key/CA; bind nothing."""
+    rt = Runtime(Source(path), secure=secure)
+    log.early = True
+    log.level = 5
+    code = rt.configure(apply_log=False)
+    log.flush_early()
+    if code == 0:
+        sys.stderr.write(f"{path}: configuration OK ({len(rt.services)} service(s))\n")
+    return code

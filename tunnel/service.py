@@ -1,0 +1,544 @@
+"""A service: its listeners, per-connection setup, upstream connect, connection registry."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import itertools
+import os
+import socket
+import ssl
+import struct
+import uuid
+from dataclasses import dataclass
+
+from tunnel.addr import Endpoint, format_sockaddr
+from tunnel.logs import log
+from tunnel.relay import CloseReason, Connection, PlainSide, Side, TlsSide
+from tunnel.settings import ServiceSettings, SocketOption
+from tunnel.tls import TlsConfig, client_sni, peer_subject, reason_of
+
+_counter = itertools.count()
+
+SESSION_REFRESH = 30.0  # seconds a cached client session is kept before refreshing
+
+SOCKOPT_LEVELS: dict[str, tuple[int, int]] = {
+    "SO_DEBUG": (socket.SOL_SOCKET, socket.SO_DEBUG),
+    "SO_DONTROUTE": (socket.SOL_SOCKET, socket.SO_DONTROUTE),
+    "SO_KEEPALIVE": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    "SO_LINGER": (socket.SOL_SOCKET, socket.SO_LINGER),
+    "SO_OOBINLINE": (socket.SOL_SOCKET, socket.SO_OOBINLINE),
+    "SO_RCVBUF": (socket.SOL_SOCKET, socket.SO_RCVBUF),
+    "SO_SNDBUF": (socket.SOL_SOCKET, socket.SO_SNDBUF),
+    "SO_RCVLOWAT": (socket.SOL_SOCKET, socket.SO_RCVLOWAT),
+    "SO_SNDLOWAT": (socket.SOL_SOCKET, socket.SO_SNDLOWAT),
+    "SO_RCVTIMEO": (socket.SOL_SOCKET, socket.SO_RCVTIMEO),
+    "SO_SNDTIMEO": (socket.SOL_SOCKET, socket.SO_SNDTIMEO),
+    "SO_REUSEADDR": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    "SO_BINDTODEVICE": (socket.SOL_SOCKET, getattr(socket, "SO_BINDTODEVICE", 25)),
+    "TCP_KEEPCNT": (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", 6)),
+    "TCP_KEEPIDLE": (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", 4)),
+    "TCP_KEEPINTVL": (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", 5)),
+    "IP_TOS": (socket.IPPROTO_IP, socket.IP_TOS),
+    "IP_TTL": (socket.IPPROTO_IP, socket.IP_TTL),
+    "TCP_NODELAY": (socket.IPPROTO_TCP, socket.TCP_NODELAY),
+    "IP_FREEBIND": (socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15)),
+    "IPV6_V6ONLY": (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
+}
+TCP_ONLY = {"TCP_NODELAY", "TCP_KEEPCNT", "TCP_KEEPIDLE", "TCP_KEEPINTVL"}
+IP_ONLY = {"IP_TOS", "IP_TTL", "IP_FREEBIND"}
+
+
+def socket_options(svc: ServiceSettings, where: str) -> list[SocketOption]:
+    """stunnel's defaults (a:SO_REUSEADDR, l:/r:TCP_NODELAY) then the configured ones."""
+    defaults = {
+        "a": [SocketOption(where="a", name="SO_REUSEADDR", value=1)],
+        "l": [SocketOption(where="l", name="TCP_NODELAY", value=1)],
+        "r": [SocketOption(where="r", name="TCP_NODELAY", value=1)],
+    }[where]
+    return defaults + [o for o in svc.socket if o.where == where]
+
+
+def apply_socket_options(sock: socket.socket | object, family: int, opts: list[SocketOption]) -> None:
+    for opt in opts:
+        if family == socket.AF_UNIX and opt.name in TCP_ONLY | IP_ONLY | {"IPV6_V6ONLY"}:
+            continue
+        if family == socket.AF_INET6 and opt.name in IP_ONLY and opt.name != "IP_FREEBIND":
+            continue
+        if family == socket.AF_INET and opt.name == "IPV6_V6ONLY":
+            continue
+        level, name = SOCKOPT_LEVELS[opt.name]
+        value = opt.value
+        raw: int | bytes
+        if isinstance(value, tuple):
+            raw = (
+                struct.pack("ii", *value)
+                if opt.name == "SO_LINGER"
+                else struct.pack("ll", *value)
+            )
+        elif isinstance(value, str):
+            raw = value.encode()
+        else:
+            raw = value
+        try:
+            sock.setsockopt(level, name, raw)  # type: ignore[attr-defined]
+        except OSError as exc:
+            log.ui(4, f"Failed to set socket option {opt.name}: {exc.strerror}")
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    display: str
+    endpoint: Endpoint
+    owner: Service
+    server: asyncio.AbstractServer | None = None
+
+    def factory(self) -> Side:
+        """New connections go to the current owner (a reload swaps it)."""
+        return self.owner._factory()
+
+
+class Service:
+    """One ``[section]``: listeners plus every connection it has open."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        tls: TlsConfig,
+        secure: bool,
+        secondaries: list[Service] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.tls = tls
+        self.secure = secure
+        self.listeners: list[Listener] = []
+        self.connections: set[Connection] = set()
+        self.level = settings.debug[1]
+        self._rr = 0
+        self.sessions: dict[str, tuple[ssl.SSLSession, float, int]] = {}
+        self.secondaries: list[Service] = secondaries or []
+        self.resolved: dict[Endpoint, list[tuple[int, object]]] = {}
+        self._drained: asyncio.Event | None = None
+        self.accepting = True
+        self.stats = {r: 0 for r in CloseReason}
+        if not settings.client and self.secondaries:
+            self._install_sni()
+
+    # ---- logging ---------------------------------------------------------------
+    def log_conn(self, level: int, conn_id: str, text: str) -> None:
+        if level <= self.level:
+            log.write(level, conn_id, text, threshold=self.level)
+
+    def next_id(self) -> str:
+        mode = self.settings.logId
+        if mode == "unique":
+            return uuid.uuid4().hex[:16]
+        if mode == "process":
+            return str(os.getpid())
+        if mode == "thread":
+            return str(os.getpid())
+        return str(next(_counter))
+
+    # ---- SNI virtual services (server mode) --------------------------------------
+    def _install_sni(self) -> None:
+        patterns: list[tuple[str, Service]] = []
+        for sec in self.secondaries:
+            assert sec.settings.sni is not None
+            patterns.append((sec.settings.sni.split(":", 1)[1].lower(), sec))
+
+        def pick(sslobj: object, name: str | None, _ctx: ssl.SSLContext) -> None:
+            if not name:
+                return
+            for pattern, sec in patterns:
+                if fnmatch.fnmatchcase(name.lower(), pattern):
+                    sslobj.context = sec.tls.context  # type: ignore[attr-defined]
+                    _SNI_CHOICE[id(sslobj)] = sec
+                    return
+
+        self.tls.context.sni_callback = pick  # type: ignore[assignment]
+
+    # ---- listening ---------------------------------------------------------------
+    def bind(self) -> list[str]:
+        """Bind every accept address (synchronously, before the loop).  Returns errors."""
+        errors: list[str] = []
+        for ep in self.settings.accept:
+            try:
+                self.listeners.append(self._bind_one(ep))
+            except OSError as exc:
+                text = f"Binding service [{self.name}] to {ep.display()}: {exc.strerror} ({exc.errno})"
+                log.ui(3, text)
+                errors.append(text)
+        if self.settings.accept and not self.listeners:
+            log.ui(3, f"Binding service [{self.name}] failed")
+        return errors
+
+    def _bind_one(self, ep: Endpoint) -> Listener:
+        if ep.path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if os.path.exists(ep.path) and not os.path.isdir(ep.path):
+                    os.unlink(ep.path)
+                sock.bind(ep.path)
+                if self.settings.setuid or self.settings.setgid:
+                    _chown(ep.path, self.settings.setuid, self.settings.setgid)
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                raise
+            display = ep.path
+        else:
+            host = ep.host or "0.0.0.0"  # noqa: S104 - stunnel's default
+            infos = socket.getaddrinfo(
+                host, ep.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+            family, stype, proto, _, addr = infos[0]
+            sock = socket.socket(family, stype, proto)
+            try:
+                apply_socket_options(sock, family, socket_options(self.settings, "a"))
+                sock.bind(addr)
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                raise
+            display = format_sockaddr(sock.getsockname())
+        sock.setblocking(False)
+        log.ui(6, f"Service [{self.name}] (FD={sock.fileno()}) bound to {display}")
+        return Listener(sock=sock, display=display, endpoint=ep, owner=self)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for lst in self.listeners:
+            if lst.server is None:
+                lst.server = await loop.create_server(lst.factory, sock=lst.sock, backlog=1024)
+
+    def adopt_listeners(self, old: Service) -> None:
+        """Reload: keep the old sockets where the accept list is unchanged."""
+        self.listeners = old.listeners
+        old.listeners = []
+        for lst in self.listeners:
+            lst.owner = self
+            log.ui(6, f"Service [{self.name}] (FD={lst.sock.fileno()}) bound to {lst.display}")
+
+    def close_listeners(self) -> None:
+        self.accepting = False
+        for lst in self.listeners:
+            if lst.server is not None:
+                lst.server.close()
+            else:
+                lst.sock.close()
+            if lst.endpoint.path is not None:
+                try:
+                    os.unlink(lst.endpoint.path)
+                except OSError:
+                    pass
+        self.listeners = []
+
+    # ---- accepting -----------------------------------------------------------------
+    def _factory(self) -> Side:
+        conn = Connection(self, self.next_id())
+        side: Side
+        if self.settings.client:
+            conn.plain = PlainSide(conn)
+            side = conn.plain
+        else:
+            conn.tls = TlsSide(
+                conn,
+                self.tls.context,
+                server_side=True,
+                on_handshake=self._server_handshake_done,
+            )
+            side = conn.tls
+        side.made_hook = self._accepted
+        return side
+
+    def _accepted(self, side: Side) -> None:
+        conn = side.conn
+        assert side.transport is not None
+        self.connections.add(conn)
+        side.pause_reading() if self.settings.client else None
+        sock = side.transport.get_extra_info("socket")
+        peer = side.transport.get_extra_info("peername")
+        conn.peer_addr = format_sockaddr(peer)
+        if sock is not None:
+            apply_socket_options(sock, sock.family, socket_options(self.settings, "l"))
+        if self.level >= 5:
+            conn.log(5, f"Service [{self.name}] accepted connection from {conn.peer_addr}")
+        loop = conn.loop
+        if self.settings.client:
+            loop.create_task(self._open_upstream(conn))
+        else:
+            timeout = self.settings.TIMEOUTbusy
+            conn.timer = loop.call_later(timeout, self._handshake_timeout, conn)
+
+    def _handshake_timeout(self, conn: Connection) -> None:
+        conn.timer = None
+        if conn.reason is None and not conn.linked:
+            conn.fail(CloseReason.HANDSHAKE_FAILED, "SSL_accept: TIMEOUTbusy exceeded")
+
+    # ---- server mode: TLS accepted, connect plain upstream ----------------------------
+    def _server_handshake_done(self, side: TlsSide, exc: BaseException | None) -> None:
+        conn = side.conn
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        target = _SNI_CHOICE.pop(id(side.sslobj), self)
+        if exc is not None:
+            reason = (
+                CloseReason.VERIFY_FAILED
+                if isinstance(exc, ssl.SSLCertVerificationError)
+                else CloseReason.HANDSHAKE_FAILED
+            )
+            conn.fail(reason, f"SSL_accept: {reason_of(exc)}")
+            return
+        der = side.sslobj.getpeercert(binary_form=True)
+        problem = target.tls.check_peer(der, None)
+        if problem is not None:
+            conn.fail(CloseReason.VERIFY_FAILED, f"SSL_accept: {problem}")
+            return
+        conn.peer_cn = peer_subject(der) if der else ""
+        if self.level >= 6:
+            reused = "previous session reused" if side.sslobj.session_reused else "new session negotiated"
+            conn.log(6, f"TLS accepted: {reused}")
+        if target is not self:
+            conn.log(6, f"SNI: switched to secondary service [{target.name}]")
+        side.pause_reading()
+        conn.loop.create_task(target._open_plain_upstream(conn))
+
+    async def _open_plain_upstream(self, conn: Connection) -> None:
+        sock = await self._dial_any(conn)
+        if sock is None:
+            return
+        loop = conn.loop
+        plain = PlainSide(conn)
+        conn.plain = plain
+        try:
+            await loop.create_connection(lambda: plain, sock=sock)
+        except OSError as exc:
+            sock.close()
+            conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc}")
+            return
+        if conn.reason is not None:
+            plain.close()
+            return
+        conn.link()
+
+    # ---- client mode: connect TLS upstream ---------------------------------------------
+    async def _open_upstream(self, conn: Connection) -> None:
+        loop = conn.loop
+        tcfg = self.tls
+        deadline = loop.time() + self.settings.TIMEOUTconnect
+        sock = await self._dial_any(conn)
+        if sock is None:
+            return
+        target = conn.target
+        host = conn.target_host
+        hostname = client_sni(self.settings, host)
+        cached = self.sessions.get(target) if self.settings.sessionResume else None
+        session = cached[0] if cached and cached[2] == tcfg.generation else None
+        fut: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def done(_side: TlsSide, exc: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_result(exc)
+
+        tls = TlsSide(conn, tcfg.context, server_side=False, server_hostname=hostname, session=session, on_handshake=done)
+        conn.tls = tls
+        try:
+            await loop.create_connection(lambda: tls, sock=sock)
+            remaining = max(0.0, deadline - loop.time())
+            exc = await asyncio.wait_for(fut, timeout=remaining)
+        except (TimeoutError, asyncio.TimeoutError):
+            conn.fail(CloseReason.HANDSHAKE_FAILED, "SSL_connect: TIMEOUTconnect exceeded")
+            return
+        except OSError as exc2:
+            sock.close()
+            conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc2}")
+            return
+        if conn.reason is not None:
+            return
+        if exc is not None:
+            reason = (
+                CloseReason.VERIFY_FAILED
+                if isinstance(exc, ssl.SSLCertVerificationError)
+                else CloseReason.HANDSHAKE_FAILED
+            )
+            conn.fail(reason, f"SSL_connect: {reason_of(exc)}")
+            return
+        der = tls.sslobj.getpeercert(binary_form=True)
+        expected = self.settings.sni or host
+        problem = tcfg.check_peer(der, expected)
+        if problem is not None:
+            conn.fail(CloseReason.VERIFY_FAILED, f"SSL_connect: {problem}")
+            return
+        if self.level >= 6:
+            reused = "previous session reused" if tls.sslobj.session_reused else "new session negotiated"
+            conn.log(6, f"TLS connected: {reused}")
+        conn.link()
+
+    async def _dial_any(self, conn: Connection) -> socket.socket | None:
+        """TCP-connect the first reachable target (failover), bounded by TIMEOUTconnect."""
+        loop = conn.loop
+        targets = await self._targets(conn)
+        if targets is None:
+            return None
+        timeout = float(self.settings.TIMEOUTconnect)
+        for family, addr, name in targets:
+            if conn.reason is not None:
+                return None
+            shown = format_sockaddr(addr)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                if family != socket.AF_UNIX:
+                    apply_socket_options(sock, family, socket_options(self.settings, "r"))
+                    if self.settings.local:
+                        sock.bind((self.settings.local, 0))
+                await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+                sock.close()
+                if isinstance(exc, OSError):
+                    why = f"{exc.strerror or exc} ({exc.errno})"
+                else:
+                    why = "TIMEOUTconnect exceeded"
+                conn.log(3, f"s_connect: connect {shown}: {why}")
+                continue
+            if conn.reason is not None:
+                sock.close()
+                return None
+            conn.log(5, f"s_connect: connected {shown}")
+            if self.level >= 5:
+                local = format_sockaddr(sock.getsockname())
+                conn.log(5, f"Service [{self.name}] connected remote server from {local}")
+            conn.target = shown
+            conn.target_host = name
+            return sock
+        conn.fail(CloseReason.CONNECT_FAILED, "No more addresses to connect")
+        return None
+
+    async def _targets(self, conn: Connection) -> list[tuple[int, object, str | None]] | None:
+        eps = list(self.settings.connect)
+        if self.settings.failover == "rr" and not self.settings.delay and len(eps) > 1:
+            start = self._rr % len(eps)
+            self._rr += 1
+            eps = eps[start:] + eps[:start]
+        out: list[tuple[int, object, str | None]] = []
+        for ep in eps:
+            if ep.path is not None:
+                out.append((socket.AF_UNIX, ep.path, None))
+                continue
+            addrs = self.resolved.get(ep) if not self.settings.delay else None
+            if addrs is None:
+                try:
+                    addrs = await resolve(ep)
+                except OSError as exc:
+                    conn.log(3, f"Error resolving \"{ep.host}\": {exc.strerror or exc}")
+                    continue
+            out.extend((fam, addr, ep.host or "localhost") for fam, addr in addrs)
+        if not out:
+            conn.fail(CloseReason.CONNECT_FAILED, "No host resolved")
+            return None
+        return out
+
+    async def resolve_all(self) -> list[str]:
+        """stunnel resolves connect names at start-up unless ``delay = yes``."""
+        errors = []
+        if self.settings.delay:
+            return errors
+        for ep in self.settings.connect:
+            if ep.path is not None:
+                continue
+            try:
+                self.resolved[ep] = await resolve(ep)
+            except OSError as exc:
+                errors.append(f"Error resolving \"{ep.host}\": {exc.strerror or exc}")
+        return errors
+
+    # ---- end of a connection --------------------------------------------------------
+    def connection_ended(self, conn: Connection) -> None:
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        reason = conn.reason or CloseReason.CLOSED
+        self.stats[reason] += 1
+        tls = conn.tls
+        key = conn.target
+        if (
+            key
+            and conn.linked
+            and tls is not None
+            and self.settings.client
+            and self.settings.sessionResume
+            and reason in (CloseReason.CLOSED,)
+        ):
+            self._remember_session(key, tls)
+        if self.level >= 5:
+            word = "closed" if reason in (CloseReason.CLOSED, CloseReason.SHUTDOWN) else "reset"
+            conn.log(
+                5,
+                f"Connection {word}: {conn.to_tls} byte(s) sent to TLS, "
+                f"{conn.to_sock} byte(s) sent to socket",
+            )
+        if self.level >= 6:
+            s = conn.summary()
+            cn = f" peer_cn={conn.peer_cn!r}" if conn.peer_cn else ""
+            conn.log(6, f"Connection summary: reason={s['reason']} duration={s['duration']}s from={s['peer']}{cn}")
+        if self._drained is not None and not self.connections:
+            self._drained.set()
+
+    def _remember_session(self, key: str, tls: TlsSide) -> None:
+        now = asyncio.get_running_loop().time()
+        cached = self.sessions.get(key)
+        if cached and cached[2] == self.tls.generation and tls.sslobj.session_reused and now - cached[1] < SESSION_REFRESH:
+            return
+        session = tls.sslobj.session
+        if session is not None:
+            self.sessions[key] = (session, now, self.tls.generation)
+
+    # ---- shutdown --------------------------------------------------------------------
+    async def drain(self, timeout: float) -> bool:
+        """Wait for live connections to end; True when all did within ``timeout``."""
+        if not self.connections:
+            return True
+        self._drained = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+        return True
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.finish(CloseReason.SHUTDOWN)
+
+    def connection_list(self) -> list[str]:
+        return [
+            f"[{c.id}] service [{self.name}] from {c.peer_addr}: "
+            f"{c.to_tls} byte(s) to TLS, {c.to_sock} byte(s) to socket"
+            for c in self.connections
+        ]
+
+
+_SNI_CHOICE: dict[int, Service] = {}
+
+
+async def resolve(ep: Endpoint) -> list[tuple[int, object]]:
+    loop = asyncio.get_running_loop()
+    host = ep.host or "localhost"
+    infos = await loop.getaddrinfo(host, ep.port, type=socket.SOCK_STREAM)
+    seen: list[tuple[int, object]] = []
+    for family, _t, _p, _c, addr in infos:
+        item = (family, addr)
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def _chown(path: str, user: str | None, group: str | None) -> None:
+    import grp
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid if user and not user.isdigit() else int(user) if user else -1
+    gid = grp.getgrnam(group).gr_gid if group and not group.isdigit() else int(group) if group else -1
+    os.chown(path, uid, gid)

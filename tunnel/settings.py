@@ -1,0 +1,496 @@
+"""The single source of truth for every stunnel option pytunnel knows.
+
+Each option is a pydantic field: its stunnel spelling is the alias, its type does
+the parsing, and ``json_schema_extra`` says whether it may repeat, where it may
+appear, and -- when pytunnel does not implement it -- exactly why.  The reader
+(``conf.py``) feeds raw strings in; everything typed comes out of here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.fields import FieldInfo
+
+from tunnel.addr import Endpoint, parse_endpoint
+
+# --------------------------------------------------------------------------- types
+
+
+def _yes_no(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "yes":
+            return True
+        if low == "no":
+            return False
+    raise ValueError("The argument needs to be either 'yes' or 'no'")
+
+
+def _to_int(value: object) -> object:
+    if isinstance(value, str):
+        text = value.strip()
+        if not re.fullmatch(r"[0-9]+", text):
+            raise ValueError(f"{text!r} is not a non-negative whole number")
+        return int(text)
+    return value
+
+
+def _endpoint(value: object) -> object:
+    if isinstance(value, str):
+        return parse_endpoint(value)
+    return value
+
+
+def _enum(*choices: str) -> BeforeValidator:
+    def check(value: object) -> object:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            for choice in choices:
+                if choice.lower() == low:
+                    return choice
+            raise ValueError(f"{value.strip()!r} is not one of: {', '.join(choices)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+YesNo = Annotated[bool, BeforeValidator(_yes_no)]
+Seconds = Annotated[int, BeforeValidator(_to_int), Field(ge=0)]
+Count = Annotated[int, BeforeValidator(_to_int), Field(ge=0)]
+Addr = Annotated[Endpoint, BeforeValidator(_endpoint)]
+
+LOG_LEVELS = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
+SYSLOG_FACILITIES = [
+    "auth", "cron", "daemon", "kern", "lpr", "mail", "news", "syslog", "user", "uucp",
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+    "authpriv", "ftp",
+]  # fmt: skip
+
+
+def parse_debug(value: str) -> tuple[str, int]:
+    """``debug = [FACILITY.]LEVEL`` with LEVEL 0-7 or a syslog level name."""
+    text = value.strip().lower()
+    facility = "daemon"
+    if "." in text:
+        facility, _, text = text.partition(".")
+        if facility not in SYSLOG_FACILITIES:
+            raise ValueError(f"unknown syslog facility {facility!r}")
+    if text.isdigit() and 0 <= int(text) <= 7:
+        return facility, int(text)
+    if text in LOG_LEVELS:
+        return facility, LOG_LEVELS.index(text)
+    if text == "error":
+        return facility, 3
+    if text == "warn":
+        return facility, 4
+    raise ValueError(f"{value.strip()!r}: expected a level 0-7 or one of {', '.join(LOG_LEVELS)}")
+
+
+def _debug(value: object) -> object:
+    if isinstance(value, str):
+        return parse_debug(value)
+    return value
+
+
+Debug = Annotated[tuple[str, int], BeforeValidator(_debug)]
+
+# OpenSSL 3.0 SSL_OP_* values (include/openssl/ssl.h.in).  Zero = obsolete no-op,
+# exactly as OpenSSL itself defines them.
+SSL_OPTIONS: dict[str, int] = {
+    "NO_EXTENDED_MASTER_SECRET": 1 << 0,
+    "CLEANSE_PLAINTEXT": 1 << 1,
+    "LEGACY_SERVER_CONNECT": 1 << 2,
+    "ENABLE_KTLS": 1 << 3,
+    "TLSEXT_PADDING": 1 << 4,
+    "SAFARI_ECDHE_ECDSA_BUG": 1 << 6,
+    "IGNORE_UNEXPECTED_EOF": 1 << 7,
+    "DISABLE_TLSEXT_CA_NAMES": 1 << 9,
+    "DONT_INSERT_EMPTY_FRAGMENTS": 1 << 11,
+    "NO_QUERY_MTU": 1 << 12,
+    "COOKIE_EXCHANGE": 1 << 13,
+    "NO_TICKET": 1 << 14,
+    "CISCO_ANYCONNECT": 1 << 15,
+    "NO_SESSION_RESUMPTION_ON_RENEGOTIATION": 1 << 16,
+    "NO_COMPRESSION": 1 << 17,
+    "ALLOW_UNSAFE_LEGACY_RENEGOTIATION": 1 << 18,
+    "NO_ENCRYPT_THEN_MAC": 1 << 19,
+    "ENABLE_MIDDLEBOX_COMPAT": 1 << 20,
+    "PRIORITIZE_CHACHA": 1 << 21,
+    "CIPHER_SERVER_PREFERENCE": 1 << 22,
+    "TLS_ROLLBACK_BUG": 1 << 23,
+    "NO_ANTI_REPLAY": 1 << 24,
+    "NO_SSLv3": 1 << 25,
+    "NO_TLSv1": 1 << 26,
+    "NO_TLSv1_2": 1 << 27,
+    "NO_TLSv1_1": 1 << 28,
+    "NO_TLSv1_3": 1 << 29,
+    "NO_RENEGOTIATION": 1 << 30,
+    "CRYPTOPRO_TLSEXT_BUG": 1 << 31,
+    "NO_DTLSv1": 1 << 26,
+    "NO_DTLSv1_2": 1 << 27,
+    "NO_SSL_MASK": (1 << 25) | (1 << 26) | (1 << 28) | (1 << 27) | (1 << 29),
+    "NO_DTLS_MASK": (1 << 26) | (1 << 27),
+    "MICROSOFT_SESS_ID_BUG": 0,
+    "NETSCAPE_CHALLENGE_BUG": 0,
+    "NETSCAPE_REUSE_CIPHER_CHANGE_BUG": 0,
+    "SSLREF2_REUSE_CERT_TYPE_BUG": 0,
+    "MICROSOFT_BIG_SSLV3_BUFFER": 0,
+    "SSLEAY_080_CLIENT_DH_BUG": 0,
+    "TLS_D5_BUG": 0,
+    "TLS_BLOCK_PADDING_BUG": 0,
+    "MSIE_SSLV2_RSA_PADDING": 0,
+    "SINGLE_DH_USE": 0,
+    "SINGLE_ECDH_USE": 0,
+    "EPHEMERAL_RSA": 0,
+    "NETSCAPE_CA_DN_BUG": 0,
+    "NETSCAPE_DEMO_CIPHER_CHANGE_BUG": 0,
+    "NO_SSLv2": 0,
+    "PKCS1_CHECK_1": 0,
+    "PKCS1_CHECK_2": 0,
+}
+_OPTION_NAMES = {name.upper(): name for name in SSL_OPTIONS}
+
+
+def _ssl_option(value: object) -> object:
+    if isinstance(value, str):
+        text = value.strip()
+        neg = text.startswith("-")
+        name = text[1:] if neg else text
+        canon = _OPTION_NAMES.get(name.upper())
+        if canon is None:
+            import difflib
+
+            close = difflib.get_close_matches(name.upper(), list(_OPTION_NAMES), n=1)
+            hint = f" (did you mean {_OPTION_NAMES[close[0]]}?)" if close else ""
+            raise ValueError(f"unknown TLS option {name!r}{hint}; `pytunnel -options` lists them")
+        return ("-" if neg else "") + canon
+    return value
+
+
+SslOption = Annotated[str, BeforeValidator(_ssl_option)]
+
+SOCKET_OPTIONS: dict[str, str] = {
+    # name: value type (stunnel's sock_opts_def[] as built for Linux)
+    "SO_DEBUG": "flag",
+    "SO_DONTROUTE": "flag",
+    "SO_KEEPALIVE": "flag",
+    "SO_LINGER": "linger",
+    "SO_OOBINLINE": "flag",
+    "SO_RCVBUF": "int",
+    "SO_SNDBUF": "int",
+    "SO_RCVLOWAT": "int",
+    "SO_SNDLOWAT": "int",
+    "SO_RCVTIMEO": "timeval",
+    "SO_SNDTIMEO": "timeval",
+    "SO_REUSEADDR": "flag",
+    "SO_BINDTODEVICE": "string",
+    "TCP_KEEPCNT": "int",
+    "TCP_KEEPIDLE": "int",
+    "TCP_KEEPINTVL": "int",
+    "IP_TOS": "int",
+    "IP_TTL": "int",
+    "TCP_NODELAY": "flag",
+    "IP_FREEBIND": "flag",
+    "IPV6_V6ONLY": "flag",
+}
+SOCKET_OPTIONS_ELSEWHERE = {
+    "SO_EXCLUSIVEADDRUSE": "it exists only on Windows",
+    "IP_BINDANY": "it exists only on FreeBSD",
+    "IPV6_BINDANY": "it exists only on FreeBSD",
+    "TCP_MAXSEG": "stunnel's Linux build does not offer it either (see `stunnel4 -sockets`)",
+}
+
+
+class SocketOption(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    where: Literal["a", "l", "r"]
+    name: str
+    value: int | str | tuple[int, int]
+
+
+def parse_socket_option(text: str) -> SocketOption:
+    m = re.fullmatch(r"\s*([alr])\s*:\s*([A-Za-z0-9_]+)\s*=\s*(.*?)\s*", text)
+    if not m:
+        raise ValueError(
+            "expected a|l|r:OPTION=VALUE (e.g. l:TCP_NODELAY=1 or a:SO_REUSEADDR=yes)"
+        )
+    where, name, raw = m.group(1), m.group(2).upper(), m.group(3)
+    if name in SOCKET_OPTIONS_ELSEWHERE:
+        raise ValueError(f"socket option {name} is not available here: {SOCKET_OPTIONS_ELSEWHERE[name]}")
+    kind = SOCKET_OPTIONS.get(name)
+    if kind is None:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(SOCKET_OPTIONS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown socket option {name!r}{hint}; `pytunnel -sockets` lists them")
+    value: int | str | tuple[int, int]
+    if kind == "flag":
+        low = raw.lower()
+        if low in ("yes", "1"):
+            value = 1
+        elif low in ("no", "0"):
+            value = 0
+        else:
+            raise ValueError(f"{name} takes yes/no (or 1/0), not {raw!r}")
+    elif kind == "int":
+        if not re.fullmatch(r"-?[0-9]+", raw):
+            raise ValueError(f"{name} takes a whole number, not {raw!r}")
+        value = int(raw)
+    elif kind in ("linger", "timeval"):
+        parts = raw.split(":")
+        if len(parts) != 2 or not all(re.fullmatch(r"[0-9]+", p) for p in parts):
+            form = "l_onoff:l_linger" if kind == "linger" else "seconds:microseconds"
+            raise ValueError(f"{name} takes {form}, not {raw!r}")
+        value = (int(parts[0]), int(parts[1]))
+    else:
+        if not raw:
+            raise ValueError(f"{name} needs a value")
+        value = raw
+    return SocketOption(where=where, name=name, value=value)  # type: ignore[arg-type]
+
+
+def _sockopt(value: object) -> object:
+    if isinstance(value, str):
+        return parse_socket_option(value)
+    return value
+
+
+SockOpt = Annotated[SocketOption, BeforeValidator(_sockopt)]
+
+
+def _ip(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"{value.strip()!r} is not an IP address") from None
+    return value
+
+
+IPText = Annotated[str, BeforeValidator(_ip)]
+
+
+def _retry(value: object) -> object:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "yes":
+            return 1000
+        if low == "no":
+            return 0
+        if low.isdigit():
+            return int(low)
+        raise ValueError("expected yes, no or a delay in milliseconds")
+    return value
+
+
+Retry = Annotated[int, BeforeValidator(_retry), Field(ge=0)]
+
+TLS_VERSIONS = ("all", "SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+TlsVersion = Annotated[str, _enum(*TLS_VERSIONS)]
+
+# ------------------------------------------------------------------ field helper
+
+Scope = Literal["global", "service"]
+
+
+def opt(
+    default: Any,
+    alias: str,
+    help: str,  # noqa: A002 - the word the docs use
+    *,
+    scope: Scope = "service",
+    repeat: bool = False,
+    unsupported: str | None = None,
+    accepted: tuple[str, ...] = (),
+) -> Any:
+    """Declare one stunnel option.
+
+    ``unsupported``: why pytunnel rejects it.  ``accepted``: values that change
+    nothing (the option switched off), which are accepted even when unsupported.
+    """
+    extra: dict[str, Any] = {"scope": scope, "repeat": repeat}
+    if unsupported:
+        extra["unsupported"] = unsupported
+        extra["accepted"] = list(accepted)
+    kwargs: dict[str, Any] = {"alias": alias, "description": help, "json_schema_extra": extra}
+    if repeat:
+        return Field(default_factory=list, **kwargs)
+    return Field(default=default, **kwargs)
+
+
+WIN = "it exists only in stunnel's Windows build"
+GUI = "it configures stunnel's Windows GUI"
+ENGINE = "OpenSSL engines cannot be reached through Python's ssl module"
+LATER = "pytunnel does not implement it yet (planned: full stunnel parity issue)"
+NO_API = "Python's ssl module exposes no API for it"
+
+
+class ServiceSettings(BaseModel):
+    """Options valid in a ``[service]`` section (and, as defaults, in the global section)."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    name: str = Field(default="stunnel", description="section name")
+
+    accept: list[Addr] = opt(None, "accept", "listen on [HOST:]PORT (or a Unix socket path); may repeat", repeat=True)
+    connect: list[Addr] = opt(None, "connect", "connect to [HOST:]PORT (or a Unix socket path); may repeat for failover", repeat=True)
+    client: YesNo = opt(False, "client", "client mode: the remote side speaks TLS")
+    cert: str | None = opt(None, "cert", "certificate chain file (PEM, or PKCS#12 with the key)")
+    key: str | None = opt(None, "key", "private key file (default: the cert file)")
+    CAfile: str | None = opt(None, "CAfile", "trusted CA (or peer, for verifyPeer) certificates, PEM")
+    CApath: str | None = opt(None, "CApath", "directory of hashed CA certificates (XXXXXXXX.0)")
+    CRLfile: str | None = opt(None, "CRLfile", "certificate revocation list, PEM")
+    CRLpath: str | None = opt(None, "CRLpath", "directory of hashed CRLs (XXXXXXXX.r0)")
+    checkEmail: list[str] = opt(None, "checkEmail", "accept the peer only with this e-mail in its certificate; may repeat", repeat=True)
+    checkHost: list[str] = opt(None, "checkHost", "accept the peer only for this host name; may repeat", repeat=True)
+    checkIP: list[IPText] = opt(None, "checkIP", "accept the peer only for this IP address; may repeat", repeat=True)
+    ciphers: str = opt("HIGH:!aNULL:!SSLv2:!DH:!kDHEPSK", "ciphers", "TLS 1.2 and older cipher list (OpenSSL syntax)")
+    ciphersuites: str = opt(
+        "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256",
+        "ciphersuites", "TLS 1.3 ciphersuites (only the default: Python cannot set them)",
+    )
+    curves: str = opt("X25519:P-256:X448:P-521:P-384", "curves", "ECDH groups, ':'-separated (the default list or a single group)")
+    debug: Debug = opt(("daemon", 5), "debug", "log level 0-7 or emerg..debug, with optional syslog facility")
+    delay: YesNo = opt(False, "delay", "resolve connect names at connection time (implies failover = prio)")
+    failover: Annotated[str, _enum("rr", "prio")] = opt("prio", "failover", "strategy for several connect targets: rr or prio")
+    local: IPText | None = opt(None, "local", "source IP address for outgoing connections")
+    logId: Annotated[str, _enum("sequential", "unique", "thread", "process")] = opt("sequential", "logId", "connection id in log lines")
+    options: list[SslOption] = opt(None, "options", "OpenSSL SSL_OP_* flag without prefix (-NAME clears); may repeat", repeat=True)
+    renegotiation: YesNo = opt(True, "renegotiation", "allow TLS renegotiation")
+    requireCert: YesNo = opt(False, "requireCert", "require a peer certificate")
+    reset: YesNo = opt(True, "reset", "signal TLS errors to the plaintext peer with a TCP RST")
+    retry: Retry = opt(0, "retry", "restart an exec+connect service: yes, no, or a delay in ms")
+    securityLevel: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=5)] = opt(2, "securityLevel", "OpenSSL security level 0-5")
+    sessionCacheSize: Count = opt(1000, "sessionCacheSize", "session cache entries (only the default: Python cannot size it)")
+    sessionCacheTimeout: Seconds = opt(300, "sessionCacheTimeout", "session cache lifetime in seconds (only the default)")
+    sessionResume: YesNo = opt(True, "sessionResume", "allow TLS session resumption")
+    sni: str | None = opt(None, "sni", "client: server name to send; server: SERVICE:PATTERN for a virtual service")
+    socket: list[SockOpt] = opt(None, "socket", "a|l|r:OPTION=VALUE socket option; may repeat", repeat=True)
+    sslVersion: TlsVersion | None = opt(None, "sslVersion", "TLS version (sets both sslVersionMin and sslVersionMax)")
+    sslVersionMax: TlsVersion | None = opt(None, "sslVersionMax", "highest TLS version (default: all)")
+    sslVersionMin: TlsVersion | None = opt(None, "sslVersionMin", "lowest TLS version (default: TLSv1.2)")
+    stack: Count = opt(65536, "stack", "thread stack size (no effect: pytunnel runs no thread per connection)")
+    TIMEOUTbusy: Seconds = opt(300, "TIMEOUTbusy", "seconds to wait for expected data (TLS handshake)")
+    TIMEOUTclose: Seconds = opt(60, "TIMEOUTclose", "seconds to wait for the other side to finish after one closed")
+    TIMEOUTconnect: Seconds = opt(10, "TIMEOUTconnect", "seconds to connect (and handshake with) the remote")
+    TIMEOUTidle: Seconds = opt(43200, "TIMEOUTidle", "seconds an idle connection is kept")
+    verify: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=4)] | None = opt(None, "verify", "legacy verify level 0-4 (use verifyChain/verifyPeer)")
+    verifyChain: YesNo | None = opt(None, "verifyChain", "verify the peer certificate chain")
+    verifyPeer: YesNo | None = opt(None, "verifyPeer", "the peer certificate must be in CAfile/CApath")
+    setuid: str | None = opt(None, "setuid", "global: drop privileges to USER; service: owner of a Unix accept socket")
+    setgid: str | None = opt(None, "setgid", "global: drop privileges to GROUP; service: group of a Unix accept socket")
+
+    # ---- known, not implemented (each says why)
+    CAengine: str | None = opt(None, "CAengine", "CA certificates from an engine", unsupported=ENGINE)
+    CAstore: str | None = opt(None, "CAstore", "CA store URI (OSSL_STORE)", unsupported="OSSL_STORE URIs cannot be reached through Python's ssl module; use CAfile or CApath")
+    config: list[str] = opt(None, "config", "raw SSL_CONF_cmd command", repeat=True, unsupported="raw OpenSSL SSL_CONF commands cannot be passed through Python's ssl module")
+    engineId: str | None = opt(None, "engineId", "engine for this service", unsupported=ENGINE)
+    engineNum: str | None = opt(None, "engineNum", "engine number for this service", unsupported=ENGINE)
+    exec: str | None = opt(None, "exec", "run a local program instead of connect", unsupported=LATER)
+    execArgs: str | None = opt(None, "execArgs", "argv of the exec program", unsupported=LATER)
+    ident: str | None = opt(None, "ident", "IDENT (RFC 1413) user check", unsupported=LATER)
+    include: str | None = opt(None, "include", "include every file of a directory (handled by the reader)")
+    libwrap: str | None = opt(None, "libwrap", "TCP Wrappers access control", unsupported=LATER, accepted=("no",))
+    OCSP: str | None = opt(None, "OCSP", "OCSP responder URL", unsupported=NO_API + " (OCSP)")
+    OCSPaia: str | None = opt(None, "OCSPaia", "use AIA OCSP URLs", unsupported=NO_API + " (OCSP)", accepted=("no",))
+    OCSPflag: list[str] = opt(None, "OCSPflag", "OCSP flag", repeat=True, unsupported=NO_API + " (OCSP)")
+    OCSPnonce: str | None = opt(None, "OCSPnonce", "OCSP nonce", unsupported=NO_API + " (OCSP)", accepted=("no",))
+    OCSPrequire: str | None = opt(None, "OCSPrequire", "require OCSP answer", unsupported=NO_API + " (OCSP)")
+    TIMEOUTocsp: str | None = opt(None, "TIMEOUTocsp", "OCSP connect timeout", unsupported=NO_API + " (OCSP)")
+    protocol: str | None = opt(None, "protocol", "protocol negotiation before TLS (STARTTLS, CONNECT, ...)", unsupported=LATER)
+    protocolAuthentication: str | None = opt(None, "protocolAuthentication", "protocol auth type", unsupported=LATER)
+    protocolDomain: str | None = opt(None, "protocolDomain", "protocol domain", unsupported=LATER)
+    protocolHeader: list[str] = opt(None, "protocolHeader", "protocol header", repeat=True, unsupported=LATER)
+    protocolHost: str | None = opt(None, "protocolHost", "protocol host", unsupported=LATER)
+    protocolPassword: str | None = opt(None, "protocolPassword", "protocol password", unsupported=LATER)
+    protocolUsername: str | None = opt(None, "protocolUsername", "protocol user", unsupported=LATER)
+    PSKidentity: str | None = opt(None, "PSKidentity", "PSK identity", unsupported=LATER + "; it will need Python >= 3.13")
+    PSKsecrets: str | None = opt(None, "PSKsecrets", "PSK secrets file", unsupported=LATER + "; it will need Python >= 3.13")
+    pty: str | None = opt(None, "pty", "pseudo-terminal for exec", unsupported=LATER, accepted=("no",))
+    redirect: list[str] = opt(None, "redirect", "redirect on failed verification", repeat=True, unsupported=LATER)
+    sessiond: str | None = opt(None, "sessiond", "external session cache", unsupported=NO_API + " (external session cache callbacks)")
+    ticketKeySecret: str | None = opt(None, "ticketKeySecret", "session ticket key", unsupported=NO_API + " (session ticket keys)")
+    ticketMacSecret: str | None = opt(None, "ticketMacSecret", "session ticket HMAC key", unsupported=NO_API + " (session ticket keys)")
+    transparent: str | None = opt(None, "transparent", "transparent proxy", unsupported=LATER, accepted=("none", "no"))
+
+
+class GlobalSettings(BaseModel):
+    """Options valid only before the first ``[section]``."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    chroot: str | None = opt(None, "chroot", "chroot jail directory", scope="global")
+    foreground: Annotated[str, _enum("yes", "quiet", "no")] = opt("no", "foreground", "stay in the foreground: yes (also log to stderr), quiet, or no (daemonize)", scope="global")
+    log: Annotated[str, _enum("append", "overwrite")] = opt("append", "log", "how the output file is opened", scope="global")
+    output: str | None = opt(None, "output", "append log lines to this file", scope="global")
+    pid: str | None = opt(None, "pid", "pid file (empty: none; pytunnel writes none by default)", scope="global")
+    RNDbytes: Count = opt(1024, "RNDbytes", "bytes read from RNDfile to seed the PRNG", scope="global")
+    RNDfile: str | None = opt("/dev/urandom", "RNDfile", "random seed file", scope="global")
+    RNDoverwrite: YesNo = opt(True, "RNDoverwrite", "rewrite the seed file with new random data", scope="global")
+    service: str = opt("stunnel", "service", "syslog ident and inetd-mode service name", scope="global")
+    syslog: YesNo = opt(True, "syslog", "log via syslog", scope="global")
+    fips: str | None = opt(None, "fips", "FIPS 140-2 mode", scope="global", unsupported="FIPS support is not available", accepted=("no",))
+
+    compression: str | None = opt(None, "compression", "TLS compression", scope="global", unsupported="TLS compression is not available in Python's OpenSSL build (and is unsafe: CRIME)")
+    EGD: str | None = opt(None, "EGD", "entropy gathering daemon socket", scope="global", unsupported="it needs an EGD build of stunnel; OpenSSL seeds itself from the kernel")
+    engine: str | None = opt(None, "engine", "OpenSSL engine", scope="global", unsupported=ENGINE)
+    engineCtrl: str | None = opt(None, "engineCtrl", "engine control", scope="global", unsupported=ENGINE)
+    engineDefault: str | None = opt(None, "engineDefault", "engine tasks", scope="global", unsupported=ENGINE)
+    iconActive: str | None = opt(None, "iconActive", "GUI icon", scope="global", unsupported=GUI)
+    iconError: str | None = opt(None, "iconError", "GUI icon", scope="global", unsupported=GUI)
+    iconIdle: str | None = opt(None, "iconIdle", "GUI icon", scope="global", unsupported=GUI)
+    provider: str | None = opt(None, "provider", "OpenSSL provider", scope="global", unsupported="OpenSSL providers cannot be loaded through Python's ssl module")
+    providerParameter: str | None = opt(None, "providerParameter", "provider parameter", scope="global", unsupported="OpenSSL providers cannot be loaded through Python's ssl module")
+    setEnv: list[str] = opt(None, "setEnv", "environment for exec children", scope="global", repeat=True, unsupported=LATER + " (exec)")
+    taskbar: str | None = opt(None, "taskbar", "Windows taskbar icon", scope="global", unsupported=WIN)
+
+
+ALIASES = {"curve": "curves", "session": "sessionCacheTimeout"}
+
+
+def _fields(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    return {f.alias: f for f in model.model_fields.values() if f.alias}
+
+
+SERVICE_FIELDS = _fields(ServiceSettings)
+GLOBAL_FIELDS = _fields(GlobalSettings)
+#: lower-case name (and alias) -> canonical stunnel spelling
+CANONICAL: dict[str, str] = {name.lower(): name for name in [*SERVICE_FIELDS, *GLOBAL_FIELDS]}
+CANONICAL.update({k: v for k, v in ALIASES.items()})
+
+
+def field_meta(name: str) -> dict[str, Any]:
+    info = SERVICE_FIELDS.get(name) or GLOBAL_FIELDS[name]
+    extra = info.json_schema_extra
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
+def is_repeatable(name: str) -> bool:
+    return bool(field_meta(name).get("repeat"))
+
+
+def is_global_only(name: str) -> bool:
+    return name in GLOBAL_FIELDS
+
+
+class Settings(BaseModel):
+    """A whole configuration: global options plus the services."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    globals: GlobalSettings
+    defaults: ServiceSettings
+    services: list[ServiceSettings]
+    inetd: bool = False
+
+    @property
+    def log_level(self) -> int:
+        return self.defaults.debug[1]

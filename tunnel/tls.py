@@ -1,0 +1,366 @@
+"""SSLContext builders and peer checks, built once per (re)load, never per connection.
+
+Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
+
+* ``verifyChain = yes``: ``CERT_REQUIRED`` against CAfile/CApath (or, in client
+  mode under ``pytunnel run``, the system store when neither is given).
+* ``verifyPeer = yes``: the peer's leaf must be one of the certificates in
+  CAfile/CApath.  ``VERIFY_X509_PARTIAL_CHAIN`` lets OpenSSL accept a leaf that is
+  itself in the trust store; then the leaf is compared byte for byte.
+* ``checkHost``/``checkIP``/``checkEmail``: checked on the leaf after the handshake;
+  any one match is enough, as in stunnel.
+* ``verify = 0..4``: the legacy levels, mapped onto the above.
+* ``pytunnel run`` (secure mode) verifies a client-mode upstream by default: the chain
+  and the name it connects to (``sni`` or the ``connect`` host).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    pkcs12,
+)
+
+from tunnel.settings import SSL_OPTIONS, ServiceSettings
+
+_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+_CURVE_NAMES = {"P-256": "prime256v1", "P-384": "secp384r1", "P-521": "secp521r1"}
+
+
+class TlsConfigError(Exception):
+    """A TLS setting or file could not be used; the message names the option."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a service verifies, after the legacy ``verify`` level and mode defaults."""
+
+    request_cert: bool
+    require_cert: bool
+    verify_chain: bool
+    verify_peer: bool
+    check_hosts: tuple[str, ...]
+    check_ips: tuple[str, ...]
+    check_emails: tuple[str, ...]
+    default_name_check: bool  # secure mode: check the name we connect to
+
+
+def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
+    level = svc.verify
+    chain = bool(svc.verifyChain) or level in (1, 2, 3)
+    peer = bool(svc.verifyPeer) or level in (3, 4)
+    request = level is not None or chain or peer or svc.requireCert
+    require = svc.requireCert or (level or 0) >= 2 or bool(svc.verifyChain) or bool(svc.verifyPeer)
+    default_check = False
+    if (
+        secure
+        and svc.client
+        and svc.verifyChain is None
+        and svc.verifyPeer is None
+        and level is None
+    ):
+        chain = request = require = True
+        default_check = not (svc.checkHost or svc.checkIP or svc.checkEmail)
+    return Policy(
+        request_cert=request,
+        require_cert=require,
+        verify_chain=chain,
+        verify_peer=peer,
+        check_hosts=tuple(svc.checkHost),
+        check_ips=tuple(svc.checkIP),
+        check_emails=tuple(svc.checkEmail),
+        default_name_check=default_check,
+    )
+
+
+@dataclass
+class TlsConfig:
+    """Everything a connection needs from TLS: the context and the post-handshake checks."""
+
+    context: ssl.SSLContext
+    policy: Policy
+    pinned: frozenset[bytes] = field(default_factory=frozenset)
+    generation: int = 0
+
+    def check_peer(self, der: bytes | None, expected_name: str | None) -> str | None:
+        """Return None when the peer passes, else the reason (OpenSSL-like wording)."""
+        pol = self.policy
+        if der is None:
+            if pol.require_cert:
+                return "peer did not return a certificate"
+            return None
+        if pol.verify_peer and der not in self.pinned:
+            return "certificate verify failed: peer certificate not found in CAfile/CApath"
+        hosts = pol.check_hosts
+        ips = pol.check_ips
+        if pol.default_name_check and expected_name:
+            if _is_ip(expected_name):
+                ips = (expected_name,)
+            else:
+                hosts = (expected_name,)
+        if not (hosts or ips or pol.check_emails):
+            return None
+        cert = x509.load_der_x509_certificate(der)
+        if hosts and any(match_host(cert, h) for h in hosts):
+            return None
+        if ips and any(match_ip(cert, ip) for ip in ips):
+            return None
+        if pol.check_emails and any(match_email(cert, e) for e in pol.check_emails):
+            return None
+        wanted = ", ".join([*hosts, *ips, *pol.check_emails])
+        return f"certificate verify failed: Hostname mismatch (expected {wanted})"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _dns_match(pattern: str, host: str) -> bool:
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern == host:
+        return True
+    if pattern.startswith("*.") and "." in host:
+        # RFC 6125: the wildcard covers exactly one left-most label
+        return host.split(".", 1)[1] == pattern[2:] and bool(host.split(".", 1)[0])
+    return False
+
+
+def match_host(cert: x509.Certificate, host: str) -> bool:
+    san = _san(cert)
+    names = san.get_values_for_type(x509.DNSName) if san else []
+    if not names:  # no SAN DNS names: fall back to the subject CN, as OpenSSL does
+        names = [
+            str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        ]
+    return any(_dns_match(n, host) for n in names)
+
+
+def match_ip(cert: x509.Certificate, ip: str) -> bool:
+    san = _san(cert)
+    if not san:
+        return False
+    want = ipaddress.ip_address(ip)
+    return any(addr == want for addr in san.get_values_for_type(x509.IPAddress))
+
+
+def match_email(cert: x509.Certificate, email: str) -> bool:
+    san = _san(cert)
+    names = san.get_values_for_type(x509.RFC822Name) if san else []
+    return any(n.lower() == email.lower() for n in names)
+
+
+def peer_subject(der: bytes | None) -> str:
+    if not der:
+        return ""
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        return ""
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
+    try:
+        with open(cert, "rb") as fh:
+            head = fh.read()
+    except OSError as exc:
+        raise TlsConfigError("cert", f"cannot read {cert}: {exc.strerror}") from None
+    if b"-----BEGIN" not in head:
+        _load_pkcs12(ctx, cert, head)
+        return
+    try:
+        ctx.load_cert_chain(cert, key or cert)
+    except ssl.SSLError as exc:
+        raise TlsConfigError(
+            "key" if key else "cert",
+            f"cannot use {cert} with key {key or cert}: {exc.reason or exc}",
+        ) from None
+    except OSError as exc:
+        raise TlsConfigError("key", f"cannot read {key}: {exc.strerror}") from None
+
+
+def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
+    try:
+        pkey, leaf, extra = pkcs12.load_key_and_certificates(data, None)
+    except ValueError as exc:
+        raise TlsConfigError("cert", f"{path} is neither PEM nor PKCS#12: {exc}") from None
+    if pkey is None or leaf is None:
+        raise TlsConfigError("cert", f"PKCS#12 file {path} lacks a key or certificate")
+    pem = pkey.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    pem += leaf.public_bytes(Encoding.PEM)
+    for c in extra or []:
+        pem += c.public_bytes(Encoding.PEM)
+    fd, tmp = tempfile.mkstemp(prefix="pytunnel-p12-")
+    try:
+        os.write(fd, pem)
+        os.close(fd)
+        ctx.load_cert_chain(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def _pinned(svc: ServiceSettings) -> frozenset[bytes]:
+    out: set[bytes] = set()
+    files: list[str] = []
+    if svc.CAfile:
+        files.append(svc.CAfile)
+    if svc.CApath and os.path.isdir(svc.CApath):
+        files += [
+            os.path.join(svc.CApath, n)
+            for n in sorted(os.listdir(svc.CApath))
+            if os.path.isfile(os.path.join(svc.CApath, n))
+        ]
+    for path in files:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        try:
+            for cert in x509.load_pem_x509_certificates(data):
+                out.add(cert.public_bytes(Encoding.DER))
+        except ValueError:
+            continue
+    return frozenset(out)
+
+
+def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
+    """Build the TLS configuration of one service.  Raises TlsConfigError."""
+    pol = policy_for(svc, secure)
+    server = not svc.client
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+
+    # protocol versions: TLS 1.2 is the floor unless configured
+    lo = svc.sslVersionMin or svc.sslVersion
+    hi = svc.sslVersionMax or svc.sslVersion
+    try:
+        ctx.minimum_version = (
+            ssl.TLSVersion.MINIMUM_SUPPORTED if lo == "all" else _VERSIONS.get(lo or "TLSv1.2", ssl.TLSVersion.TLSv1_2)
+        )
+        ctx.maximum_version = (
+            ssl.TLSVersion.MAXIMUM_SUPPORTED if hi in (None, "all") else _VERSIONS[hi or ""]
+        )
+    except (ValueError, KeyError) as exc:
+        raise TlsConfigError("sslVersion", str(exc)) from None
+
+    # options: stunnel's defaults plus the configured ones, in order
+    opts = ctx.options | ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3
+    for item in svc.options:
+        if item.startswith("-"):
+            opts &= ~SSL_OPTIONS[item[1:]]
+        else:
+            opts |= SSL_OPTIONS[item]
+    if not svc.renegotiation:
+        opts |= ssl.OP_NO_RENEGOTIATION
+    ctx.options = opts  # type: ignore[assignment]
+
+    try:
+        ctx.set_ciphers(f"{svc.ciphers}:@SECLEVEL={svc.securityLevel}")
+    except ssl.SSLError:
+        raise TlsConfigError("ciphers", f"no usable cipher in {svc.ciphers!r}") from None
+    default_curves = ServiceSettings.model_fields["curves"].default
+    if svc.curves != default_curves:
+        name = _CURVE_NAMES.get(svc.curves, svc.curves)
+        try:
+            ctx.set_ecdh_curve(name)
+        except (ValueError, ssl.SSLError):
+            raise TlsConfigError("curves", f"unknown group {svc.curves!r}") from None
+
+    if svc.cert:
+        _load_cert_chain(ctx, svc.cert, svc.key)
+    elif svc.key:
+        raise TlsConfigError("key", "key is set but cert is not")
+
+    try:
+        if svc.CAfile:
+            ctx.load_verify_locations(cafile=svc.CAfile)
+        if svc.CApath:
+            if not os.path.isdir(svc.CApath):
+                raise TlsConfigError("CApath", f"{svc.CApath} is not a directory")
+            ctx.load_verify_locations(capath=svc.CApath)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError("CAfile", f"cannot load {svc.CAfile}: {exc}") from None
+    if pol.verify_chain and not (svc.CAfile or svc.CApath):
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH if svc.client else ssl.Purpose.CLIENT_AUTH)
+    if svc.CRLfile or svc.CRLpath:
+        try:
+            if svc.CRLfile:
+                ctx.load_verify_locations(cafile=svc.CRLfile)
+            if svc.CRLpath:
+                ctx.load_verify_locations(capath=svc.CRLpath)
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsConfigError("CRLfile", f"cannot load {svc.CRLfile}: {exc}") from None
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+    if pol.verify_peer:
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if server:
+        if pol.request_cert and not (pol.verify_chain or pol.verify_peer):
+            raise TlsConfigError(
+                "requireCert" if svc.requireCert else "verify",
+                "requesting a client certificate without verifying it is not possible "
+                "with Python's ssl module (it verifies every certificate it requests); "
+                "add verifyChain = yes or verifyPeer = yes with CAfile",
+            )
+        if pol.request_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED if pol.require_cert else ssl.CERT_OPTIONAL
+        else:
+            ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.verify_mode = (
+            ssl.CERT_REQUIRED if (pol.verify_chain or pol.verify_peer) else ssl.CERT_NONE
+        )
+    return TlsConfig(
+        context=ctx,
+        policy=pol,
+        pinned=_pinned(svc) if pol.verify_peer else frozenset(),
+        generation=generation,
+    )
+
+
+def client_sni(svc: ServiceSettings, target_host: str | None) -> str | None:
+    """The name to send: ``sni``, else the connect host, else ``localhost``."""
+    if svc.sni is not None:
+        return svc.sni or None
+    if target_host:
+        return target_host
+    return "localhost"
+
+
+def reason_of(exc: BaseException) -> str:
+    """OpenSSL's reason text where there is one (tools grep for it)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        return reason.replace("_", " ").lower() if reason.isupper() else reason
+    return str(exc) or type(exc).__name__
