@@ -80,9 +80,7 @@ class Reader:
             with open(path, "rb") as fh:
                 data = fh.read()
         except OSError as exc:
-            self.raw.problems.append(
-                Problem(f"cannot read the configuration file: {exc.strerror}", path)
-            )
+            self.raw.problems.append(Problem(f"cannot read the configuration file: {exc.strerror}", path))
             return
         self.read_bytes(data, path, depth)
 
@@ -193,6 +191,8 @@ class Reader:
 def read(path: str) -> RawConfig:
     reader = Reader(path)
     reader.read_file(path)
+    if reader.raw.problems and not os.path.isfile(path):
+        raise ConfigError(reader.raw.problems)
     return reader.raw
 
 
@@ -257,9 +257,7 @@ def _validate(
             if entry is not None:
                 problems.append(entry.problem(msg))
             else:
-                problems.append(
-                    Problem(f"{name}: {msg}", fallback.file, fallback.line, fallback.text)
-                )
+                problems.append(Problem(f"{name}: {msg}", fallback.file, fallback.line, fallback.text))
         return None
 
 
@@ -358,7 +356,13 @@ def build(raw: RawConfig) -> Settings:
         where = Problem("", section.file, section.line or None, section.text or None)
         if section.name.lower() in seen:
             problems.append(
-                Problem(f"duplicate section [{section.name}]", section.file, section.line, section.text, "give each service its own name")
+                Problem(
+                    f"duplicate section [{section.name}]",
+                    section.file,
+                    section.line,
+                    section.text,
+                    "give each service its own name",
+                )
             )
         seen.add(section.name.lower())
         local_problems: list[Problem] = []
@@ -381,7 +385,9 @@ def build(raw: RawConfig) -> Settings:
             primary = svc.sni.split(":", 1)[0]
             if primary not in names:
                 problems.append(
-                    Problem(f"Service [{svc.name}]: sni names unknown service [{primary}]", raw.source, None, None)
+                    Problem(
+                        f"Service [{svc.name}]: sni names unknown service [{primary}]", raw.source, None, None
+                    )
                 )
 
     # duplicates across files make the same problem twice; keep the first
@@ -393,9 +399,7 @@ def build(raw: RawConfig) -> Settings:
         unique.sort(key=lambda p: (p.file or "", p.line or 0))
         raise ConfigError(unique)
     assert gsettings is not None and defaults is not None
-    return Settings(
-        source=raw.source, globals=gsettings, defaults=defaults, services=services, inetd=inetd
-    )
+    return Settings(source=raw.source, globals=gsettings, defaults=defaults, services=services, inetd=inetd)
 
 
 def load(path: str) -> Settings:

@@ -10,11 +10,12 @@ Callers check :meth:`Log.enabled` before formatting anything costly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import time
-from typing import TextIO
+from typing import IO, TextIO
 
 EARLY_TAGS = {0: "!", 1: "!", 2: "!", 3: "!", 4: ":", 5: ".", 6: " ", 7: " "}
 FACILITIES = {
@@ -29,7 +30,7 @@ class Log:
         self.level = 5
         self.early = True
         self.to_stderr = True
-        self.file: TextIO | None = None
+        self.file: TextIO | IO[str] | None = None
         self.file_path: str | None = None
         self.file_mode = "a"
         self.syslog: socket.socket | None = None
@@ -130,16 +131,12 @@ class Log:
             sys.stderr.write(line)
             sys.stderr.flush()
         if self.file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.file.write(line)
-            except OSError:
-                pass
         if self.syslog is not None:
             msg = f"<{self.facility * 8 + level}>{self.ident}[{os.getpid()}]: {body}"
-            try:
+            with contextlib.suppress(OSError):
                 self.syslog.send(msg.encode("utf-8", "replace"))
-            except OSError:
-                pass
 
     def ui(self, level: int, text: str) -> None:
         self.write(level, "ui", text)

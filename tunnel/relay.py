@@ -42,6 +42,7 @@ counters key on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import socket
 import ssl
@@ -71,10 +72,8 @@ def set_linger_zero(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
 
 
 class Side(asyncio.Protocol):
@@ -92,23 +91,20 @@ class Side(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.closed = False
+        self.early: list[bytes] = []
 
     # ---- flow control (idempotent) ----------------------------------------
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closed:
             self.read_paused = True
-            try:
+            with contextlib.suppress(RuntimeError, AttributeError):
                 self.transport.pause_reading()
-            except (RuntimeError, AttributeError):
-                pass
 
     def resume_reading(self) -> None:
         if self.read_paused and self.transport is not None and not self.closed:
             self.read_paused = False
-            try:
+            with contextlib.suppress(RuntimeError, AttributeError):
                 self.transport.resume_reading()
-            except (RuntimeError, AttributeError):
-                pass
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -152,6 +148,12 @@ class Side(asyncio.Protocol):
         peer = self.peer
         if peer is not None:
             peer.send(data)
+        else:
+            # Not linked yet (uvloop ignores pause_reading() inside connection_made):
+            # keep what arrived and stop reading until the other side is up.
+            self.early.append(data)
+            self.read_paused = False
+            self.pause_reading()
 
     def received_eof(self) -> None:
         if self.eof_in:
@@ -251,7 +253,8 @@ class TlsSide(Side):
             while True:
                 chunk = read(READ_SIZE)
                 if not chunk:
-                    break
+                    # CPython returns b"" (rather than raising) for close_notify
+                    raise ssl.SSLZeroReturnError(ssl.SSL_ERROR_ZERO_RETURN, "close_notify")
                 chunks.append(chunk)
         except ssl.SSLWantReadError:
             pass
@@ -259,6 +262,7 @@ class TlsSide(Side):
             self.clean_eof = True
             self._deliver(chunks)
             self._flush()
+            self.conn.log(6, "TLS closed (close_notify received)")
             self.received_eof()
             return
         except ssl.SSLError as exc:
@@ -392,6 +396,15 @@ class Connection:
         self.linked = True
         self.last_activity = self.loop.time()
         self._arm_timer()
+        for side in (self.plain, self.tls):
+            early, side.early = side.early, []
+            for data in early:
+                side.peer.send(data)  # type: ignore[union-attr]
+        for side in (self.plain, self.tls):
+            if side.eof_in and self.reason is None:
+                self.direction_done(side)
+        if self.reason is not None:
+            return
         if not self.tls.write_paused:
             self.plain.resume_reading()
         if not self.plain.write_paused:
@@ -424,14 +437,13 @@ class Connection:
 
     def direction_done(self, source: Side) -> None:
         """``source`` will send no more: pass the EOF on, close when both are done."""
+        if not self.linked:
+            return  # link() replays it once the other side is up
         self.done_dirs += 1
         peer = source.peer
         if peer is not None:
             peer.send_eof()
         if self.done_dirs >= 2:
-            self.finish(CloseReason.CLOSED)
-            return
-        if not self.linked:
             self.finish(CloseReason.CLOSED)
             return
         self.last_activity = self.loop.time()

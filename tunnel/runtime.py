@@ -16,7 +16,7 @@ from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf
 from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, StartupError
 from tunnel.logs import log
 from tunnel.service import Service
-from tunnel.settings import Settings, ServiceSettings
+from tunnel.settings import ServiceSettings, Settings
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
 
@@ -54,7 +54,13 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
             tls_of[svc.name] = build_tls(svc, secure, generation)
         except TlsConfigError as exc:
             problems.append(
-                Problem(f"Service [{svc.name}]: {exc}", settings.source, None, None, "Failed to initialize TLS context")
+                Problem(
+                    f"Service [{svc.name}]: {exc}",
+                    settings.source,
+                    None,
+                    None,
+                    "Failed to initialize TLS context",
+                )
             )
     if problems:
         raise ConfigError(problems)
@@ -82,7 +88,9 @@ def warn_services(services: list[Service], secure: bool) -> None:
         if svc.client and not (pol.verify_chain or pol.verify_peer):
             log.ui(4, f"Service [{svc.name}] needs authentication to prevent MITM attacks")
             if secure:
-                log.ui(4, f"Service [{svc.name}]: upstream certificate verification is OFF (verifyChain = no)")
+                log.ui(
+                    4, f"Service [{svc.name}]: upstream certificate verification is OFF (verifyChain = no)"
+                )
         if svc.client:
             for ep in svc.accept:
                 if ep.path is None and ep.host not in ("127.0.0.1", "::1", "localhost"):
@@ -180,7 +188,12 @@ class Runtime:
         log.ui(5, f"Reading configuration from file {self.source.path}")
         try:
             settings = self.source.load()
-            log.ui(5, "UTF-8 byte order mark detected" if _has_bom(self.source) else "UTF-8 byte order mark not detected")
+            log.ui(
+                5,
+                "UTF-8 byte order mark detected"
+                if _has_bom(self.source)
+                else "UTF-8 byte order mark not detected",
+            )
             log.ui(5, "FIPS mode disabled")
             services = build_services(settings, self.secure)
         except ConfigError as exc:

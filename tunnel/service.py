@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import itertools
 import os
@@ -11,6 +12,7 @@ import ssl
 import struct
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.logs import log
@@ -59,7 +61,7 @@ def socket_options(svc: ServiceSettings, where: str) -> list[SocketOption]:
     return defaults + [o for o in svc.socket if o.where == where]
 
 
-def apply_socket_options(sock: socket.socket | object, family: int, opts: list[SocketOption]) -> None:
+def apply_socket_options(sock: Any, family: int, opts: list[SocketOption]) -> None:
     for opt in opts:
         if family == socket.AF_UNIX and opt.name in TCP_ONLY | IP_ONLY | {"IPV6_V6ONLY"}:
             continue
@@ -71,17 +73,13 @@ def apply_socket_options(sock: socket.socket | object, family: int, opts: list[S
         value = opt.value
         raw: int | bytes
         if isinstance(value, tuple):
-            raw = (
-                struct.pack("ii", *value)
-                if opt.name == "SO_LINGER"
-                else struct.pack("ll", *value)
-            )
+            raw = struct.pack("ii", *value) if opt.name == "SO_LINGER" else struct.pack("ll", *value)
         elif isinstance(value, str):
             raw = value.encode()
         else:
             raw = value
         try:
-            sock.setsockopt(level, name, raw)  # type: ignore[attr-defined]
+            sock.setsockopt(level, name, raw)
         except OSError as exc:
             log.ui(4, f"Failed to set socket option {opt.name}: {exc.strerror}")
 
@@ -119,7 +117,7 @@ class Service:
         self._rr = 0
         self.sessions: dict[str, tuple[ssl.SSLSession, float, int]] = {}
         self.secondaries: list[Service] = secondaries or []
-        self.resolved: dict[Endpoint, list[tuple[int, object]]] = {}
+        self.resolved: dict[Endpoint, list[tuple[int, Any]]] = {}
         self._drained: asyncio.Event | None = None
         self.accepting = True
         self.stats = {r: 0 for r in CloseReason}
@@ -157,7 +155,7 @@ class Service:
                     _SNI_CHOICE[id(sslobj)] = sec
                     return
 
-        self.tls.context.sni_callback = pick  # type: ignore[assignment]
+        self.tls.context.sni_callback = pick
 
     # ---- listening ---------------------------------------------------------------
     def bind(self) -> list[str]:
@@ -229,10 +227,8 @@ class Service:
             else:
                 lst.sock.close()
             if lst.endpoint.path is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(lst.endpoint.path)
-                except OSError:
-                    pass
         self.listeners = []
 
     # ---- accepting -----------------------------------------------------------------
@@ -343,13 +339,20 @@ class Service:
             if not fut.done():
                 fut.set_result(exc)
 
-        tls = TlsSide(conn, tcfg.context, server_side=False, server_hostname=hostname, session=session, on_handshake=done)
+        tls = TlsSide(
+            conn,
+            tcfg.context,
+            server_side=False,
+            server_hostname=hostname,
+            session=session,
+            on_handshake=done,
+        )
         conn.tls = tls
         try:
             await loop.create_connection(lambda: tls, sock=sock)
             remaining = max(0.0, deadline - loop.time())
             exc = await asyncio.wait_for(fut, timeout=remaining)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             conn.fail(CloseReason.HANDSHAKE_FAILED, "SSL_connect: TIMEOUTconnect exceeded")
             return
         except OSError as exc2:
@@ -396,7 +399,7 @@ class Service:
                     if self.settings.local:
                         sock.bind((self.settings.local, 0))
                 await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
-            except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            except (OSError, TimeoutError) as exc:
                 sock.close()
                 if isinstance(exc, OSError):
                     why = f"{exc.strerror or exc} ({exc.errno})"
@@ -417,13 +420,13 @@ class Service:
         conn.fail(CloseReason.CONNECT_FAILED, "No more addresses to connect")
         return None
 
-    async def _targets(self, conn: Connection) -> list[tuple[int, object, str | None]] | None:
+    async def _targets(self, conn: Connection) -> list[tuple[int, Any, str | None]] | None:
         eps = list(self.settings.connect)
         if self.settings.failover == "rr" and not self.settings.delay and len(eps) > 1:
             start = self._rr % len(eps)
             self._rr += 1
             eps = eps[start:] + eps[:start]
-        out: list[tuple[int, object, str | None]] = []
+        out: list[tuple[int, Any, str | None]] = []
         for ep in eps:
             if ep.path is not None:
                 out.append((socket.AF_UNIX, ep.path, None))
@@ -433,7 +436,7 @@ class Service:
                 try:
                     addrs = await resolve(ep)
                 except OSError as exc:
-                    conn.log(3, f"Error resolving \"{ep.host}\": {exc.strerror or exc}")
+                    conn.log(3, f'Error resolving "{ep.host}": {exc.strerror or exc}')
                     continue
             out.extend((fam, addr, ep.host or "localhost") for fam, addr in addrs)
         if not out:
@@ -443,7 +446,7 @@ class Service:
 
     async def resolve_all(self) -> list[str]:
         """stunnel resolves connect names at start-up unless ``delay = yes``."""
-        errors = []
+        errors: list[str] = []
         if self.settings.delay:
             return errors
         for ep in self.settings.connect:
@@ -452,7 +455,7 @@ class Service:
             try:
                 self.resolved[ep] = await resolve(ep)
             except OSError as exc:
-                errors.append(f"Error resolving \"{ep.host}\": {exc.strerror or exc}")
+                errors.append(f'Error resolving "{ep.host}": {exc.strerror or exc}')
         return errors
 
     # ---- end of a connection --------------------------------------------------------
@@ -483,14 +486,21 @@ class Service:
         if self.level >= 6:
             s = conn.summary()
             cn = f" peer_cn={conn.peer_cn!r}" if conn.peer_cn else ""
-            conn.log(6, f"Connection summary: reason={s['reason']} duration={s['duration']}s from={s['peer']}{cn}")
+            conn.log(
+                6, f"Connection summary: reason={s['reason']} duration={s['duration']}s from={s['peer']}{cn}"
+            )
         if self._drained is not None and not self.connections:
             self._drained.set()
 
     def _remember_session(self, key: str, tls: TlsSide) -> None:
         now = asyncio.get_running_loop().time()
         cached = self.sessions.get(key)
-        if cached and cached[2] == self.tls.generation and tls.sslobj.session_reused and now - cached[1] < SESSION_REFRESH:
+        if (
+            cached
+            and cached[2] == self.tls.generation
+            and tls.sslobj.session_reused
+            and now - cached[1] < SESSION_REFRESH
+        ):
             return
         session = tls.sslobj.session
         if session is not None:
@@ -504,7 +514,7 @@ class Service:
         self._drained = asyncio.Event()
         try:
             await asyncio.wait_for(self._drained.wait(), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return False
         return True
 
@@ -523,13 +533,13 @@ class Service:
 _SNI_CHOICE: dict[int, Service] = {}
 
 
-async def resolve(ep: Endpoint) -> list[tuple[int, object]]:
+async def resolve(ep: Endpoint) -> list[tuple[int, Any]]:
     loop = asyncio.get_running_loop()
     host = ep.host or "localhost"
     infos = await loop.getaddrinfo(host, ep.port, type=socket.SOCK_STREAM)
-    seen: list[tuple[int, object]] = []
+    seen: list[tuple[int, Any]] = []
     for family, _t, _p, _c, addr in infos:
-        item = (family, addr)
+        item = (int(family), addr)
         if item not in seen:
             seen.append(item)
     return seen

@@ -217,9 +217,7 @@ class SocketOption(BaseModel):
 def parse_socket_option(text: str) -> SocketOption:
     m = re.fullmatch(r"\s*([alr])\s*:\s*([A-Za-z0-9_]+)\s*=\s*(.*?)\s*", text)
     if not m:
-        raise ValueError(
-            "expected a|l|r:OPTION=VALUE (e.g. l:TCP_NODELAY=1 or a:SO_REUSEADDR=yes)"
-        )
+        raise ValueError("expected a|l|r:OPTION=VALUE (e.g. l:TCP_NODELAY=1 or a:SO_REUSEADDR=yes)")
     where, name, raw = m.group(1), m.group(2).upper(), m.group(3)
     if name in SOCKET_OPTIONS_ELSEWHERE:
         raise ValueError(f"socket option {name} is not available here: {SOCKET_OPTIONS_ELSEWHERE[name]}")
@@ -339,8 +337,15 @@ class ServiceSettings(BaseModel):
 
     name: str = Field(default="stunnel", description="section name")
 
-    accept: list[Addr] = opt(None, "accept", "listen on [HOST:]PORT (or a Unix socket path); may repeat", repeat=True)
-    connect: list[Addr] = opt(None, "connect", "connect to [HOST:]PORT (or a Unix socket path); may repeat for failover", repeat=True)
+    accept: list[Addr] = opt(
+        None, "accept", "listen on [HOST:]PORT (or a Unix socket path); may repeat", repeat=True
+    )
+    connect: list[Addr] = opt(
+        None,
+        "connect",
+        "connect to [HOST:]PORT (or a Unix socket path); may repeat for failover",
+        repeat=True,
+    )
     client: YesNo = opt(False, "client", "client mode: the remote side speaks TLS")
     cert: str | None = opt(None, "cert", "certificate chain file (PEM, or PKCS#12 with the key)")
     key: str | None = opt(None, "key", "private key file (default: the cert file)")
@@ -348,77 +353,154 @@ class ServiceSettings(BaseModel):
     CApath: str | None = opt(None, "CApath", "directory of hashed CA certificates (XXXXXXXX.0)")
     CRLfile: str | None = opt(None, "CRLfile", "certificate revocation list, PEM")
     CRLpath: str | None = opt(None, "CRLpath", "directory of hashed CRLs (XXXXXXXX.r0)")
-    checkEmail: list[str] = opt(None, "checkEmail", "accept the peer only with this e-mail in its certificate; may repeat", repeat=True)
-    checkHost: list[str] = opt(None, "checkHost", "accept the peer only for this host name; may repeat", repeat=True)
-    checkIP: list[IPText] = opt(None, "checkIP", "accept the peer only for this IP address; may repeat", repeat=True)
-    ciphers: str = opt("HIGH:!aNULL:!SSLv2:!DH:!kDHEPSK", "ciphers", "TLS 1.2 and older cipher list (OpenSSL syntax)")
+    checkEmail: list[str] = opt(
+        None,
+        "checkEmail",
+        "accept the peer only with this e-mail in its certificate; may repeat",
+        repeat=True,
+    )
+    checkHost: list[str] = opt(
+        None, "checkHost", "accept the peer only for this host name; may repeat", repeat=True
+    )
+    checkIP: list[IPText] = opt(
+        None, "checkIP", "accept the peer only for this IP address; may repeat", repeat=True
+    )
+    ciphers: str = opt(
+        "HIGH:!aNULL:!SSLv2:!DH:!kDHEPSK", "ciphers", "TLS 1.2 and older cipher list (OpenSSL syntax)"
+    )
     ciphersuites: str = opt(
         "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256",
-        "ciphersuites", "TLS 1.3 ciphersuites (only the default: Python cannot set them)",
+        "ciphersuites",
+        "TLS 1.3 ciphersuites (only the default: Python cannot set them)",
     )
-    curves: str = opt("X25519:P-256:X448:P-521:P-384", "curves", "ECDH groups, ':'-separated (the default list or a single group)")
+    curves: str = opt(
+        "X25519:P-256:X448:P-521:P-384",
+        "curves",
+        "ECDH groups, ':'-separated (the default list or a single group)",
+    )
     debug: Debug = opt(("daemon", 5), "debug", "log level 0-7 or emerg..debug, with optional syslog facility")
     delay: YesNo = opt(False, "delay", "resolve connect names at connection time (implies failover = prio)")
-    failover: Annotated[str, _enum("rr", "prio")] = opt("prio", "failover", "strategy for several connect targets: rr or prio")
+    failover: Annotated[str, _enum("rr", "prio")] = opt(
+        "prio", "failover", "strategy for several connect targets: rr or prio"
+    )
     local: IPText | None = opt(None, "local", "source IP address for outgoing connections")
-    logId: Annotated[str, _enum("sequential", "unique", "thread", "process")] = opt("sequential", "logId", "connection id in log lines")
-    options: list[SslOption] = opt(None, "options", "OpenSSL SSL_OP_* flag without prefix (-NAME clears); may repeat", repeat=True)
+    logId: Annotated[str, _enum("sequential", "unique", "thread", "process")] = opt(
+        "sequential", "logId", "connection id in log lines"
+    )
+    options: list[SslOption] = opt(
+        None, "options", "OpenSSL SSL_OP_* flag without prefix (-NAME clears); may repeat", repeat=True
+    )
     renegotiation: YesNo = opt(True, "renegotiation", "allow TLS renegotiation")
     requireCert: YesNo = opt(False, "requireCert", "require a peer certificate")
     reset: YesNo = opt(True, "reset", "signal TLS errors to the plaintext peer with a TCP RST")
     retry: Retry = opt(0, "retry", "restart an exec+connect service: yes, no, or a delay in ms")
-    securityLevel: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=5)] = opt(2, "securityLevel", "OpenSSL security level 0-5")
-    sessionCacheSize: Count = opt(1000, "sessionCacheSize", "session cache entries (only the default: Python cannot size it)")
-    sessionCacheTimeout: Seconds = opt(300, "sessionCacheTimeout", "session cache lifetime in seconds (only the default)")
+    securityLevel: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=5)] = opt(
+        2, "securityLevel", "OpenSSL security level 0-5"
+    )
+    sessionCacheSize: Count = opt(
+        1000, "sessionCacheSize", "session cache entries (only the default: Python cannot size it)"
+    )
+    sessionCacheTimeout: Seconds = opt(
+        300, "sessionCacheTimeout", "session cache lifetime in seconds (only the default)"
+    )
     sessionResume: YesNo = opt(True, "sessionResume", "allow TLS session resumption")
-    sni: str | None = opt(None, "sni", "client: server name to send; server: SERVICE:PATTERN for a virtual service")
+    sni: str | None = opt(
+        None, "sni", "client: server name to send; server: SERVICE:PATTERN for a virtual service"
+    )
     socket: list[SockOpt] = opt(None, "socket", "a|l|r:OPTION=VALUE socket option; may repeat", repeat=True)
-    sslVersion: TlsVersion | None = opt(None, "sslVersion", "TLS version (sets both sslVersionMin and sslVersionMax)")
+    sslVersion: TlsVersion | None = opt(
+        None, "sslVersion", "TLS version (sets both sslVersionMin and sslVersionMax)"
+    )
     sslVersionMax: TlsVersion | None = opt(None, "sslVersionMax", "highest TLS version (default: all)")
     sslVersionMin: TlsVersion | None = opt(None, "sslVersionMin", "lowest TLS version (default: TLSv1.2)")
-    stack: Count = opt(65536, "stack", "thread stack size (no effect: pytunnel runs no thread per connection)")
+    stack: Count = opt(
+        65536, "stack", "thread stack size (no effect: pytunnel runs no thread per connection)"
+    )
     TIMEOUTbusy: Seconds = opt(300, "TIMEOUTbusy", "seconds to wait for expected data (TLS handshake)")
-    TIMEOUTclose: Seconds = opt(60, "TIMEOUTclose", "seconds to wait for the other side to finish after one closed")
+    TIMEOUTclose: Seconds = opt(
+        60, "TIMEOUTclose", "seconds to wait for the other side to finish after one closed"
+    )
     TIMEOUTconnect: Seconds = opt(10, "TIMEOUTconnect", "seconds to connect (and handshake with) the remote")
     TIMEOUTidle: Seconds = opt(43200, "TIMEOUTidle", "seconds an idle connection is kept")
-    verify: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=4)] | None = opt(None, "verify", "legacy verify level 0-4 (use verifyChain/verifyPeer)")
+    verify: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=4)] | None = opt(
+        None, "verify", "legacy verify level 0-4 (use verifyChain/verifyPeer)"
+    )
     verifyChain: YesNo | None = opt(None, "verifyChain", "verify the peer certificate chain")
     verifyPeer: YesNo | None = opt(None, "verifyPeer", "the peer certificate must be in CAfile/CApath")
-    setuid: str | None = opt(None, "setuid", "global: drop privileges to USER; service: owner of a Unix accept socket")
-    setgid: str | None = opt(None, "setgid", "global: drop privileges to GROUP; service: group of a Unix accept socket")
+    setuid: str | None = opt(
+        None, "setuid", "global: drop privileges to USER; service: owner of a Unix accept socket"
+    )
+    setgid: str | None = opt(
+        None, "setgid", "global: drop privileges to GROUP; service: group of a Unix accept socket"
+    )
 
     # ---- known, not implemented (each says why)
     CAengine: str | None = opt(None, "CAengine", "CA certificates from an engine", unsupported=ENGINE)
-    CAstore: str | None = opt(None, "CAstore", "CA store URI (OSSL_STORE)", unsupported="OSSL_STORE URIs cannot be reached through Python's ssl module; use CAfile or CApath")
-    config: list[str] = opt(None, "config", "raw SSL_CONF_cmd command", repeat=True, unsupported="raw OpenSSL SSL_CONF commands cannot be passed through Python's ssl module")
+    CAstore: str | None = opt(
+        None,
+        "CAstore",
+        "CA store URI (OSSL_STORE)",
+        unsupported="OSSL_STORE URIs cannot be reached through Python's ssl module; use CAfile or CApath",
+    )
+    config: list[str] = opt(
+        None,
+        "config",
+        "raw SSL_CONF_cmd command",
+        repeat=True,
+        unsupported="raw OpenSSL SSL_CONF commands cannot be passed through Python's ssl module",
+    )
     engineId: str | None = opt(None, "engineId", "engine for this service", unsupported=ENGINE)
     engineNum: str | None = opt(None, "engineNum", "engine number for this service", unsupported=ENGINE)
     exec: str | None = opt(None, "exec", "run a local program instead of connect", unsupported=LATER)
     execArgs: str | None = opt(None, "execArgs", "argv of the exec program", unsupported=LATER)
     ident: str | None = opt(None, "ident", "IDENT (RFC 1413) user check", unsupported=LATER)
     include: str | None = opt(None, "include", "include every file of a directory (handled by the reader)")
-    libwrap: str | None = opt(None, "libwrap", "TCP Wrappers access control", unsupported=LATER, accepted=("no",))
+    libwrap: str | None = opt(
+        None, "libwrap", "TCP Wrappers access control", unsupported=LATER, accepted=("no",)
+    )
     OCSP: str | None = opt(None, "OCSP", "OCSP responder URL", unsupported=NO_API + " (OCSP)")
-    OCSPaia: str | None = opt(None, "OCSPaia", "use AIA OCSP URLs", unsupported=NO_API + " (OCSP)", accepted=("no",))
+    OCSPaia: str | None = opt(
+        None, "OCSPaia", "use AIA OCSP URLs", unsupported=NO_API + " (OCSP)", accepted=("no",)
+    )
     OCSPflag: list[str] = opt(None, "OCSPflag", "OCSP flag", repeat=True, unsupported=NO_API + " (OCSP)")
-    OCSPnonce: str | None = opt(None, "OCSPnonce", "OCSP nonce", unsupported=NO_API + " (OCSP)", accepted=("no",))
+    OCSPnonce: str | None = opt(
+        None, "OCSPnonce", "OCSP nonce", unsupported=NO_API + " (OCSP)", accepted=("no",)
+    )
     OCSPrequire: str | None = opt(None, "OCSPrequire", "require OCSP answer", unsupported=NO_API + " (OCSP)")
     TIMEOUTocsp: str | None = opt(None, "TIMEOUTocsp", "OCSP connect timeout", unsupported=NO_API + " (OCSP)")
-    protocol: str | None = opt(None, "protocol", "protocol negotiation before TLS (STARTTLS, CONNECT, ...)", unsupported=LATER)
-    protocolAuthentication: str | None = opt(None, "protocolAuthentication", "protocol auth type", unsupported=LATER)
+    protocol: str | None = opt(
+        None, "protocol", "protocol negotiation before TLS (STARTTLS, CONNECT, ...)", unsupported=LATER
+    )
+    protocolAuthentication: str | None = opt(
+        None, "protocolAuthentication", "protocol auth type", unsupported=LATER
+    )
     protocolDomain: str | None = opt(None, "protocolDomain", "protocol domain", unsupported=LATER)
     protocolHeader: list[str] = opt(None, "protocolHeader", "protocol header", repeat=True, unsupported=LATER)
     protocolHost: str | None = opt(None, "protocolHost", "protocol host", unsupported=LATER)
     protocolPassword: str | None = opt(None, "protocolPassword", "protocol password", unsupported=LATER)
     protocolUsername: str | None = opt(None, "protocolUsername", "protocol user", unsupported=LATER)
-    PSKidentity: str | None = opt(None, "PSKidentity", "PSK identity", unsupported=LATER + "; it will need Python >= 3.13")
-    PSKsecrets: str | None = opt(None, "PSKsecrets", "PSK secrets file", unsupported=LATER + "; it will need Python >= 3.13")
+    PSKidentity: str | None = opt(
+        None, "PSKidentity", "PSK identity", unsupported=LATER + "; it will need Python >= 3.13"
+    )
+    PSKsecrets: str | None = opt(
+        None, "PSKsecrets", "PSK secrets file", unsupported=LATER + "; it will need Python >= 3.13"
+    )
     pty: str | None = opt(None, "pty", "pseudo-terminal for exec", unsupported=LATER, accepted=("no",))
-    redirect: list[str] = opt(None, "redirect", "redirect on failed verification", repeat=True, unsupported=LATER)
-    sessiond: str | None = opt(None, "sessiond", "external session cache", unsupported=NO_API + " (external session cache callbacks)")
-    ticketKeySecret: str | None = opt(None, "ticketKeySecret", "session ticket key", unsupported=NO_API + " (session ticket keys)")
-    ticketMacSecret: str | None = opt(None, "ticketMacSecret", "session ticket HMAC key", unsupported=NO_API + " (session ticket keys)")
-    transparent: str | None = opt(None, "transparent", "transparent proxy", unsupported=LATER, accepted=("none", "no"))
+    redirect: list[str] = opt(
+        None, "redirect", "redirect on failed verification", repeat=True, unsupported=LATER
+    )
+    sessiond: str | None = opt(
+        None, "sessiond", "external session cache", unsupported=NO_API + " (external session cache callbacks)"
+    )
+    ticketKeySecret: str | None = opt(
+        None, "ticketKeySecret", "session ticket key", unsupported=NO_API + " (session ticket keys)"
+    )
+    ticketMacSecret: str | None = opt(
+        None, "ticketMacSecret", "session ticket HMAC key", unsupported=NO_API + " (session ticket keys)"
+    )
+    transparent: str | None = opt(
+        None, "transparent", "transparent proxy", unsupported=LATER, accepted=("none", "no")
+    )
 
 
 class GlobalSettings(BaseModel):
@@ -427,28 +509,77 @@ class GlobalSettings(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
     chroot: str | None = opt(None, "chroot", "chroot jail directory", scope="global")
-    foreground: Annotated[str, _enum("yes", "quiet", "no")] = opt("no", "foreground", "stay in the foreground: yes (also log to stderr), quiet, or no (daemonize)", scope="global")
-    log: Annotated[str, _enum("append", "overwrite")] = opt("append", "log", "how the output file is opened", scope="global")
+    foreground: Annotated[str, _enum("yes", "quiet", "no")] = opt(
+        "no",
+        "foreground",
+        "stay in the foreground: yes (also log to stderr), quiet, or no (daemonize)",
+        scope="global",
+    )
+    log: Annotated[str, _enum("append", "overwrite")] = opt(
+        "append", "log", "how the output file is opened", scope="global"
+    )
     output: str | None = opt(None, "output", "append log lines to this file", scope="global")
-    pid: str | None = opt(None, "pid", "pid file (empty: none; pytunnel writes none by default)", scope="global")
+    pid: str | None = opt(
+        None, "pid", "pid file (empty: none; pytunnel writes none by default)", scope="global"
+    )
     RNDbytes: Count = opt(1024, "RNDbytes", "bytes read from RNDfile to seed the PRNG", scope="global")
     RNDfile: str | None = opt("/dev/urandom", "RNDfile", "random seed file", scope="global")
-    RNDoverwrite: YesNo = opt(True, "RNDoverwrite", "rewrite the seed file with new random data", scope="global")
+    RNDoverwrite: YesNo = opt(
+        True, "RNDoverwrite", "rewrite the seed file with new random data", scope="global"
+    )
     service: str = opt("stunnel", "service", "syslog ident and inetd-mode service name", scope="global")
     syslog: YesNo = opt(True, "syslog", "log via syslog", scope="global")
-    fips: str | None = opt(None, "fips", "FIPS 140-2 mode", scope="global", unsupported="FIPS support is not available", accepted=("no",))
+    fips: str | None = opt(
+        None,
+        "fips",
+        "FIPS 140-2 mode",
+        scope="global",
+        unsupported="FIPS support is not available",
+        accepted=("no",),
+    )
 
-    compression: str | None = opt(None, "compression", "TLS compression", scope="global", unsupported="TLS compression is not available in Python's OpenSSL build (and is unsafe: CRIME)")
-    EGD: str | None = opt(None, "EGD", "entropy gathering daemon socket", scope="global", unsupported="it needs an EGD build of stunnel; OpenSSL seeds itself from the kernel")
+    compression: str | None = opt(
+        None,
+        "compression",
+        "TLS compression",
+        scope="global",
+        unsupported="TLS compression is not available in Python's OpenSSL build (and is unsafe: CRIME)",
+    )
+    EGD: str | None = opt(
+        None,
+        "EGD",
+        "entropy gathering daemon socket",
+        scope="global",
+        unsupported="it needs an EGD build of stunnel; OpenSSL seeds itself from the kernel",
+    )
     engine: str | None = opt(None, "engine", "OpenSSL engine", scope="global", unsupported=ENGINE)
     engineCtrl: str | None = opt(None, "engineCtrl", "engine control", scope="global", unsupported=ENGINE)
     engineDefault: str | None = opt(None, "engineDefault", "engine tasks", scope="global", unsupported=ENGINE)
     iconActive: str | None = opt(None, "iconActive", "GUI icon", scope="global", unsupported=GUI)
     iconError: str | None = opt(None, "iconError", "GUI icon", scope="global", unsupported=GUI)
     iconIdle: str | None = opt(None, "iconIdle", "GUI icon", scope="global", unsupported=GUI)
-    provider: str | None = opt(None, "provider", "OpenSSL provider", scope="global", unsupported="OpenSSL providers cannot be loaded through Python's ssl module")
-    providerParameter: str | None = opt(None, "providerParameter", "provider parameter", scope="global", unsupported="OpenSSL providers cannot be loaded through Python's ssl module")
-    setEnv: list[str] = opt(None, "setEnv", "environment for exec children", scope="global", repeat=True, unsupported=LATER + " (exec)")
+    provider: str | None = opt(
+        None,
+        "provider",
+        "OpenSSL provider",
+        scope="global",
+        unsupported="OpenSSL providers cannot be loaded through Python's ssl module",
+    )
+    providerParameter: str | None = opt(
+        None,
+        "providerParameter",
+        "provider parameter",
+        scope="global",
+        unsupported="OpenSSL providers cannot be loaded through Python's ssl module",
+    )
+    setEnv: list[str] = opt(
+        None,
+        "setEnv",
+        "environment for exec children",
+        scope="global",
+        repeat=True,
+        unsupported=LATER + " (exec)",
+    )
     taskbar: str | None = opt(None, "taskbar", "Windows taskbar icon", scope="global", unsupported=WIN)
 
 

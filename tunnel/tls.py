@@ -70,13 +70,7 @@ def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
     request = level is not None or chain or peer or svc.requireCert
     require = svc.requireCert or (level or 0) >= 2 or bool(svc.verifyChain) or bool(svc.verifyPeer)
     default_check = False
-    if (
-        secure
-        and svc.client
-        and svc.verifyChain is None
-        and svc.verifyPeer is None
-        and level is None
-    ):
+    if secure and svc.client and svc.verifyChain is None and svc.verifyPeer is None and level is None:
         chain = request = require = True
         default_check = not (svc.checkHost or svc.checkIP or svc.checkEmail)
     return Policy(
@@ -158,9 +152,7 @@ def match_host(cert: x509.Certificate, host: str) -> bool:
     san = _san(cert)
     names = san.get_values_for_type(x509.DNSName) if san else []
     if not names:  # no SAN DNS names: fall back to the subject CN, as OpenSSL does
-        names = [
-            str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        ]
+        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
     return any(_dns_match(n, host) for n in names)
 
 
@@ -264,11 +256,11 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     hi = svc.sslVersionMax or svc.sslVersion
     try:
         ctx.minimum_version = (
-            ssl.TLSVersion.MINIMUM_SUPPORTED if lo == "all" else _VERSIONS.get(lo or "TLSv1.2", ssl.TLSVersion.TLSv1_2)
+            ssl.TLSVersion.MINIMUM_SUPPORTED
+            if lo == "all"
+            else _VERSIONS.get(lo or "TLSv1.2", ssl.TLSVersion.TLSv1_2)
         )
-        ctx.maximum_version = (
-            ssl.TLSVersion.MAXIMUM_SUPPORTED if hi in (None, "all") else _VERSIONS[hi or ""]
-        )
+        ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED if hi in (None, "all") else _VERSIONS[hi or ""]
     except (ValueError, KeyError) as exc:
         raise TlsConfigError("sslVersion", str(exc)) from None
 
@@ -281,7 +273,7 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
             opts |= SSL_OPTIONS[item]
     if not svc.renegotiation:
         opts |= ssl.OP_NO_RENEGOTIATION
-    ctx.options = opts  # type: ignore[assignment]
+    ctx.options = opts
 
     try:
         ctx.set_ciphers(f"{svc.ciphers}:@SECLEVEL={svc.securityLevel}")
@@ -336,9 +328,7 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         else:
             ctx.verify_mode = ssl.CERT_NONE
     else:
-        ctx.verify_mode = (
-            ssl.CERT_REQUIRED if (pol.verify_chain or pol.verify_peer) else ssl.CERT_NONE
-        )
+        ctx.verify_mode = ssl.CERT_REQUIRED if (pol.verify_chain or pol.verify_peer) else ssl.CERT_NONE
     return TlsConfig(
         context=ctx,
         policy=pol,

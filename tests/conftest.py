@@ -1,0 +1,288 @@
+"""Shared fixtures: throwaway CAs (trustme), a real echo backend, and real tunnel processes.
+
+Every scenario can run the same config under ``pytunnel`` and ``stunnel4`` (the
+``impl`` fixture), so a test that passes only for us is caught as a test bug.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trustme
+
+ROOT = Path(__file__).resolve().parent.parent
+STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
+BOUND = re.compile(r"Service \[([^\]]+)\] \(FD=\d+\) bound to (.+):(\d+)$", re.M)
+
+
+def need_stunnel() -> str:
+    if STUNNEL is None:
+        pytest.skip("stunnel4 is not installed (apt-get install stunnel4; .ci/run installs it)")
+    return STUNNEL
+
+
+# ------------------------------------------------------------------ certificates
+
+
+@dataclass
+class Certs:
+    dir: Path
+    ca: trustme.CA
+    ca_pem: Path
+    server_pem: Path  # key + chain, names localhost / 127.0.0.1 / ::1
+    client_pem: Path  # a client certificate from the same CA
+    other_ca_pem: Path  # an unrelated CA
+    other_server_pem: Path  # server cert from the unrelated CA
+    wrong_name_pem: Path  # cert from the good CA for another host name
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    d = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    other = trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    other.cert_pem.write_to_path(str(d / "other-ca.pem"))
+    ca.issue_cert("localhost", "127.0.0.1", "::1").private_key_and_cert_chain_pem.write_to_path(
+        str(d / "server.pem")
+    )
+    ca.issue_cert("client.example", "client@example.com").private_key_and_cert_chain_pem.write_to_path(
+        str(d / "client.pem")
+    )
+    other.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(d / "other-server.pem")
+    )
+    ca.issue_cert("wrong.example").private_key_and_cert_chain_pem.write_to_path(str(d / "wrong-name.pem"))
+    return Certs(
+        dir=d,
+        ca=ca,
+        ca_pem=d / "ca.pem",
+        server_pem=d / "server.pem",
+        client_pem=d / "client.pem",
+        other_ca_pem=d / "other-ca.pem",
+        other_server_pem=d / "other-server.pem",
+        wrong_name_pem=d / "wrong-name.pem",
+    )
+
+
+# ------------------------------------------------------------------ echo backend
+
+
+class EchoServer:
+    """A threaded TCP echo server that honours half-close: it echoes until EOF, then
+    shuts its write side.  ``received`` counts every byte it got."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self.received = 0
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                self.received += len(data)
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+# ------------------------------------------------------------------ tunnel processes
+
+
+@dataclass
+class Tunnel:
+    """A running tunnel process (pytunnel or stunnel4) and what it logged."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    ports: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def port(self, service: str) -> int:
+        return self.ports[service][0]
+
+    def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern, re.M)
+        while time.monotonic() < deadline:
+            m = rx.search(self.log)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                m = rx.search(self.log)
+                if m:
+                    return m
+                raise AssertionError(f"process exited {self.proc.returncode} before /{pattern}/:\n{self.log}")
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for /{pattern}/:\n{self.log}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"tunnel did not exit within {timeout}s after SIGTERM:\n{self.log}"
+            ) from None
+
+
+def pytunnel_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tunnel", *args]
+
+
+class TunnelFactory:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[Tunnel] = []
+        self.count = 0
+
+    def conf(self, body: str, name: str | None = None) -> Path:
+        """Write a config; the global header keeps both implementations in the foreground,
+        logging to stderr at info level (so the `bound to` lines with ports appear)."""
+        self.count += 1
+        path = self.tmp_path / (name or f"tunnel{self.count}.conf")
+        header = "foreground = yes\nsyslog = no\npid =\ndebug = 6\n"
+        path.write_text(header + body)
+        return path
+
+    def start(
+        self,
+        conf: Path,
+        impl: str = "pytunnel",
+        mode: str = "compat",
+        wait: bool = True,
+        extra_env: dict[str, str] | None = None,
+    ) -> Tunnel:
+        """impl: pytunnel | stunnel4; mode: compat (`pytunnel CONF`) or run (`pytunnel run CONF`)."""
+        if impl == "stunnel4":
+            cmd = [need_stunnel(), str(conf)]
+        elif mode == "run":
+            cmd = pytunnel_cmd("run", str(conf))
+        else:
+            cmd = pytunnel_cmd(str(conf))
+        self.count += 1
+        log_path = self.tmp_path / f"{impl}-{self.count}.log"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(extra_env or {})
+        fh = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        tunnel = Tunnel(proc=proc, log_path=log_path)
+        self.started.append(tunnel)
+        if wait:
+            expected = conf.read_text().count("\naccept")
+            tunnel.wait_for(r"Configuration successful")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                found = BOUND.findall(tunnel.log)
+                if len(found) >= expected:
+                    break
+                if proc.poll() is not None:
+                    raise AssertionError(f"{impl} exited {proc.returncode}:\n{tunnel.log}")
+                time.sleep(0.02)
+            for svc, _host, port in BOUND.findall(tunnel.log):
+                tunnel.ports.setdefault(svc, []).append(int(port))
+        return tunnel
+
+    def close(self) -> None:
+        for t in self.started:
+            if t.proc.poll() is None:
+                t.proc.kill()
+                t.proc.wait()
+
+
+@pytest.fixture
+def tunnels(tmp_path: Path) -> Iterator[TunnelFactory]:
+    factory = TunnelFactory(tmp_path)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(params=["pytunnel", "stunnel4"])
+def impl(request: pytest.FixtureRequest) -> str:
+    """Run a scenario under both implementations with the same config file."""
+    if request.param == "stunnel4":
+        need_stunnel()
+    return str(request.param)
+
+
+# ------------------------------------------------------------------ client helpers
+
+
+def roundtrip(port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 20.0) -> bytes:
+    """Send ``data``, half-close, read everything back until EOF."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        out = bytearray()
+
+        def reader() -> None:
+            while True:
+                chunk = s.recv(262144)
+                if not chunk:
+                    return
+                out.extend(chunk)
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        t.join(timeout)
+        if t.is_alive():
+            raise AssertionError(f"no EOF within {timeout}s ({len(out)} of {len(data)} bytes back)")
+        return bytes(out)

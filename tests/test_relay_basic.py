@@ -1,0 +1,54 @@
+"""Bytes through a client-mode and a server-mode tunnel, against a real stunnel4 peer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from conftest import Certs, EchoServer, TunnelFactory, roundtrip
+
+
+def test_client_mode_through_stunnel4_server(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    server = tunnels.start(
+        tunnels.conf(
+            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+        ),
+        impl="stunnel4",
+    )
+    client = tunnels.start(
+        tunnels.conf(
+            f"[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{server.port('srv')}\n"
+            f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckHost = localhost\n"
+        ),
+        impl=impl,
+    )
+    data = os.urandom(3 * 1024 * 1024)
+    back = roundtrip(client.port("cli"), data)
+    assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+    client.wait_for(r"Connection closed: 3145728 byte\(s\) sent to TLS, 3145728 byte\(s\) sent to socket")
+    assert client.stop() == 0
+
+
+def test_server_mode_behind_stunnel4_client(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    server = tunnels.start(
+        tunnels.conf(
+            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+        ),
+        impl=impl,
+    )
+    client = tunnels.start(
+        tunnels.conf(
+            f"[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{server.port('srv')}\n"
+            f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckHost = localhost\n"
+        ),
+        impl="stunnel4",
+    )
+    data = os.urandom(1024 * 1024) + b"end"
+    assert roundtrip(client.port("cli"), data) == data
+    server.wait_for(r"TLS accepted: new session negotiated")
+    server.wait_for(r"Connection closed: 1048579 byte\(s\) sent to TLS, 1048579 byte\(s\) sent to socket")
+    assert server.stop() == 0
