@@ -359,6 +359,7 @@ class Connection:
         "peer_cn",
         "target",
         "target_host",
+        "waiter",
         "__weakref__",
     )
 
@@ -382,6 +383,7 @@ class Connection:
         self.peer_cn = ""
         self.target = ""  # the upstream address actually connected
         self.target_host: str | None = None  # its name as configured
+        self.waiter: asyncio.Future[BaseException | None] | None = None  # upstream handshake
 
     # ---- logging -----------------------------------------------------------
     def log(self, level: int, text: str) -> None:
@@ -467,6 +469,8 @@ class Connection:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
         if self.tls is not None:
             self.tls.close(rst=rst and reason is not CloseReason.CLOSED)
         if self.plain is not None:

@@ -99,10 +99,39 @@ def warn_services(services: list[Service], secure: bool) -> None:
                         f"Service [{svc.name}]: plaintext listener {ep.display()} is not on loopback; "
                         "anyone who can reach it can use the tunnel (use accept = 127.0.0.1:PORT)",
                     )
+        if svc.cert:
+            _warn_cert(svc.name, svc.cert)
         if svc.retry:
             log.ui(4, f"Service [{svc.name}]: retry has no effect without exec")
         if svc.stack != 65536:
             log.ui(4, f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
+
+
+def _warn_cert(name: str, path: str) -> None:
+    """`check` and start-up say when a service's own certificate is expired or about to."""
+    import datetime
+
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN CERT" in data else []
+    except (OSError, ValueError):
+        return
+    if not certs:
+        return
+    leaf = certs[0]
+    now = datetime.datetime.now(datetime.UTC)
+    if leaf.not_valid_after_utc < now:
+        log.ui(4, f"Service [{name}]: certificate {path} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    elif leaf.not_valid_after_utc - now < datetime.timedelta(days=14):
+        log.ui(4, f"Service [{name}]: certificate {path} expires on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    if leaf.not_valid_before_utc > now:
+        log.ui(
+            4,
+            f"Service [{name}]: certificate {path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}",
+        )
 
 
 def _seed(settings: Settings) -> None:

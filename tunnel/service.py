@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,10 +264,17 @@ class Service:
             conn.log(5, f"Service [{self.name}] accepted connection from {conn.peer_addr}")
         loop = conn.loop
         if self.settings.client:
-            loop.create_task(self._open_upstream(conn))
+            loop.create_task(self._guard(conn, self._open_upstream(conn)))
         else:
             timeout = self.settings.TIMEOUTbusy
             conn.timer = loop.call_later(timeout, self._handshake_timeout, conn)
+
+    async def _guard(self, conn: Connection, work: Coroutine[Any, Any, None]) -> None:
+        """No exception may leave a connection half set up."""
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - reported on the connection
+            conn.fail(CloseReason.ERROR, f"Internal error: {exc!r}")
 
     def _handshake_timeout(self, conn: Connection) -> None:
         conn.timer = None
@@ -300,7 +308,7 @@ class Service:
         if target is not self:
             conn.log(6, f"SNI: switched to secondary service [{target.name}]")
         side.pause_reading()
-        conn.loop.create_task(target._open_plain_upstream(conn))
+        conn.loop.create_task(self._guard(conn, target._open_plain_upstream(conn)))
 
     async def _open_plain_upstream(self, conn: Connection) -> None:
         sock = await self._dial_any(conn)
@@ -334,6 +342,7 @@ class Service:
         cached = self.sessions.get(target) if self.settings.sessionResume else None
         session = cached[0] if cached and cached[2] == tcfg.generation else None
         fut: asyncio.Future[BaseException | None] = loop.create_future()
+        conn.waiter = fut
 
         def done(_side: TlsSide, exc: BaseException | None) -> None:
             if not fut.done():
@@ -359,7 +368,9 @@ class Service:
             sock.close()
             conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc2}")
             return
+        conn.waiter = None
         if conn.reason is not None:
+            tls.close()
             return
         if exc is not None:
             reason = (
