@@ -52,14 +52,16 @@ TCP_ONLY = {"TCP_NODELAY", "TCP_KEEPCNT", "TCP_KEEPIDLE", "TCP_KEEPINTVL"}
 IP_ONLY = {"IP_TOS", "IP_TTL", "IP_FREEBIND"}
 
 
+_DEFAULT_SOCKOPTS = {
+    "a": [SocketOption(where="a", name="SO_REUSEADDR", value=1)],
+    "l": [SocketOption(where="l", name="TCP_NODELAY", value=1)],
+    "r": [SocketOption(where="r", name="TCP_NODELAY", value=1)],
+}
+
+
 def socket_options(svc: ServiceSettings, where: str) -> list[SocketOption]:
     """stunnel's defaults (a:SO_REUSEADDR, l:/r:TCP_NODELAY) then the configured ones."""
-    defaults = {
-        "a": [SocketOption(where="a", name="SO_REUSEADDR", value=1)],
-        "l": [SocketOption(where="l", name="TCP_NODELAY", value=1)],
-        "r": [SocketOption(where="r", name="TCP_NODELAY", value=1)],
-    }[where]
-    return defaults + [o for o in svc.socket if o.where == where]
+    return _DEFAULT_SOCKOPTS[where] + [o for o in svc.socket if o.where == where]
 
 
 def apply_socket_options(sock: Any, family: int, opts: list[SocketOption]) -> None:
@@ -122,6 +124,8 @@ class Service:
         self._drained: asyncio.Event | None = None
         self.accepting = True
         self.stats = {r: 0 for r in CloseReason}
+        self.sockopts_l = socket_options(settings, "l")
+        self.sockopts_r = socket_options(settings, "r")
         if not settings.client and self.secondaries:
             self._install_sni()
 
@@ -259,7 +263,7 @@ class Service:
         peer = side.transport.get_extra_info("peername")
         conn.peer_addr = format_sockaddr(peer)
         if sock is not None:
-            apply_socket_options(sock, sock.family, socket_options(self.settings, "l"))
+            apply_socket_options(sock, sock.family, self.sockopts_l)
         if self.level >= 5:
             conn.log(5, f"Service [{self.name}] accepted connection from {conn.peer_addr}")
         loop = conn.loop
@@ -406,7 +410,7 @@ class Service:
             sock.setblocking(False)
             try:
                 if family != socket.AF_UNIX:
-                    apply_socket_options(sock, family, socket_options(self.settings, "r"))
+                    apply_socket_options(sock, family, self.sockopts_r)
                     if self.settings.local:
                         sock.bind((self.settings.local, 0))
                 await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
