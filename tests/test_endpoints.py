@@ -64,7 +64,9 @@ def test_ipv6_accept_and_connect(tunnels: TunnelFactory, certs: Certs, impl: str
         echo6.close()
 
 
-def test_unix_socket_upstream_and_listener(tunnels: TunnelFactory, certs: Certs, tmp_path: Path, impl: str) -> None:
+def test_unix_socket_upstream_and_listener(
+    tunnels: TunnelFactory, certs: Certs, tmp_path: Path, impl: str
+) -> None:
     backend = _unix_echo(tmp_path / "backend.sock")
     try:
         server = tunnels.start(

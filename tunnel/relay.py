@@ -429,11 +429,11 @@ class Connection:
         limit = self._limit()
         if self.loop.time() - self.last_activity >= limit:
             if self.done_dirs:
-                self.log(6, "TIMEOUTclose exceeded: closing")
+                self.log(3, "transfer: s_poll_wait: TIMEOUTclose exceeded: closing")
                 self.finish(CloseReason.CLOSED)
             else:
-                self.log(5, "Connection reset: TIMEOUTidle exceeded")
-                self.finish(CloseReason.IDLE_TIMEOUT)
+                self.log(3, "transfer: s_poll_wait: TIMEOUTidle exceeded: sending reset")
+                self.finish(CloseReason.IDLE_TIMEOUT, rst=self.service.settings.reset)
             return
         self._arm_timer()
 
