@@ -373,7 +373,10 @@ def build(raw: RawConfig) -> Settings:
                     grouped.setdefault(name, []).extend(entries)
                 else:
                     grouped[name] = entries
-        svc = _validate(ServiceSettings, grouped, {"name": section.name}, local_problems, where)
+        locations = {name: (e[-1].file, e[-1].line, e[-1].text) for name, e in grouped.items() if e}
+        svc = _validate(
+            ServiceSettings, grouped, {"name": section.name, "locations": locations}, local_problems, where
+        )
         if svc is not None and not local_problems:
             local_problems.extend(_check_service(svc, where, inetd))
             services.append(svc)

@@ -53,12 +53,13 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
         try:
             tls_of[svc.name] = build_tls(svc, secure, generation)
         except TlsConfigError as exc:
+            file, line, text = svc.locations.get(exc.option, (settings.source, 0, ""))
             problems.append(
                 Problem(
                     f"Service [{svc.name}]: {exc}",
-                    settings.source,
-                    None,
-                    None,
+                    file,
+                    line or None,
+                    text or None,
                     "Failed to initialize TLS context",
                 )
             )

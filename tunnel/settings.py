@@ -336,6 +336,8 @@ class ServiceSettings(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
     name: str = Field(default="stunnel", description="section name")
+    #: option -> (file, line, text) of the line that set it, for error messages
+    locations: dict[str, tuple[str, int, str]] = Field(default_factory=dict, repr=False)
 
     accept: list[Addr] = opt(
         None, "accept", "listen on [HOST:]PORT (or a Unix socket path); may repeat", repeat=True

@@ -300,7 +300,9 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
                 raise TlsConfigError("CApath", f"{svc.CApath} is not a directory")
             ctx.load_verify_locations(capath=svc.CApath)
     except (ssl.SSLError, OSError) as exc:
-        raise TlsConfigError("CAfile", f"cannot load {svc.CAfile}: {exc}") from None
+        raise TlsConfigError(
+            "CAfile" if svc.CAfile else "CApath", f"cannot load {svc.CAfile or svc.CApath}: {exc}"
+        ) from None
     if pol.verify_chain and not (svc.CAfile or svc.CApath):
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH if svc.client else ssl.Purpose.CLIENT_AUTH)
     if svc.CRLfile or svc.CRLpath:
@@ -310,7 +312,9 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
             if svc.CRLpath:
                 ctx.load_verify_locations(capath=svc.CRLpath)
         except (ssl.SSLError, OSError) as exc:
-            raise TlsConfigError("CRLfile", f"cannot load {svc.CRLfile}: {exc}") from None
+            raise TlsConfigError(
+                "CRLfile" if svc.CRLfile else "CRLpath", f"cannot load {svc.CRLfile or svc.CRLpath}: {exc}"
+            ) from None
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
     if pol.verify_peer:
