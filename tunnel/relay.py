@@ -265,6 +265,13 @@ class TlsSide(Side):
             self.conn.log(6, "TLS closed (close_notify received)")
             self.received_eof()
             return
+        except ssl.SSLEOFError:
+            # TCP FIN without close_notify (OpenSSL 3: "unexpected eof while reading")
+            self._deliver(chunks)
+            if not self.eof_in:
+                self.conn.log(6, "TLS socket closed (SSL_read) without close_notify")
+                self.received_eof()
+            return
         except ssl.SSLError as exc:
             self._deliver(chunks)
             self.conn.fail(CloseReason.ERROR, f"TLS error: {_reason(exc)}")
@@ -286,8 +293,8 @@ class TlsSide(Side):
         if not self.handshaking and not self.eof_in:
             self.incoming.write_eof()
             self._read_records()
-            if not self.eof_in:
-                self.conn.log(6, "TLS socket closed without close_notify")
+            if not self.eof_in and self.conn.reason is None:
+                self.conn.log(6, "TLS socket closed (SSL_read) without close_notify")
                 self.received_eof()
         elif self.handshaking:
             self.handshaking = False

@@ -283,7 +283,9 @@ class Service:
     def _handshake_timeout(self, conn: Connection) -> None:
         conn.timer = None
         if conn.reason is None and not conn.linked:
-            conn.fail(CloseReason.HANDSHAKE_FAILED, "SSL_accept: TIMEOUTbusy exceeded")
+            conn.fail(
+                CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset"
+            )
 
     # ---- server mode: TLS accepted, connect plain upstream ----------------------------
     def _server_handshake_done(self, side: TlsSide, exc: BaseException | None) -> None:
@@ -336,7 +338,6 @@ class Service:
     async def _open_upstream(self, conn: Connection) -> None:
         loop = conn.loop
         tcfg = self.tls
-        deadline = loop.time() + self.settings.TIMEOUTconnect
         sock = await self._dial_any(conn)
         if sock is None:
             return
@@ -363,10 +364,12 @@ class Service:
         conn.tls = tls
         try:
             await loop.create_connection(lambda: tls, sock=sock)
-            remaining = max(0.0, deadline - loop.time())
-            exc = await asyncio.wait_for(fut, timeout=remaining)
+            # stunnel bounds the TCP connect by TIMEOUTconnect, the handshake by TIMEOUTbusy
+            exc = await asyncio.wait_for(fut, timeout=float(self.settings.TIMEOUTbusy))
         except TimeoutError:
-            conn.fail(CloseReason.HANDSHAKE_FAILED, "SSL_connect: TIMEOUTconnect exceeded")
+            conn.fail(
+                CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset"
+            )
             return
         except OSError as exc2:
             sock.close()
@@ -417,7 +420,8 @@ class Service:
             except (OSError, TimeoutError) as exc:
                 sock.close()
                 if isinstance(exc, OSError):
-                    why = f"{exc.strerror or exc} ({exc.errno})"
+                    text = os.strerror(exc.errno) if exc.errno else str(exc)
+                    why = f"{text} ({exc.errno})"
                 else:
                     why = "TIMEOUTconnect exceeded"
                 conn.log(3, f"s_connect: connect {shown}: {why}")

@@ -418,11 +418,13 @@ class ServiceSettings(BaseModel):
     stack: Count = opt(
         65536, "stack", "thread stack size (no effect: pytunnel runs no thread per connection)"
     )
-    TIMEOUTbusy: Seconds = opt(300, "TIMEOUTbusy", "seconds to wait for expected data (TLS handshake)")
+    TIMEOUTbusy: Seconds = opt(
+        300, "TIMEOUTbusy", "seconds to wait for expected data (the TLS handshake, both modes)"
+    )
     TIMEOUTclose: Seconds = opt(
         60, "TIMEOUTclose", "seconds to wait for the other side to finish after one closed"
     )
-    TIMEOUTconnect: Seconds = opt(10, "TIMEOUTconnect", "seconds to connect (and handshake with) the remote")
+    TIMEOUTconnect: Seconds = opt(10, "TIMEOUTconnect", "seconds to connect to the remote (TCP)")
     TIMEOUTidle: Seconds = opt(43200, "TIMEOUTidle", "seconds an idle connection is kept")
     verify: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=4)] | None = opt(
         None, "verify", "legacy verify level 0-4 (use verifyChain/verifyPeer)"
