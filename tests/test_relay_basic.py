@@ -52,3 +52,62 @@ def test_server_mode_behind_stunnel4_client(
     server.wait_for(r"TLS accepted: new session negotiated")
     server.wait_for(r"Connection closed: 1048579 byte\(s\) sent to TLS, 1048579 byte\(s\) sent to socket")
     assert server.stop() == 0
+
+
+def test_client_resumes_the_tls_session_by_default(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    server = tunnels.start(
+        tunnels.conf(
+            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+        ),
+        impl="stunnel4",
+    )
+    client = tunnels.start(
+        tunnels.conf(
+            f"[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{server.port('srv')}\n"
+        ),
+        impl=impl,
+    )
+    for i in range(3):
+        assert roundtrip(client.port("cli"), b"x" * (i + 1)) == b"x" * (i + 1)
+    client.wait_for(r"TLS connected: new session negotiated")
+    client.wait_for(r"TLS connected: previous session reused")
+    server.wait_for(r"TLS accepted: previous session reused")
+
+
+def test_session_resume_off(tunnels: TunnelFactory, certs: Certs, echo: EchoServer) -> None:
+    server = tunnels.start(
+        tunnels.conf(
+            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+        ),
+        impl="stunnel4",
+    )
+    client = tunnels.start(
+        tunnels.conf(
+            f"[cli]\nclient = yes\nsessionResume = no\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{server.port('srv')}\n"
+        )
+    )
+    for _ in range(3):
+        assert roundtrip(client.port("cli"), b"abc") == b"abc"
+    client.wait_for(r"(?s)(TLS connected: new session negotiated.*){3}")
+    assert "previous session reused" not in client.log
+
+
+def test_stunnel4_client_resumes_against_pytunnel_server(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer
+) -> None:
+    server = tunnels.start(
+        tunnels.conf(
+            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+        )
+    )
+    client = tunnels.start(
+        tunnels.conf(
+            f"[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{server.port('srv')}\n"
+        ),
+        impl="stunnel4",
+    )
+    for _ in range(3):
+        assert roundtrip(client.port("cli"), b"hello") == b"hello"
+    server.wait_for(r"TLS accepted: previous session reused")
