@@ -416,14 +416,15 @@ class Service:
                     apply_socket_options(sock, family, self.sockopts_r)
                     if self.settings.local:
                         sock.bind((self.settings.local, 0))
-                await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+                async with asyncio.timeout(timeout):
+                    await loop.sock_connect(sock, addr)
             except (OSError, TimeoutError) as exc:
                 sock.close()
-                if isinstance(exc, OSError):
+                if isinstance(exc, TimeoutError) and not exc.errno:
+                    why = "s_poll_wait: TIMEOUTconnect exceeded"
+                else:
                     text = os.strerror(exc.errno) if exc.errno else str(exc)
                     why = f"{text} ({exc.errno})"
-                else:
-                    why = "TIMEOUTconnect exceeded"
                 conn.log(3, f"s_connect: connect {shown}: {why}")
                 continue
             if conn.reason is not None:
