@@ -158,14 +158,15 @@ def _options_text() -> list[str]:
 
 
 def _help_text() -> list[str]:
-    lines = [STUNNEL_HELP, "Global options:"]
-    for name, info in GLOBAL_FIELDS.items():
-        why = field_meta(name).get("unsupported")
-        lines.append(f"  {name:<24} {info.description}" + (f"  [not supported: {why}]" if why else ""))
-    lines.append("Service-level options:")
-    for name, info in SERVICE_FIELDS.items():
-        why = field_meta(name).get("unsupported")
-        lines.append(f"  {name:<24} {info.description}" + (f"  [not supported: {why}]" if why else ""))
+    """stunnel's -help: the banner, then `NAME<padding>= description` per option."""
+    lines = [*banner(), " ", "Global options:"]
+    for fields in (GLOBAL_FIELDS, SERVICE_FIELDS):
+        if fields is SERVICE_FIELDS:
+            lines += [" ", "Service-level options:"]
+        for name, info in fields.items():
+            why = field_meta(name).get("unsupported")
+            lines.append(f"{name:<22} = {info.description}" + (f" [not supported: {why}]" if why else ""))
+    lines += [" ", STUNNEL_HELP]
     return lines
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import socket
 import ssl
 import struct
@@ -211,6 +212,7 @@ class TlsSide(Side):
         self.on_handshake = on_handshake
         self.pending: list[bytes] = []
         self.clean_eof = False
+        self.failed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -229,6 +231,7 @@ class TlsSide(Side):
         except (ssl.SSLError, OSError) as exc:
             self._flush()
             self.handshaking = False
+            self.failed = True  # whatever arrives later must not mask this reason
             if self.on_handshake is not None:
                 self.on_handshake(self, exc)
             return
@@ -240,6 +243,8 @@ class TlsSide(Side):
             self._read_records()
 
     def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return
         self.incoming.write(data)
         if self.handshaking:
             self._handshake()
@@ -290,6 +295,8 @@ class TlsSide(Side):
 
     def eof_received(self) -> bool:
         # TCP FIN from the TLS peer.  Drain whatever records are buffered first.
+        if self.failed:
+            return True
         if not self.handshaking and not self.eof_in:
             self.incoming.write_eof()
             self._read_records()
@@ -436,10 +443,10 @@ class Connection:
         limit = self._limit()
         if self.loop.time() - self.last_activity >= limit:
             if self.done_dirs:
-                self.log(3, "transfer: s_poll_wait: TIMEOUTclose exceeded: closing")
+                self.log(6, "transfer: s_poll_wait: TIMEOUTclose exceeded: closing")
                 self.finish(CloseReason.CLOSED)
             else:
-                self.log(3, "transfer: s_poll_wait: TIMEOUTidle exceeded: sending reset")
+                self.log(6, "transfer: s_poll_wait: TIMEOUTidle exceeded: sending reset")
                 self.finish(CloseReason.IDLE_TIMEOUT, rst=self.service.settings.reset)
             return
         self._arm_timer()
@@ -487,7 +494,10 @@ class Connection:
     def side_lost(self, side: Side, exc: Exception | None) -> None:
         if self.reason is None:
             if exc is not None and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
-                self.log(5, f"Connection reset by peer ({type(exc).__name__})")
+                where = ""
+                if isinstance(side, TlsSide) and side.handshaking:
+                    where = "SSL_accept: " if side.sslobj.server_side else "SSL_connect: "
+                self.log(3 if where else 5, f"{where}{os.strerror(exc.errno or 104)} ({exc.errno or 104})")
                 self.finish(CloseReason.PEER_RESET)
             elif exc is not None:
                 self.fail(CloseReason.ERROR, f"socket error: {exc}")

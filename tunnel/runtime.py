@@ -20,6 +20,15 @@ from tunnel.settings import ServiceSettings, Settings
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
 
+HANDLED_SIGNALS = {
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+}
+
 
 def banner() -> list[str]:
     machine = platform.machine() or "unknown"
@@ -272,6 +281,9 @@ class Runtime:
             return code
         assert self.settings is not None
         g = self.settings.globals
+        # No window in which a signal kills us with its default action: hold them until
+        # the loop's handlers are installed (stunnel has such a window; we do not).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         code = self.bind()
         if code:
             self._close_all()
@@ -327,6 +339,7 @@ class Runtime:
                 raise StartupError(f"Service [{service.name}]: cannot resolve its connect address")
             await service.start()
         self._install_signals(loop)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         log.ui(6, "Accepting new connections")
         self.ready = True
         if self.stop_trigger is not None:
@@ -377,12 +390,14 @@ class Runtime:
         log.ui(5, "Log file reopened")
 
     def _list_connections(self) -> None:
+        """SIGUSR2: stunnel logs the list at LOG0, so it shows at any debug level."""
         total = 0
+        log.ui(0, "Active connections:")
         for service in self.all_services():
             for line in service.connection_list():
-                log.ui(5, line)
                 total += 1
-        log.ui(5, f"{total} active connection(s)")
+                log.ui(0, f"Active connection {total}: {line}")
+        log.ui(0, f"Listed {total} active connection(s)")
 
     async def reload(self) -> None:
         if self.stopping:
@@ -391,6 +406,7 @@ class Runtime:
         if self.source.data is not None:
             log.ui(4, "The configuration came from a file descriptor and cannot be re-read")
             return
+        log.ui(5, f"Reading configuration from file {self.source.path}")
         try:
             settings = self.source.load()
             self.generation += 1
@@ -398,7 +414,9 @@ class Runtime:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.ui(3, problem.render())
-            log.ui(3, "Reload failed: keeping the old configuration")
+            log.ui(3, "Configuration failed")
+            log.ui(3, "Failed to reload the configuration file")
+            log.ui(5, "Keeping the old configuration: every service goes on as before")
             return
         old = {s.name: s for s in self.services}
         for service in services:

@@ -421,11 +421,10 @@ class Service:
             except (OSError, TimeoutError) as exc:
                 sock.close()
                 if isinstance(exc, TimeoutError) and not exc.errno:
-                    why = "s_poll_wait: TIMEOUTconnect exceeded"
+                    conn.log(3, f"s_connect: s_poll_wait {shown}: TIMEOUTconnect exceeded")
                 else:
                     text = os.strerror(exc.errno) if exc.errno else str(exc)
-                    why = f"{text} ({exc.errno})"
-                conn.log(3, f"s_connect: connect {shown}: {why}")
+                    conn.log(3, f"s_connect: connect {shown}: {text} ({exc.errno})")
                 continue
             if conn.reason is not None:
                 sock.close()
@@ -543,9 +542,9 @@ class Service:
             conn.finish(CloseReason.SHUTDOWN)
 
     def connection_list(self) -> list[str]:
+        """SIGUSR2, in stunnel's words."""
         return [
-            f"[{c.id}] service [{self.name}] from {c.peer_addr}: "
-            f"{c.to_tls} byte(s) to TLS, {c.to_sock} byte(s) to socket"
+            f"Service [{self.name}], {c.to_tls} byte(s) sent to TLS, {c.to_sock} byte(s) sent to socket"
             for c in self.connections
         ]
 
