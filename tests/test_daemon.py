@@ -1,0 +1,71 @@
+"""Global process options with real processes: daemonizing, pid file, output file and log mode."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import ROOT, EchoServer, pytunnel_cmd
+
+
+def wait_until(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_background_daemon_with_pid_and_output(tmp_path: Path, echo: EchoServer) -> None:
+    pid_file, out = tmp_path / "pytunnel.pid", tmp_path / "out.log"
+    out.write_text("old line that log = overwrite must remove\n")
+    conf = tmp_path / "d.conf"
+    conf.write_text(
+        f"pid = {pid_file}\noutput = {out}\nlog = overwrite\nsyslog = no\ndebug = 6\n"
+        f"[plain]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # foreground is not set: like stunnel, the command returns once the daemon is started
+    done = subprocess.run(pytunnel_cmd(str(conf)), env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: pid_file.exists() and "Accepting new connections" in out.read_text())
+    pid = int(pid_file.read_text())
+    try:
+        assert pid != os.getpid()
+        text = out.read_text()
+        assert "old line" not in text
+        assert "LOG5[ui]: Configuration successful" in text
+        assert done.stderr == ""  # a daemon does not log to the terminal
+        os.kill(pid, 0)  # still running after its parent exited
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_file.exists())
+    assert "Terminated" in out.read_text()
+
+
+def test_foreground_quiet_logs_only_to_output(tmp_path: Path, echo: EchoServer) -> None:
+    out = tmp_path / "out.log"
+    conf = tmp_path / "q.conf"
+    conf.write_text(
+        f"foreground = quiet\noutput = {out}\nsyslog = no\ndebug = 6\n"
+        f"[q]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        pytunnel_cmd(str(conf)), env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_until(lambda: out.exists() and "Accepting new connections" in out.read_text())
+        port = int(out.read_text().split("bound to 127.0.0.1:")[1].split()[0])
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        wait_until(lambda: "accepted connection from" in out.read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert err == b""
