@@ -1,72 +1,114 @@
-"""Regenerate the options table in README.md from the pydantic models.
+"""Regenerate the options table in README.md from the pydantic models in tunnel/settings.py.
 
-python tools/gen_options_table.py          # rewrite README.md
-python tools/gen_options_table.py --check  # exit 1 when README.md is stale
+    python tools/gen_options_table.py          # rewrite the table between the markers
+    python tools/gen_options_table.py --check  # exit 1 when README.md is stale, write nothing
+    python tools/gen_options_table.py --print  # print the table only
+
+Columns: option, scope (global/service), default, supported (``yes`` or the reason pytunnel
+rejects it), description.  The table lives between ``<!-- options-table:start -->`` and
+``<!-- options-table:end -->``; everything outside the markers is left untouched.
+Exit status: 0 fine, 1 stale (``--check``), 2 the markers are missing or out of order.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tunnel.settings import GLOBAL_FIELDS, SERVICE_FIELDS, ServiceSettings, field_meta  # noqa: E402
+from tunnel.settings import GLOBAL_FIELDS, SERVICE_FIELDS, field_meta  # noqa: E402
 
 START, END = "<!-- options-table:start -->", "<!-- options-table:end -->"
+HEADER = ["| option | scope | default | supported | description |", "|---|---|---|---|---|"]
 
 
-def _default(value: object) -> str:
+class MarkersMissing(Exception):
+    pass
+
+
+def cell(text: str) -> str:
+    """Make text safe inside a Markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _default(name: str, value: object) -> str:
+    if field_meta(name).get("repeat"):
+        return ""  # repeatable: an empty list
+    if name == "debug":
+        return "5 (notice)"
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, tuple):  # debug = (facility, level)
-        return f"{value[0]}.{value[1]}"
-    return str(value).replace("|", "\\|")
+    if isinstance(value, tuple):
+        return ".".join(str(v) for v in value)
+    return cell(str(value))
 
 
-def table() -> str:
-    rows = ["| option | scope | default | supported | description |", "|---|---|---|---|---|"]
-    entries = [(n, "global", i) for n, i in GLOBAL_FIELDS.items()] + [
-        (n, "service", i) for n, i in SERVICE_FIELDS.items()
-    ]
+def rows() -> list[tuple[str, str, str, str, str]]:
+    entries = [(n, "global", i) for n, i in GLOBAL_FIELDS.items()]
+    entries += [(n, "service", i) for n, i in SERVICE_FIELDS.items()]
+    out = []
     for name, scope, info in sorted(entries, key=lambda e: (e[1] != "global", e[0].lower())):
         meta = field_meta(name)
         why = meta.get("unsupported")
         supported = "yes" if not why else f"no: {why}"
         if why and meta.get("accepted"):
             supported += f" (accepted: {', '.join(meta['accepted'])})"
-        default = "" if meta.get("repeat") else _default(info.default)
-        if name == "debug":
-            default = "5 (notice)"
-        desc = (info.description or "").replace("|", "\\|")
+        desc = info.description or ""
         if meta.get("repeat"):
             desc += " (repeatable)"
-        rows.append(f"| `{name}` | {scope} | {default} | {supported} | {desc} |")
-    assert ServiceSettings.model_fields  # the models are the single source of truth
-    return "\n".join(rows)
+        out.append((name, scope, _default(name, info.default), cell(supported), cell(desc)))
+    return out
+
+
+def table() -> str:
+    lines = list(HEADER)
+    for name, scope, default, supported, desc in rows():
+        lines.append(f"| `{name}` | {scope} | {default} | {supported} | {desc} |")
+    return "\n".join(lines)
 
 
 def render(readme: str) -> str:
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the {START} / {END} markers")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table()}\n{END}{tail}"
+    """README text with the region between the markers replaced by the current table."""
+    start, end = readme.find(START), readme.find(END)
+    if start < 0 or end < 0 or end < start or readme.count(START) != 1 or readme.count(END) != 1:
+        raise MarkersMissing(
+            f"README.md needs exactly one {START} line followed by one {END} line around the options table"
+        )
+    head = readme[: start + len(START)]
+    tail = readme[end:]
+    return f"{head}\n{table()}\n{tail}"
 
 
-def main() -> int:
-    path = ROOT / "README.md"
-    current = path.read_text()
-    wanted = render(current)
-    if "--check" in sys.argv[1:]:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the README table is stale")
+    parser.add_argument("--print", dest="print_only", action="store_true", help="print the table")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.print_only:
+        print(table())
+        return 0
+    current = args.readme.read_text(encoding="utf-8")
+    try:
+        wanted = render(current)
+    except MarkersMissing as exc:
+        print(f"{args.readme}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
         if current != wanted:
-            print("README.md options table is stale: run python tools/gen_options_table.py", file=sys.stderr)
+            print(
+                f"{args.readme}: the options table is stale: run python tools/gen_options_table.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
-    path.write_text(wanted)
+    if current != wanted:
+        args.readme.write_text(wanted, encoding="utf-8")
     return 0
 
 

@@ -33,7 +33,7 @@ def parse_port(text: str) -> int:
     text = text.strip()
     if not text:
         raise ValueError("missing port (expected [HOST:]PORT)")
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         port = int(text)
         if port > 65535:
             raise ValueError(f"port {port} is out of range (0-65535)")
@@ -71,7 +71,7 @@ def parse_endpoint(value: str) -> Endpoint:
         _check_ip6(host)
         return Endpoint(host=host, port=parse_port(value[end + 2 :]))
     if ":" not in value:
-        if not value.isdigit() and _looks_like_host(value):
+        if not (value.isascii() and value.isdigit()) and _looks_like_host(value):
             raise ValueError(f"{value!r}: missing port (expected HOST:PORT)")
         return Endpoint(host=None, port=parse_port(value))
     host, _, port = value.rpartition(":")

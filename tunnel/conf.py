@@ -98,29 +98,32 @@ class Reader:
                         "the line is not valid UTF-8",
                         path,
                         number,
-                        raw_line.decode("utf-8", "replace").strip(),
+                        raw_line.decode("utf-8", "replace").rstrip("\r"),
                         "save the file as UTF-8",
                     )
                 )
                 continue
-            self._line(text.strip(), path, number, depth)
+            self._line(text, path, number, depth)
 
-    def _line(self, line: str, path: str, number: int, depth: int) -> None:
+    def _line(self, written: str, path: str, number: int, depth: int) -> None:
+        # errors quote the line as written (indentation kept), as stunnel does:
+        #   FILE:LINE: "    retry = 10": The argument needs to be either 'yes' or 'no'
+        line = written.strip()
         if not line or line[0] in ";#":
             return
         if line.startswith("["):
             if not line.endswith("]") or len(line) < 3:
                 self.raw.problems.append(
-                    Problem("malformed section header", path, number, line, "write it as [NAME]")
+                    Problem("malformed section header", path, number, written, "write it as [NAME]")
                 )
                 return
             name = line[1:-1].strip()
             if not name:
                 self.raw.problems.append(
-                    Problem("empty section name", path, number, line, "write it as [NAME]")
+                    Problem("empty section name", path, number, written, "write it as [NAME]")
                 )
                 return
-            section = Section(name, path, number, line)
+            section = Section(name, path, number, written)
             self.raw.sections.append(section)
             self._current = section
             return
@@ -132,7 +135,7 @@ class Reader:
                     'expected "option = value", "[section]" or a comment',
                     path,
                     number,
-                    line,
+                    written,
                     "comments start with ; or #",
                 )
             )
@@ -144,12 +147,12 @@ class Reader:
                     "Specified option name is not valid here",
                     path,
                     number,
-                    line,
+                    written,
                     _suggest(name) or "`pytunnel -help` lists the options",
                 )
             )
             return
-        entry = Entry(canon, value, path, number, line)
+        entry = Entry(canon, value, path, number, written)
         if canon == "include":
             self._include(entry, depth)
             return
@@ -174,10 +177,11 @@ class Reader:
             folder = os.path.join(os.path.dirname(entry.file), folder)
         try:
             names = sorted(os.listdir(folder))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             self.raw.problems.append(
                 entry.problem(
-                    f"cannot read the include directory: {exc.strerror}",
+                    f"cannot read the include directory: {reason}",
                     "include takes a directory whose files are read in name order",
                 )
             )
@@ -270,8 +274,15 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
     """stunnel's cross-field rules, with its own texts where tools grep them."""
     out: list[Problem] = []
 
-    def bad(message: str, hint: str | None = None) -> None:
-        out.append(Problem(f"Service [{svc.name}]: {message}", where.file, where.line, where.text, hint))
+    def bad(message: str, hint: str | None = None, *options: str) -> None:
+        # point at the line that set the offending option when there is one (the
+        # section header otherwise; in inetd mode there is no header to point at)
+        file, line, text = where.file, where.line, where.text
+        for name in options:
+            if name in svc.locations:
+                file, line, text = svc.locations[name]
+                break
+        out.append(Problem(f"Service [{svc.name}]: {message}", file, line, text, hint))
 
     if inetd:
         if not svc.connect:
@@ -289,50 +300,68 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         )
     if not svc.client and not svc.cert:
         bad("TLS server needs a certificate", "add cert = /path/to/cert.pem, or set client = yes")
-    if (svc.verifyChain or svc.verifyPeer) and not (svc.CAfile or svc.CApath):
+    # legacy verify = 1..4 turns on verifyChain (1-3) and/or verifyPeer (3-4), as in stunnel
+    verifies = [n for n in ("verifyChain", "verifyPeer", "verify") if getattr(svc, n)]
+    if verifies and not (svc.CAfile or svc.CApath):
         bad(
             'Either "CAengine", "CAfile" or "CApath" has to be configured',
             "add CAfile = /path/to/ca.pem",
+            *verifies,
         )
-    if (svc.checkHost or svc.checkIP or svc.checkEmail) and not (
-        svc.verifyChain or svc.verifyPeer or (svc.verify or 0) >= 2
-    ):
+    if (svc.checkHost or svc.checkIP or svc.checkEmail) and not verifies:
         bad(
             'Either "verifyChain" or "verifyPeer" has to be enabled',
             "add verifyChain = yes",
+            "checkHost",
+            "checkIP",
+            "checkEmail",
         )
     versions = ["SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
     lo = svc.sslVersionMin or svc.sslVersion
     hi = svc.sslVersionMax or svc.sslVersion
     if lo and hi and lo != "all" and hi != "all" and versions.index(lo) > versions.index(hi):
-        bad("Invalid protocol version range", "sslVersionMin must not exceed sslVersionMax")
-    for version in (lo, hi):
+        bad(
+            "Invalid protocol version range",
+            "sslVersionMin must not exceed sslVersionMax",
+            "sslVersionMin",
+            "sslVersionMax",
+            "sslVersion",
+        )
+    for version, option in ((lo, "sslVersionMin"), (hi, "sslVersionMax")):
         if version in ("SSLv2", "SSLv3"):
-            bad(f"{version} is not available in this OpenSSL build", "use TLSv1.2 or later")
+            bad(
+                f"{version} is not available in this OpenSSL build",
+                "use TLSv1.2 or later",
+                option if option in svc.locations else "sslVersion",
+            )
     default_ct = ServiceSettings.model_fields["ciphersuites"].default
     if svc.ciphersuites != default_ct:
         bad(
             "ciphersuites other than the default cannot be set: Python's ssl module has no API for TLS 1.3 ciphersuites",
             "remove the line, or disable TLS 1.3 with sslVersionMax = TLSv1.2 and use ciphers",
+            "ciphersuites",
         )
     curves = svc.curves.split(":")
     if svc.curves != ServiceSettings.model_fields["curves"].default and len(curves) > 1:
         bad(
             "a curves list other than the default cannot be set: Python's ssl module sets one group only",
             "name a single group (e.g. curves = prime256v1) or remove the line",
+            "curves",
         )
     if svc.sessionCacheSize != 1000 or svc.sessionCacheTimeout != 300:
         bad(
             "sessionCacheSize/sessionCacheTimeout cannot be changed: Python's ssl module has no API to size the session cache",
             "remove the line",
+            *(["sessionCacheSize"] if svc.sessionCacheSize != 1000 else ["sessionCacheTimeout"]),
         )
     if not svc.sessionResume and not svc.client:
         bad(
             "sessionResume = no is only supported in client mode: Python's ssl module cannot switch off a server's session cache",
             "remove the line",
+            "sessionResume",
         )
     if svc.sni and not svc.client and ":" not in svc.sni:
-        bad("server-mode sni needs SERVICE:PATTERN", "e.g. sni = primary:*.example.com")
+        bad("server-mode sni needs SERVICE:PATTERN", "e.g. sni = primary:*.example.com", "sni")
     return out
 
 
@@ -387,10 +416,9 @@ def build(raw: RawConfig) -> Settings:
         if svc.sni and not svc.client and ":" in svc.sni:
             primary = svc.sni.split(":", 1)[0]
             if primary not in names:
+                file, line, text = svc.locations.get("sni", (raw.source, None, None))
                 problems.append(
-                    Problem(
-                        f"Service [{svc.name}]: sni names unknown service [{primary}]", raw.source, None, None
-                    )
+                    Problem(f"Service [{svc.name}]: sni names unknown service [{primary}]", file, line, text)
                 )
 
     # duplicates across files make the same problem twice; keep the first

@@ -305,6 +305,7 @@ class Service:
         der = side.sslobj.getpeercert(binary_form=True)
         problem = target.tls.check_peer(der, None)
         if problem is not None:
+            conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
             conn.fail(CloseReason.VERIFY_FAILED, f"SSL_accept: {problem}")
             return
         conn.peer_cn = peer_subject(der) if der else ""
@@ -391,6 +392,7 @@ class Service:
         expected = self.settings.sni or host
         problem = tcfg.check_peer(der, expected)
         if problem is not None:
+            conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
             conn.fail(CloseReason.VERIFY_FAILED, f"SSL_connect: {problem}")
             return
         if self.level >= 6:

@@ -81,7 +81,7 @@ def parse_debug(value: str) -> tuple[str, int]:
         facility, _, text = text.partition(".")
         if facility not in SYSLOG_FACILITIES:
             raise ValueError(f"unknown syslog facility {facility!r}")
-    if text.isdigit() and 0 <= int(text) <= 7:
+    if text.isascii() and text.isdigit() and 0 <= int(text) <= 7:  # not int("²")
         return facility, int(text)
     if text in LOG_LEVELS:
         return facility, LOG_LEVELS.index(text)
@@ -282,7 +282,7 @@ def _retry(value: object) -> object:
             return 1000
         if low == "no":
             return 0
-        if low.isdigit():
+        if low.isascii() and low.isdigit():  # not int("²")
             return int(low)
         raise ValueError("expected yes, no or a delay in milliseconds")
     return value
