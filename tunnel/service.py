@@ -280,6 +280,37 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - reported on the connection
             conn.fail(CloseReason.ERROR, f"Internal error: {exc!r}")
 
+    def _handshake_ok(
+        self,
+        conn: Connection,
+        side: TlsSide,
+        exc: BaseException | None,
+        tcfg: TlsConfig,
+        expected_name: str | None,
+    ) -> bool:
+        """After a handshake: fail the connection with one reason, or log stunnel's line."""
+        verb = "SSL_accept" if side.sslobj.server_side else "SSL_connect"
+        if exc is not None:
+            reason = (
+                CloseReason.VERIFY_FAILED
+                if isinstance(exc, ssl.SSLCertVerificationError)
+                else CloseReason.HANDSHAKE_FAILED
+            )
+            conn.fail(reason, f"{verb}: {reason_of(exc)}")
+            return False
+        der = side.sslobj.getpeercert(binary_form=True)
+        problem = tcfg.check_peer(der, expected_name)
+        if problem is not None:
+            conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
+            conn.fail(CloseReason.VERIFY_FAILED, f"{verb}: {problem}")
+            return False
+        if der and side.sslobj.server_side:
+            conn.peer_cn = peer_subject(der)
+        if self.level >= 6:
+            reused = "previous session reused" if side.sslobj.session_reused else "new session negotiated"
+            conn.log(6, f"TLS {'accepted' if side.sslobj.server_side else 'connected'}: {reused}")
+        return True
+
     def _handshake_timeout(self, conn: Connection) -> None:
         conn.timer = None
         if conn.reason is None and not conn.linked:
@@ -294,24 +325,8 @@ class Service:
             conn.timer.cancel()
             conn.timer = None
         target = _SNI_CHOICE.pop(id(side.sslobj), self)
-        if exc is not None:
-            reason = (
-                CloseReason.VERIFY_FAILED
-                if isinstance(exc, ssl.SSLCertVerificationError)
-                else CloseReason.HANDSHAKE_FAILED
-            )
-            conn.fail(reason, f"SSL_accept: {reason_of(exc)}")
+        if not self._handshake_ok(conn, side, exc, target.tls, None):
             return
-        der = side.sslobj.getpeercert(binary_form=True)
-        problem = target.tls.check_peer(der, None)
-        if problem is not None:
-            conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
-            conn.fail(CloseReason.VERIFY_FAILED, f"SSL_accept: {problem}")
-            return
-        conn.peer_cn = peer_subject(der) if der else ""
-        if self.level >= 6:
-            reused = "previous session reused" if side.sslobj.session_reused else "new session negotiated"
-            conn.log(6, f"TLS accepted: {reused}")
         if target is not self:
             conn.log(6, f"SNI: switched to secondary service [{target.name}]")
         side.pause_reading()
@@ -380,24 +395,8 @@ class Service:
         if conn.reason is not None:
             tls.close()
             return
-        if exc is not None:
-            reason = (
-                CloseReason.VERIFY_FAILED
-                if isinstance(exc, ssl.SSLCertVerificationError)
-                else CloseReason.HANDSHAKE_FAILED
-            )
-            conn.fail(reason, f"SSL_connect: {reason_of(exc)}")
+        if not self._handshake_ok(conn, tls, exc, tcfg, self.settings.sni or host):
             return
-        der = tls.sslobj.getpeercert(binary_form=True)
-        expected = self.settings.sni or host
-        problem = tcfg.check_peer(der, expected)
-        if problem is not None:
-            conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
-            conn.fail(CloseReason.VERIFY_FAILED, f"SSL_connect: {problem}")
-            return
-        if self.level >= 6:
-            reused = "previous session reused" if tls.sslobj.session_reused else "new session negotiated"
-            conn.log(6, f"TLS connected: {reused}")
         conn.link()
 
     async def _dial_any(self, conn: Connection) -> socket.socket | None:
