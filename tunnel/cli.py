@@ -140,16 +140,42 @@ def _defaults_text() -> list[str]:
     return lines
 
 
+def _os_default(name: str) -> str:
+    """What a fresh TCP socket says for one option (stunnel's `OS default` column)."""
+    import socket
+    import struct
+
+    from tunnel.service import SOCKOPT_LEVELS
+
+    level, opt = SOCKOPT_LEVELS[name]
+    kind = SOCKET_OPTIONS[name]
+    family = socket.AF_INET6 if name.startswith("IPV6") else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            if kind in ("linger", "timeval"):
+                a, b = struct.unpack(
+                    "ii" if kind == "linger" else "ll",
+                    sock.getsockopt(level, opt, 16)[: 8 if kind == "linger" else 16],
+                )
+                return f"{a}:{b}"
+            if kind == "string":
+                return sock.getsockopt(level, opt, 64).rstrip(b"\0").decode()
+            value = sock.getsockopt(level, opt)
+    except OSError:
+        return "--"
+    return ("yes" if value else "no") if kind == "flag" else str(value)
+
+
 def _sockets_text() -> list[str]:
     lines = [
         "Socket option defaults:",
-        "    Option Name         |  Accept  |   Local  |  Remote  ",
-        "    --------------------+----------+----------+----------",
+        "    Option Name         |  Accept  |   Local  |  Remote  |OS default",
+        "    --------------------+----------+----------+----------+----------",
     ]
     for name in SOCKET_OPTIONS:
-        a = "yes" if name == "SO_REUSEADDR" else "--"
-        lr = "yes" if name == "TCP_NODELAY" else "--"
-        lines.append(f"    {name:<20}|{a:>10}|{lr:>10}|{lr:>10}")
+        a = f"{'yes':>10}" if name == "SO_REUSEADDR" else f"{'--':^10}"
+        lr = f"{'yes':>10}" if name == "TCP_NODELAY" else f"{'--':^10}"
+        lines.append(f"    {name:<20}|{a}|{lr}|{lr}|{_os_default(name):>10}")
     return lines
 
 
