@@ -85,3 +85,13 @@ def test_run_mode_serves_and_exits_zero_on_sigterm(
 def test_roundtrip_helper_sanity(echo: EchoServer) -> None:
     """The echo backend itself honours half-close (the other tests rely on it)."""
     assert roundtrip(echo.port, b"abc" * 1000) == b"abc" * 1000
+
+
+def test_sockets_table_is_stunnels() -> None:
+    """`-sockets` prints the same table as Debian's stunnel4 (defaults and OS column)."""
+    from conftest import need_stunnel
+
+    ours = run("-sockets").stderr
+    theirs = subprocess.run([need_stunnel(), "-sockets"], capture_output=True, text=True, timeout=30).stderr
+    table = lambda text: text[text.index("Socket option defaults:") :]  # noqa: E731
+    assert table(ours) == table(theirs)
