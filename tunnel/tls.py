@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from tunnel.settings import SSL_OPTIONS, ServiceSettings
 
+_MISSING = object()
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
     "TLSv1.1": ssl.TLSVersion.TLSv1_1,
@@ -93,6 +94,9 @@ class TlsConfig:
     policy: Policy
     pinned: frozenset[bytes] = field(default_factory=frozenset)
     generation: int = 0
+    _names_cache: dict[tuple[bytes, tuple[str, ...], tuple[str, ...]], str | None] = field(
+        default_factory=dict, repr=False
+    )
 
     def check_peer(self, der: bytes | None, expected_name: str | None) -> str | None:
         """Return None when the peer passes, else the reason (OpenSSL-like wording)."""
@@ -112,14 +116,28 @@ class TlsConfig:
                 hosts = (expected_name,)
         if not (hosts or ips or pol.check_emails):
             return None
+        # Parsing the certificate costs more than a resumed handshake: remember the verdict
+        # for the few (certificate, name) pairs a service sees.  The chain itself was
+        # verified by OpenSSL on this very connection; only the name match is cached.
+        key = (der, hosts, ips)
+        verdict = self._names_cache.get(key, _MISSING)
+        if verdict is _MISSING:
+            verdict = self._match_names(der, hosts, ips)
+            if len(self._names_cache) >= 64:
+                self._names_cache.clear()
+            self._names_cache[key] = verdict
+        return verdict  # type: ignore[return-value]
+
+    def _match_names(self, der: bytes, hosts: tuple[str, ...], ips: tuple[str, ...]) -> str | None:
+        emails = self.policy.check_emails
         cert = x509.load_der_x509_certificate(der)
         if hosts and any(match_host(cert, h) for h in hosts):
             return None
         if ips and any(match_ip(cert, ip) for ip in ips):
             return None
-        if pol.check_emails and any(match_email(cert, e) for e in pol.check_emails):
+        if emails and any(match_email(cert, e) for e in emails):
             return None
-        wanted = ", ".join([*hosts, *ips, *pol.check_emails])
+        wanted = ", ".join([*hosts, *ips, *emails])
         return f"certificate verify failed: Hostname mismatch (expected {wanted})"
 
 
