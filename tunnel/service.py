@@ -410,7 +410,11 @@ class Service:
             if conn.reason is not None:
                 return None
             shown = format_sockaddr(addr)
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:  # EMFILE/ENFILE: this connection fails, the others go on
+                conn.log(3, f"s_connect: socket: {os.strerror(exc.errno or 0)} ({exc.errno})")
+                break
             sock.setblocking(False)
             try:
                 if family != socket.AF_UNIX:
