@@ -11,9 +11,9 @@ import sys
 
 import click
 
-from tunnel import __version__
+from tunnel import __version__, envconf
 from tunnel.errors import CONFIG_FAILURE
-from tunnel.runtime import banner, check_path, run_path
+from tunnel.runtime import Source, banner, check_source, env_source, run_path, run_source
 from tunnel.settings import (
     GLOBAL_FIELDS,
     SERVICE_FIELDS,
@@ -44,8 +44,20 @@ def cli() -> None:
     """
 
 
+def _source(config: str | None) -> Source | int:
+    """CONFIG, or with none given, the env-only service (STUNNEL_SERVICE, STUNNEL_ACCEPT, ...)."""
+    if config is not None:
+        return Source(config)
+    if envconf.wanted():
+        return env_source()
+    raise click.UsageError(
+        "give a CONFIG file (or PYTUNNEL_CONFIG), or describe one service with "
+        "STUNNEL_SERVICE, STUNNEL_ACCEPT and STUNNEL_CONNECT"
+    )
+
+
 @cli.command(context_settings=CONTEXT)
-@click.argument("config", type=click.Path(dir_okay=False), envvar="PYTUNNEL_CONFIG")
+@click.argument("config", type=click.Path(dir_okay=False), envvar="PYTUNNEL_CONFIG", required=False)
 @click.option(
     "--drain-timeout",
     type=click.FloatRange(min=0),
@@ -53,38 +65,55 @@ def cli() -> None:
     show_default=True,
     help="Seconds to let live connections finish after SIGTERM/SIGINT before closing them.",
 )
-def run(config: str, drain_timeout: float) -> None:
+@click.option("--print-config", is_flag=True, help="Print the effective stunnel.conf and exit.")
+def run(config: str | None, drain_timeout: float, print_config: bool) -> None:
     """Run the tunnel described by CONFIG (a stunnel.conf) with secure defaults.
 
     Client-mode upstreams are verified against the system CA store (or CAfile /
     CApath) and the name in checkHost / sni / connect, unless the service says
     verifyChain = no.  TLS below 1.2 is refused unless configured.
 
+    Without CONFIG, one service comes from the environment, with the variable
+    names of the common stunnel images (STUNNEL_SERVICE, STUNNEL_ACCEPT,
+    STUNNEL_CONNECT, STUNNEL_CLIENT, STUNNEL_CAFILE, STUNNEL_VERIFY_CHAIN, ...).
+
     \b
-    Example:
+    Examples:
       pytunnel run examples/stunnel.conf
+      STUNNEL_SERVICE=smtps STUNNEL_CLIENT=yes STUNNEL_ACCEPT=127.0.0.1:2525 \\
+        STUNNEL_CONNECT=smtp.gmail.com:465 pytunnel run
     """
-    sys.exit(run_path(config, secure=True, drain_timeout=drain_timeout))
+    source = _source(config)
+    if isinstance(source, int):
+        sys.exit(source)
+    if print_config:
+        click.echo(source.text(), nl=False)
+        sys.exit(0)
+    sys.exit(run_source(source, secure=True, drain_timeout=drain_timeout))
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("config", type=click.Path(dir_okay=False), envvar="PYTUNNEL_CONFIG")
+@click.argument("config", type=click.Path(dir_okay=False), envvar="PYTUNNEL_CONFIG", required=False)
 @click.option(
     "--stunnel-defaults",
     is_flag=True,
     help="Check as `pytunnel CONFIG` runs it (stunnel's defaults, no verification by default).",
 )
-def check(config: str, stunnel_defaults: bool) -> None:
+def check(config: str | None, stunnel_defaults: bool) -> None:
     """Validate CONFIG and load its certificates, keys and CAs; bind nothing.
 
     Exit status 0 when the configuration would start, 1 (stunnel's) when not;
     every problem is printed as FILE:LINE: "line": what is wrong; how to fix.
+    Without CONFIG, checks the env-only service (see `pytunnel run --help`).
 
     \b
     Example:
       pytunnel check examples/stunnel.conf
     """
-    sys.exit(check_path(config, secure=not stunnel_defaults))
+    source = _source(config)
+    if isinstance(source, int):
+        sys.exit(source)
+    sys.exit(check_source(source, secure=not stunnel_defaults))
 
 
 @cli.command(context_settings=CONTEXT)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf
+from tunnel.envconf import EnvConfig
 from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, StartupError
 from tunnel.logs import log
 from tunnel.service import Service
@@ -43,15 +44,28 @@ def banner() -> list[str]:
 
 @dataclass
 class Source:
-    """Where the configuration comes from: a path, or bytes read once from ``-fd N``."""
+    """Where the configuration comes from: a path, bytes read once from ``-fd N``, or
+    the environment (``envconf``)."""
 
     path: str
     data: bytes | None = None
+    env: EnvConfig | None = None
 
     def load(self) -> Settings:
+        if self.env is not None:
+            return self.env.load()
         if self.data is not None:
             return conf.load_bytes(self.data, self.path)
         return conf.load(os.path.abspath(self.path))
+
+    def text(self) -> str:
+        """The effective stunnel.conf (`--print-config`)."""
+        if self.env is not None:
+            return self.env.text
+        if self.data is not None:
+            return self.data.decode("utf-8", "replace")
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
 
 
 def build_services(settings: Settings, secure: bool, generation: int = 0) -> list[Service]:
@@ -498,13 +512,35 @@ def run_path(path: str, secure: bool, drain_timeout: float, fd: int | None = Non
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read()
         path = f"FD={fd}"
-    rt = Runtime(Source(path, data), secure=secure, drain_timeout=drain_timeout)
+    return run_source(Source(path, data), secure, drain_timeout)
+
+
+def run_source(source: Source, secure: bool, drain_timeout: float) -> int:
+    rt = Runtime(source, secure=secure, drain_timeout=drain_timeout)
     return rt.run()
+
+
+def env_source() -> Source | int:
+    """The env-only service, or CONFIG_FAILURE after printing why it cannot be built."""
+    from tunnel import envconf
+
+    try:
+        return Source(envconf.SOURCE, env=envconf.build())
+    except ConfigError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(f"[!] {problem.render()}\n")
+        sys.stderr.write("[!] Configuration failed\n")
+        return CONFIG_FAILURE
 
 
 def check_path(path: str, secure: bool) -> int:
     """`pytunnel check`: parse, validate, load every certificate/key/CA; bind nothing."""
-    rt = Runtime(Source(path), secure=secure)
+    return check_source(Source(path), secure)
+
+
+def check_source(source: Source, secure: bool) -> int:
+    path = source.path
+    rt = Runtime(source, secure=secure)
     log.early = True
     log.level = 5
     code = rt.configure(apply_log=False)
