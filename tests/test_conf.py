@@ -503,9 +503,16 @@ def test_check_host_with_legacy_verify(tmp_path: Path, level: str, ok: bool) -> 
 
 
 def test_check_host_needs_verification(tmp_path: Path) -> None:
-    p = only(fail(tmp_path, CLIENT + "checkHost = a.example\n"))
+    # at verifyChain's default the mode decides: stunnel's (and `pytunnel CONFIG`) refuse,
+    # `pytunnel run` verifies by default, so the names are checked
+    svc = service(load(tmp_path, CLIENT + "checkHost = a.example\n"))
+    assert conf.names_need_verify(svc, secure=True) is None
+    p = conf.names_need_verify(svc, secure=False)
+    assert p is not None
     assert 'Either "verifyChain" or "verifyPeer" has to be enabled' in p.message
     assert (p.line, p.text) == (5, "checkHost = a.example")
+    p = only(fail(tmp_path, CLIENT + "verifyChain = no\ncheckHost = a.example\n"))
+    assert 'Either "verifyChain" or "verifyPeer" has to be enabled' in p.message
 
 
 @pytest.mark.parametrize(

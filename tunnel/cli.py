@@ -13,7 +13,7 @@ import click
 
 from tunnel import __version__, envconf
 from tunnel.errors import CONFIG_FAILURE
-from tunnel.runtime import Source, banner, check_source, env_source, run_path, run_source
+from tunnel.runtime import Ops, Source, banner, check_source, env_source, run_path, run_source
 from tunnel.settings import (
     GLOBAL_FIELDS,
     SERVICE_FIELDS,
@@ -40,7 +40,10 @@ def cli() -> None:
       pytunnel /etc/stunnel/stunnel.conf     # exactly like `stunnel CONFIG`
 
     Every option also reads an environment variable: PYTUNNEL_<COMMAND>_<OPTION>
-    (e.g. PYTUNNEL_RUN_DRAIN_TIMEOUT=10).
+    (e.g. PYTUNNEL_CHECK_STUNNEL_DEFAULTS=1); the operations options of `run` read
+    PYTUNNEL_STATUS, PYTUNNEL_DRAIN_TIMEOUT, PYTUNNEL_PRE_DRAIN_DELAY,
+    PYTUNNEL_CERT_RELOAD_INTERVAL and PYTUNNEL_LOG_FORMAT, which `pytunnel CONFIG`
+    (stunnel's command line) honours too.
     """
 
 
@@ -56,6 +59,18 @@ def _source(config: str | None) -> Source | int:
     )
 
 
+def _status_address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    from tunnel.health import parse_status
+
+    try:
+        parse_status(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("config", type=click.Path(dir_okay=False), envvar="PYTUNNEL_CONFIG", required=False)
 @click.option(
@@ -63,10 +78,51 @@ def _source(config: str | None) -> Source | int:
     type=click.FloatRange(min=0),
     default=5.0,
     show_default=True,
+    envvar=["PYTUNNEL_DRAIN_TIMEOUT", "PYTUNNEL_RUN_DRAIN_TIMEOUT"],
     help="Seconds to let live connections finish after SIGTERM/SIGINT before closing them.",
 )
+@click.option(
+    "--pre-drain-delay",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    envvar="PYTUNNEL_PRE_DRAIN_DELAY",
+    help="After SIGTERM, seconds to keep accepting while /readyz says 503 (for load balancers).",
+)
+@click.option(
+    "--status",
+    metavar="HOST:PORT",
+    envvar="PYTUNNEL_STATUS",
+    callback=_status_address,
+    help="Serve /livez, /readyz and /metrics (Prometheus) on this address.  Off by default.",
+)
+@click.option(
+    "--cert-reload-interval",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    envvar="PYTUNNEL_CERT_RELOAD_INTERVAL",
+    help="Seconds between checks of cert/key/CAfile/CRL contents; a change is loaded "
+    "without a restart (0 = off).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="PYTUNNEL_LOG_FORMAT",
+    help="text: stunnel's log lines; json: one object a line.",
+)
 @click.option("--print-config", is_flag=True, help="Print the effective stunnel.conf and exit.")
-def run(config: str | None, drain_timeout: float, print_config: bool) -> None:
+def run(
+    config: str | None,
+    drain_timeout: float,
+    pre_drain_delay: float,
+    status: str | None,
+    cert_reload_interval: float,
+    log_format: str,
+    print_config: bool,
+) -> None:
     """Run the tunnel described by CONFIG (a stunnel.conf) with secure defaults.
 
     Client-mode upstreams are verified against the system CA store (or CAfile /
@@ -80,6 +136,7 @@ def run(config: str | None, drain_timeout: float, print_config: bool) -> None:
     \b
     Examples:
       pytunnel run examples/stunnel.conf
+      pytunnel run --status 127.0.0.1:9102 --log-format json examples/stunnel.conf
       STUNNEL_SERVICE=smtps STUNNEL_CLIENT=yes STUNNEL_ACCEPT=127.0.0.1:2525 \\
         STUNNEL_CONNECT=smtp.gmail.com:465 pytunnel run
     """
@@ -89,7 +146,14 @@ def run(config: str | None, drain_timeout: float, print_config: bool) -> None:
     if print_config:
         click.echo(source.text(), nl=False)
         sys.exit(0)
-    sys.exit(run_source(source, secure=True, drain_timeout=drain_timeout))
+    ops = Ops(
+        drain_timeout=drain_timeout,
+        pre_drain_delay=pre_drain_delay,
+        status=status,
+        cert_reload_interval=cert_reload_interval,
+        log_format=log_format,
+    )
+    sys.exit(run_source(source, secure=True, ops=ops))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -114,6 +178,33 @@ def check(config: str | None, stunnel_defaults: bool) -> None:
     if isinstance(source, int):
         sys.exit(source)
     sys.exit(check_source(source, secure=not stunnel_defaults))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--status",
+    metavar="HOST:PORT",
+    envvar="PYTUNNEL_STATUS",
+    callback=_status_address,
+    help="The status address pytunnel serves (its --status / PYTUNNEL_STATUS).",
+)
+@click.option("--ready", is_flag=True, help="Ask /readyz (503 while draining) instead of /livez.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True)
+def healthcheck(status: str | None, ready: bool, timeout: float) -> None:
+    """Exit 0 when the running pytunnel answers healthy, 1 when not (Docker, Kubernetes probes).
+
+    \b
+    Example (Dockerfile):
+      HEALTHCHECK CMD ["pytunnel", "healthcheck"]   # with PYTUNNEL_STATUS set
+    """
+    if not status:
+        click.echo("healthcheck: no status address: pass --status HOST:PORT or set PYTUNNEL_STATUS", err=True)
+        sys.exit(1)
+    from tunnel.health import probe
+
+    ok, why = probe(status, "/readyz" if ready else "/livez", timeout)
+    click.echo(f"{'healthy' if ok else 'unhealthy'}: {why}", err=not ok)
+    sys.exit(0 if ok else 1)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -247,11 +338,27 @@ def stunnel_main(args: list[str]) -> int:
         if len(args) < 2 or not args[1].isdigit():
             err.write("-fd needs a file descriptor number, e.g. pytunnel -fd 3\n")
             return CONFIG_FAILURE
-        return run_path(f"FD={args[1]}", secure=False, drain_timeout=5.0, fd=int(args[1]))
+        ops = _env_ops()
+        return ops if isinstance(ops, int) else run_path(f"FD={args[1]}", False, ops, fd=int(args[1]))
     if len(args) > 1:
         err.write(f"unexpected arguments after {first}: {' '.join(args[1:])}\n{STUNNEL_HELP}")
         return CONFIG_FAILURE
-    return run_path(first, secure=False, drain_timeout=5.0)
+    ops = _env_ops()
+    return ops if isinstance(ops, int) else run_path(first, secure=False, ops=ops)
+
+
+def _env_ops() -> Ops | int:
+    """stunnel's command line has no room for pytunnel's flags: PYTUNNEL_* variables instead."""
+    try:
+        ops = Ops.from_env()
+        if ops.status:
+            from tunnel.health import parse_status
+
+            parse_status(ops.status)
+    except ValueError as exc:
+        sys.stderr.write(f"[!] {exc}\n[!] Configuration failed\n")
+        return CONFIG_FAILURE
+    return ops
 
 
 def main(argv: list[str] | None = None) -> None:

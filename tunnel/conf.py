@@ -270,6 +270,26 @@ def is_secondary(svc: ServiceSettings) -> bool:
     return not svc.client and bool(svc.sni) and ":" in (svc.sni or "")
 
 
+def _run_decides(svc: ServiceSettings) -> bool:
+    return bool(svc.client) and svc.verifyChain is None and not svc.verifyPeer and svc.verify is None
+
+
+def names_need_verify(svc: ServiceSettings, secure: bool) -> Problem | None:
+    """stunnel's rule for a client at verifyChain's default: checkHost/checkIP/checkEmail
+    need verification, which `pytunnel run` turns on by default and stunnel does not."""
+    if secure or not _run_decides(svc) or not (svc.checkHost or svc.checkIP or svc.checkEmail):
+        return None
+    name = next(n for n in ("checkHost", "checkIP", "checkEmail") if getattr(svc, n))
+    file, line, text = svc.locations.get(name, ("", 0, ""))
+    return Problem(
+        f'Service [{svc.name}]: Either "verifyChain" or "verifyPeer" has to be enabled',
+        file,
+        line or None,
+        text or None,
+        "add verifyChain = yes",
+    )
+
+
 def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Problem]:
     """stunnel's cross-field rules, with its own texts where tools grep them."""
     out: list[Problem] = []
@@ -308,7 +328,9 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
             "add CAfile = /path/to/ca.pem",
             *verifies,
         )
-    if (svc.checkHost or svc.checkIP or svc.checkEmail) and not verifies:
+    # a client left at verifyChain's default verifies under `pytunnel run`: runtime checks
+    # this rule there, knowing the mode (names_need_verify)
+    if (svc.checkHost or svc.checkIP or svc.checkEmail) and not verifies and not _run_decides(svc):
         bad(
             'Either "verifyChain" or "verifyPeer" has to be enabled',
             "add verifyChain = yes",

@@ -11,12 +11,17 @@ Callers check :meth:`Log.enabled` before formatting anything costly.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import os
 import socket
 import sys
 import time
 from typing import IO, TextIO
 
+LEVEL_NAMES = {
+    0: "emerg", 1: "alert", 2: "crit", 3: "err", 4: "warning", 5: "notice", 6: "info", 7: "debug",
+}  # fmt: skip
 EARLY_TAGS = {0: "!", 1: "!", 2: "!", 3: "!", 4: ":", 5: ".", 6: " ", 7: " "}
 FACILITIES = {
     "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
@@ -40,6 +45,7 @@ class Log:
         self._stamp = ""
         self.errors_seen: list[str] = []
         self.buffer: list[tuple[int, str, str]] = []
+        self.json = False  # --log-format json: one object a line
 
     # ---- configuration ---------------------------------------------------------
     def configure(
@@ -70,9 +76,12 @@ class Log:
     def flush_early(self) -> None:
         """Print what was buffered before the configuration was known, stunnel's way."""
         pending, self.buffer = self.buffer, []
-        for lvl, _ident, text in pending:
+        for lvl, ident, text in pending:
             if lvl <= self.level:
-                sys.stderr.write(f"[{EARLY_TAGS.get(lvl, ' ')}] {text}\n")
+                if self.json:
+                    sys.stderr.write(self._json(lvl, ident, text, None) + "\n")
+                else:
+                    sys.stderr.write(f"[{EARLY_TAGS.get(lvl, ' ')}] {text}\n")
         sys.stderr.flush()
 
     def open_file(self) -> None:
@@ -116,7 +125,14 @@ class Log:
             self._stamp = time.strftime("%Y.%m.%d %H:%M:%S", time.localtime(sec))
         return self._stamp
 
-    def write(self, level: int, ident: str, text: str, threshold: int | None = None) -> None:
+    def write(
+        self,
+        level: int,
+        ident: str,
+        text: str,
+        threshold: int | None = None,
+        fields: dict[str, object] | None = None,
+    ) -> None:
         if level > (self.level if threshold is None else threshold) and not self.early:
             return
         if level <= 3:
@@ -125,8 +141,11 @@ class Log:
         if self.early:
             self.buffer.append((level, ident, text))
             return
-        body = f"LOG{level}[{ident}]: {text}"
-        line = f"{self._timestamp()} {body}\n"
+        if self.json:
+            body = line = self._json(level, ident, text, fields) + "\n"
+        else:
+            body = f"LOG{level}[{ident}]: {text}"
+            line = f"{self._timestamp()} {body}\n"
         if self.to_stderr:
             sys.stderr.write(line)
             sys.stderr.flush()
@@ -138,8 +157,22 @@ class Log:
             with contextlib.suppress(OSError):
                 self.syslog.send(msg.encode("utf-8", "replace"))
 
-    def ui(self, level: int, text: str) -> None:
-        self.write(level, "ui", text)
+    def ui(self, level: int, text: str, **fields: object) -> None:
+        self.write(level, "ui", text, fields=fields or None)
+
+    @staticmethod
+    def _json(level: int, ident: str, text: str, fields: dict[str, object] | None) -> str:
+        """One JSON object: time, level, id, event, message, then the event's own fields."""
+        doc: dict[str, object] = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": LEVEL_NAMES.get(level, str(level)),
+            "id": ident,
+            "event": "log",
+        }
+        if fields:
+            doc.update(fields)
+        doc["message"] = text
+        return json.dumps(doc, separators=(",", ":"), default=str)
 
 
 log = Log()

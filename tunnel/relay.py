@@ -213,6 +213,7 @@ class TlsSide(Side):
         self.pending: list[bytes] = []
         self.clean_eof = False
         self.failed = False
+        self.started = conn.loop.time()  # for pytunnel_handshake_seconds
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -400,8 +401,8 @@ class Connection:
         self.waiter: asyncio.Future[BaseException | None] | None = None  # upstream handshake
 
     # ---- logging -----------------------------------------------------------
-    def log(self, level: int, text: str) -> None:
-        self.service.log_conn(level, self.id, text)
+    def log(self, level: int, text: str, **fields: object) -> None:
+        self.service.log_conn(level, self.id, text, fields)
 
     # ---- lifecycle ---------------------------------------------------------
     def link(self) -> None:
@@ -498,6 +499,8 @@ class Connection:
                 if isinstance(side, TlsSide) and side.handshaking:
                     where = "SSL_accept: " if side.sslobj.server_side else "SSL_connect: "
                 self.log(3 if where else 5, f"{where}{os.strerror(exc.errno or 104)} ({exc.errno or 104})")
+                if where:
+                    self.service.counters.handshake_failed("peer_reset")
                 self.finish(CloseReason.PEER_RESET)
             elif exc is not None:
                 self.fail(CloseReason.ERROR, f"socket error: {exc}")

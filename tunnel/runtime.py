@@ -11,15 +11,62 @@ import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf
+from tunnel.certwatch import CertWatcher, record_not_after
 from tunnel.envconf import EnvConfig
 from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, StartupError
 from tunnel.logs import log
+from tunnel.metrics import STATS
 from tunnel.service import Service
 from tunnel.settings import ServiceSettings, Settings
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
+
+if TYPE_CHECKING:
+    from tunnel.health import StatusServer
+
+
+@dataclass
+class Ops:
+    """How the process is operated, beyond stunnel.conf: flags of `pytunnel run`, or
+    PYTUNNEL_* variables for stunnel's command line (`pytunnel CONFIG`)."""
+
+    drain_timeout: float = 5.0
+    pre_drain_delay: float = 0.0
+    status: str | None = None  # HOST:PORT of /livez /readyz /metrics
+    cert_reload_interval: float = 10.0  # 0 turns the certificate watcher off
+    log_format: str = "text"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Ops:
+        """For `pytunnel CONFIG`: the same settings from PYTUNNEL_* variables.  ValueError names one."""
+        env = dict(os.environ) if env is None else env
+        ops = cls()
+        for var, attr in (
+            ("PYTUNNEL_DRAIN_TIMEOUT", "drain_timeout"),
+            ("PYTUNNEL_PRE_DRAIN_DELAY", "pre_drain_delay"),
+            ("PYTUNNEL_CERT_RELOAD_INTERVAL", "cert_reload_interval"),
+        ):
+            text = env.get(var)
+            if text:
+                try:
+                    value = float(text)
+                    if value < 0 or value != value:
+                        raise ValueError
+                except ValueError:
+                    raise ValueError(f"{var}={text!r}: expected a number of seconds >= 0") from None
+                setattr(ops, attr, value)
+        if env.get("PYTUNNEL_STATUS"):
+            ops.status = env["PYTUNNEL_STATUS"]
+        fmt = env.get("PYTUNNEL_LOG_FORMAT")
+        if fmt:
+            if fmt not in ("text", "json"):
+                raise ValueError(f"PYTUNNEL_LOG_FORMAT={fmt!r}: expected text or json")
+            ops.log_format = fmt
+        return ops
+
 
 HANDLED_SIGNALS = {
     signal.SIGTERM,
@@ -73,6 +120,10 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
     problems: list[Problem] = []
     tls_of: dict[str, object] = {}
     for svc in settings.services:
+        rule = conf.names_need_verify(svc, secure)
+        if rule is not None:
+            problems.append(rule)
+            continue
         try:
             tls_of[svc.name] = build_tls(svc, secure, generation)
         except TlsConfigError as exc:
@@ -129,6 +180,13 @@ def warn_services(services: list[Service], secure: bool) -> None:
             log.ui(4, f"Service [{svc.name}]: retry has no effect without exec")
         if svc.stack != 65536:
             log.ui(4, f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
+
+
+def _record_certs(services: list[Service]) -> None:
+    STATS.cert_not_after.clear()
+    for service in services:
+        for s in (service, *service.secondaries):
+            record_not_after(s.name, s.settings.cert)
 
 
 def _warn_cert(name: str, path: str) -> None:
@@ -241,12 +299,16 @@ class Runtime:
         self,
         source: Source,
         secure: bool,
-        drain_timeout: float = 5.0,
+        ops: Ops | None = None,
         stop_trigger: Callable[[Runtime], None] | None = None,
     ) -> None:
         self.source = source
         self.secure = secure
-        self.drain_timeout = drain_timeout
+        self.ops = ops or Ops()
+        self.drain_timeout = self.ops.drain_timeout
+        self.draining = False
+        self.status: StatusServer | None = None
+        self.watcher: CertWatcher | None = None
         self.services: list[Service] = []
         self.retired: list[Service] = []  # replaced by a reload; their connections go on
         self.settings: Settings | None = None
@@ -260,6 +322,7 @@ class Runtime:
     # ---- configuration --------------------------------------------------------------
     def configure(self, apply_log: bool = True) -> int:
         """Read and check everything; bind nothing.  Returns 0 or an exit code."""
+        log.json = self.ops.log_format == "json"
         for line in banner():
             log.ui(5, line)
         log.ui(5, f"Reading configuration from file {self.source.path}")
@@ -300,6 +363,7 @@ class Runtime:
             facility=settings.defaults.debug[0],
         )
         warn_services(services, self.secure)
+        _record_certs(services)
         log.ui(5, "Configuration successful")
         return 0
 
@@ -310,6 +374,15 @@ class Runtime:
             if service.settings.accept and not service.listeners:
                 failed = True
             del errors
+        if self.ops.status and not failed:
+            from tunnel.health import StatusServer
+
+            self.status = StatusServer(self, self.ops.status)
+            try:
+                self.status.bind()
+            except OSError as exc:
+                log.ui(3, f"Binding the status server to {self.ops.status}: {exc.strerror} ({exc.errno})")
+                failed = True
         return STARTUP_FAILURE if failed else 0
 
     # ---- main ------------------------------------------------------------------------
@@ -365,6 +438,8 @@ class Runtime:
     def _close_all(self) -> None:
         for service in self.services:
             service.close_listeners()
+        if self.status is not None:
+            self.status.close()
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -377,6 +452,11 @@ class Runtime:
                     log.ui(3, err)
                 raise StartupError(f"Service [{service.name}]: cannot resolve its connect address")
             await service.start()
+        if self.status is not None:
+            await self.status.start()
+        if self.ops.cert_reload_interval > 0:
+            self.watcher = CertWatcher(lambda: self.services, self.secure, self.ops.cert_reload_interval)
+            self.watcher.start()
         self._install_signals(loop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         log.ui(6, "Accepting new connections")
@@ -405,12 +485,22 @@ class Runtime:
                 service.abort_all()
 
     async def _shutdown(self) -> int:
+        self.draining = True
+        delay = self.ops.pre_drain_delay
+        if delay > 0 and self.stopping < 2:
+            log.ui(5, f"Not ready (/readyz 503); still accepting for {delay:g} seconds (pre-drain delay)")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._second_signal()
         self.ready = False
+        if self.watcher is not None:
+            self.watcher.stop()
         for service in self.services:
             service.close_listeners()
+        log.ui(5, "Stopped accepting new connections")
         everyone = self.all_services()
         live = sum(len(s.connections) for s in everyone)
-        if live and self.drain_timeout > 0:
+        if live and self.drain_timeout > 0 and self.stopping < 2:
             log.ui(5, f"Draining {live} connection(s) for up to {self.drain_timeout:g} seconds")
             results = await asyncio.gather(*(s.drain(self.drain_timeout) for s in everyone))
             if all(results):
@@ -421,8 +511,14 @@ class Runtime:
         for service in everyone:
             service.abort_all()
         await asyncio.sleep(0)
+        if self.status is not None:
+            self.status.close()
         log.ui(5, "Terminated")
         return 0
+
+    async def _second_signal(self) -> None:
+        while self.stopping < 2:
+            await asyncio.sleep(0.05)
 
     def _reopen_log(self) -> None:
         log.reopen()
@@ -456,6 +552,7 @@ class Runtime:
             log.ui(3, "Configuration failed")
             log.ui(3, "Failed to reload the configuration file")
             log.ui(5, "Keeping the old configuration: every service goes on as before")
+            STATS.reloaded(False)
             return
         old = {s.name: s for s in self.services}
         for service in services:
@@ -479,6 +576,8 @@ class Runtime:
         self.services = services
         self.settings = settings
         self.retired = [s for s in self.retired if s.connections]
+        STATS.reloaded(True)
+        _record_certs(services)
         log.ui(5, "Configuration successful")
 
     def all_services(self) -> list[Service]:
@@ -506,17 +605,17 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, objec
         loop.default_exception_handler(context)
 
 
-def run_path(path: str, secure: bool, drain_timeout: float, fd: int | None = None) -> int:
+def run_path(path: str, secure: bool, ops: Ops, fd: int | None = None) -> int:
     data = None
     if fd is not None:
         with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read()
         path = f"FD={fd}"
-    return run_source(Source(path, data), secure, drain_timeout)
+    return run_source(Source(path, data), secure, ops)
 
 
-def run_source(source: Source, secure: bool, drain_timeout: float) -> int:
-    rt = Runtime(source, secure=secure, drain_timeout=drain_timeout)
+def run_source(source: Source, secure: bool, ops: Ops) -> int:
+    rt = Runtime(source, secure=secure, ops=ops)
     return rt.run()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.logs import log
+from tunnel.metrics import STATS
 from tunnel.relay import CloseReason, Connection, PlainSide, Side, TlsSide
 from tunnel.settings import ServiceSettings, SocketOption
 from tunnel.tls import TlsConfig, client_sni, peer_subject, reason_of
@@ -123,16 +124,18 @@ class Service:
         self.resolved: dict[Endpoint, list[tuple[int, Any]]] = {}
         self._drained: asyncio.Event | None = None
         self.accepting = True
-        self.stats = {r: 0 for r in CloseReason}
+        self.counters = STATS.service(self.name)
         self.sockopts_l = socket_options(settings, "l")
         self.sockopts_r = socket_options(settings, "r")
         if not settings.client and self.secondaries:
             self._install_sni()
 
     # ---- logging ---------------------------------------------------------------
-    def log_conn(self, level: int, conn_id: str, text: str) -> None:
+    def log_conn(self, level: int, conn_id: str, text: str, fields: dict[str, object] | None = None) -> None:
         if level <= self.level:
-            log.write(level, conn_id, text, threshold=self.level)
+            if log.json:
+                fields = {"service": self.name, "event": "error" if level <= 3 else "log", **(fields or {})}
+            log.write(level, conn_id, text, threshold=self.level, fields=fields)
 
     def next_id(self) -> str:
         mode = self.settings.logId
@@ -143,6 +146,12 @@ class Service:
         if mode == "thread":
             return str(os.getpid())
         return str(next(_counter))
+
+    def swap_tls(self, tls: TlsConfig) -> None:
+        """Certificate reload: new connections use ``tls``; live ones keep their context."""
+        self.tls = tls
+        if not self.settings.client and self.secondaries:
+            self._install_sni()
 
     # ---- SNI virtual services (server mode) --------------------------------------
     def _install_sni(self) -> None:
@@ -265,7 +274,10 @@ class Service:
         if sock is not None:
             apply_socket_options(sock, sock.family, self.sockopts_l)
         if self.level >= 5:
-            conn.log(5, f"Service [{self.name}] accepted connection from {conn.peer_addr}")
+            conn.log(
+                5, f"Service [{self.name}] accepted connection from {conn.peer_addr}", event="accepted",
+                peer=conn.peer_addr,
+            )  # fmt: skip
         loop = conn.loop
         if self.settings.client:
             loop.create_task(self._guard(conn, self._open_upstream(conn)))
@@ -291,29 +303,36 @@ class Service:
         """After a handshake: fail the connection with one reason, or log stunnel's line."""
         verb = "SSL_accept" if side.sslobj.server_side else "SSL_connect"
         if exc is not None:
-            reason = (
-                CloseReason.VERIFY_FAILED
-                if isinstance(exc, ssl.SSLCertVerificationError)
-                else CloseReason.HANDSHAKE_FAILED
-            )
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason, label = CloseReason.VERIFY_FAILED, "verify_failed"
+            else:
+                reason = CloseReason.HANDSHAKE_FAILED
+                label = "peer_closed" if isinstance(exc, ConnectionResetError) else "protocol_error"
+            self.counters.handshake_failed(label)
             conn.fail(reason, f"{verb}: {reason_of(exc)}")
             return False
         der = side.sslobj.getpeercert(binary_form=True)
         problem = tcfg.check_peer(der, expected_name)
         if problem is not None:
+            self.counters.handshake_failed("verify_failed")
             conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
             conn.fail(CloseReason.VERIFY_FAILED, f"{verb}: {problem}")
             return False
+        STATS.observe_handshake(conn.loop.time() - side.started)
         if der and side.sslobj.server_side:
             conn.peer_cn = peer_subject(der)
         if self.level >= 6:
             reused = "previous session reused" if side.sslobj.session_reused else "new session negotiated"
-            conn.log(6, f"TLS {'accepted' if side.sslobj.server_side else 'connected'}: {reused}")
+            conn.log(
+                6, f"TLS {'accepted' if side.sslobj.server_side else 'connected'}: {reused}",
+                event="tls", resumed=bool(side.sslobj.session_reused), version=side.sslobj.version(),
+            )  # fmt: skip
         return True
 
     def _handshake_timeout(self, conn: Connection) -> None:
         conn.timer = None
         if conn.reason is None and not conn.linked:
+            self.counters.handshake_failed("timeout")
             conn.fail(
                 CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset"
             )
@@ -383,6 +402,7 @@ class Service:
             # stunnel bounds the TCP connect by TIMEOUTconnect, the handshake by TIMEOUTbusy
             exc = await asyncio.wait_for(fut, timeout=float(self.settings.TIMEOUTbusy))
         except TimeoutError:
+            self.counters.handshake_failed("timeout")
             conn.fail(
                 CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset"
             )
@@ -434,7 +454,7 @@ class Service:
             if conn.reason is not None:
                 sock.close()
                 return None
-            conn.log(5, f"s_connect: connected {shown}")
+            conn.log(5, f"s_connect: connected {shown}", event="connected", upstream=shown)
             if self.level >= 5:
                 local = format_sockaddr(sock.getsockname())
                 conn.log(5, f"Service [{self.name}] connected remote server from {local}")
@@ -488,7 +508,7 @@ class Service:
             return
         self.connections.discard(conn)
         reason = conn.reason or CloseReason.CLOSED
-        self.stats[reason] += 1
+        self.counters.ended(reason.name.lower(), conn.to_tls, conn.to_sock)
         tls = conn.tls
         key = conn.target
         if (
@@ -500,14 +520,22 @@ class Service:
             and reason in (CloseReason.CLOSED,)
         ):
             self._remember_session(key, tls)
-        if self.level >= 5:
+        if log.json:
+            if self.level >= 5:
+                s = conn.summary()
+                conn.log(
+                    5, conn.detail or f"Connection {s['reason']}", event="closed", peer=s["peer"],
+                    bytes={"to_tls": conn.to_tls, "to_plain": conn.to_sock}, duration=s["duration"],
+                    reason=s["reason"], **({"peer_cn": conn.peer_cn} if conn.peer_cn else {}),
+                )  # fmt: skip
+        elif self.level >= 5:
             word = "closed" if reason in (CloseReason.CLOSED, CloseReason.SHUTDOWN) else "reset"
             conn.log(
                 5,
                 f"Connection {word}: {conn.to_tls} byte(s) sent to TLS, "
                 f"{conn.to_sock} byte(s) sent to socket",
             )
-        if self.level >= 6:
+        if self.level >= 6 and not log.json:
             s = conn.summary()
             cn = f" peer_cn={conn.peer_cn!r}" if conn.peer_cn else ""
             conn.log(

@@ -1,0 +1,274 @@
+"""The status server (``--status HOST:PORT``): ``/livez``, ``/readyz`` and ``/metrics``.
+
+It runs on the tunnel's own event loop and answers one request per connection
+(HTTP/1.1 with ``Connection: close``).  ``prometheus_client`` is imported off the
+loop when the server starts, so neither start-up nor the first scrape waits for it;
+metric values come from ``tunnel.metrics.STATS`` and the live connections at
+scrape time (nothing is counted per byte).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from tunnel import __version__
+from tunnel.addr import format_sockaddr, parse_endpoint
+from tunnel.logs import log
+from tunnel.metrics import BUCKETS, STATS
+
+if TYPE_CHECKING:
+    from tunnel.runtime import Runtime
+
+DEFAULT_PORT = 9102
+REQUEST_TIMEOUT = 5.0
+MAX_HEADER_LINES = 100
+
+
+def parse_status(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``PORT`` (loopback) -> (host, port); ValueError with a fix."""
+    ep = parse_endpoint(value)
+    if ep.path is not None:
+        raise ValueError(
+            f"{value!r}: the status server listens on TCP (expected HOST:PORT, e.g. 127.0.0.1:9102)"
+        )
+    return ep.host or "127.0.0.1", ep.port
+
+
+class StatusServer:
+    def __init__(self, runtime: Runtime, address: str) -> None:
+        self.runtime = runtime
+        self.host, self.port = parse_status(address)
+        self.server: asyncio.Server | None = None
+        self.sock: socket.socket | None = None
+        self.started = time.time()
+        self._prom: Any = None
+        self._loading: asyncio.Future[Any] | None = None
+
+    def bind(self) -> None:
+        """Bind before privileges are dropped, as the services' listeners are.  Raises OSError."""
+        family, stype, proto, _, addr = socket.getaddrinfo(
+            self.host, self.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, stype, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.sock = sock
+
+    async def start(self) -> str:
+        assert self.sock is not None
+        self.server = await asyncio.start_server(self._serve, sock=self.sock)
+        bound = format_sockaddr(self.sock.getsockname())
+        log.ui(5, f"Status server listening on http://{bound} (/livez /readyz /metrics)")
+        loop = asyncio.get_running_loop()
+        self._loading = loop.run_in_executor(None, _load_prometheus)
+        return bound
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        elif self.sock is not None:
+            self.sock.close()
+
+    # ---- HTTP -----------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request = await reader.readline()
+                for _ in range(MAX_HEADER_LINES):
+                    line = await reader.readline()
+                    if line in (b"\r\n", b"\n", b""):
+                        break
+            status, ctype, body = await self._answer(request)
+            head = request.split(b" ", 1)[0] == b"HEAD"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
+                + (b"" if head else body)
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _answer(self, request: bytes) -> tuple[str, str, bytes]:
+        parts = request.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return "400 Bad Request", "text/plain", b"bad request\n"
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"GET or HEAD\n"
+        if target == "/livez":
+            return "200 OK", "text/plain", b"ok\n"
+        if target == "/readyz":
+            ready, doc = self.readiness()
+            body = json.dumps(doc, indent=1).encode() + b"\n"
+            return ("200 OK" if ready else "503 Service Unavailable"), "application/json", body
+        if target == "/metrics":
+            prom = await self._prometheus()
+            body = prom.exposition.generate_latest(self._registry(prom))
+            return "200 OK", prom.exposition.CONTENT_TYPE_LATEST, body
+        return "404 Not Found", "text/plain", b"try /livez, /readyz or /metrics\n"
+
+    # ---- readiness ------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        rt = self.runtime
+        services = [
+            {
+                "name": s.name,
+                "listening": [lst.display for lst in s.listeners],
+                "active": len(s.connections),
+            }
+            for s in rt.services
+        ]
+        listening = all(s.listeners for s in rt.services if s.settings.accept)
+        ready = rt.ready and not rt.draining and listening
+        doc = {
+            "ready": ready,
+            "draining": rt.draining,
+            "listening": listening,
+            "active": sum(len(s.connections) for s in rt.all_services()),
+            "services": services,
+        }
+        return ready, doc
+
+    # ---- metrics --------------------------------------------------------------------
+    async def _prometheus(self) -> Any:
+        if self._prom is None:
+            assert self._loading is not None
+            self._prom = await self._loading
+        return self._prom
+
+    def _registry(self, prom: Any) -> Any:
+        registry = prom.registry.CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self.runtime, prom))
+        prom.process_collector.ProcessCollector(registry=registry)
+        return registry
+
+
+class _Prom:
+    """The parts of prometheus_client we use, imported together off the loop."""
+
+    def __init__(self) -> None:
+        self.core = importlib.import_module("prometheus_client.core")
+        self.registry = importlib.import_module("prometheus_client.registry")
+        self.exposition = importlib.import_module("prometheus_client.exposition")
+        self.process_collector = importlib.import_module("prometheus_client.process_collector")
+
+
+def _load_prometheus() -> _Prom:
+    return _Prom()
+
+
+class _Collector:
+    def __init__(self, runtime: Runtime, prom: Any) -> None:
+        self.runtime = runtime
+        self.core = prom.core
+
+    def collect(self) -> Iterator[Any]:
+        core = self.core
+        live: dict[str, list[int]] = {}  # name -> [active, to_tls, to_plain]
+        for service in self.runtime.all_services():
+            row = live.setdefault(service.name, [0, 0, 0])
+            for conn in service.connections:
+                row[0] += 1
+                row[1] += conn.to_tls
+                row[2] += conn.to_sock
+        names = sorted(set(STATS.services) | set(live))
+
+        info = core.GaugeMetricFamily("pytunnel_info", "pytunnel's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        ready = core.GaugeMetricFamily("pytunnel_ready", "1 while accepting connections and not draining")
+        ready.add_metric([], 1 if self.runtime.ready and not self.runtime.draining else 0)
+        yield ready
+
+        total = core.CounterMetricFamily(
+            "pytunnel_connections", "Connections ended, by close reason", labels=["service", "reason"]
+        )
+        active = core.GaugeMetricFamily(
+            "pytunnel_connections_active", "Connections open now", labels=["service"]
+        )
+        nbytes = core.CounterMetricFamily(
+            "pytunnel_bytes",
+            "Bytes relayed: to_tls = written into TLS, to_plain = written to the plain side",
+            labels=["service", "direction"],
+        )
+        failures = core.CounterMetricFamily(
+            "pytunnel_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            labels=["service", "reason"],
+        )
+        for name in names:
+            stats = STATS.service(name)
+            row = live.get(name, [0, 0, 0])
+            for reason, count in sorted(stats.closed.items()):
+                total.add_metric([name, reason], count)
+            active.add_metric([name], row[0])
+            nbytes.add_metric([name, "to_tls"], stats.to_tls + row[1])
+            nbytes.add_metric([name, "to_plain"], stats.to_plain + row[2])
+            for reason, count in sorted(stats.handshake_failures.items()):
+                failures.add_metric([name, reason], count)
+        yield from (total, active, nbytes, failures)
+
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*BUCKETS, float("inf")), STATS.handshake_buckets, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        hist = core.HistogramMetricFamily(
+            "pytunnel_handshake_seconds", "Time from TCP accept/connect to a verified TLS handshake"
+        )
+        hist.add_metric([], buckets, sum_value=STATS.handshake_sum)
+        yield hist
+
+        cert = core.GaugeMetricFamily(
+            "pytunnel_cert_not_after_seconds",
+            "Expiry (notAfter, Unix time) of each certificate in use",
+            labels=["service", "cert"],
+        )
+        for (svc_name, path), value in sorted(STATS.cert_not_after.items()):
+            cert.add_metric([svc_name, path], value)
+        yield cert
+        reloads = core.CounterMetricFamily(
+            "pytunnel_reloads", "Configuration and certificate reloads, by result", labels=["result"]
+        )
+        for result, count in sorted(STATS.reloads.items()):
+            reloads.add_metric([result], count)
+        yield reloads
+
+
+def probe(address: str, path: str = "/livez", timeout: float = 3.0) -> tuple[bool, str]:
+    """`pytunnel healthcheck`: (healthy, one line saying why)."""
+    import urllib.error
+    import urllib.request
+
+    host, port = parse_status(address)
+    if host == "0.0.0.0":  # noqa: S104 - listening everywhere: ask loopback
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    url = f"http://{shown}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http to our own port
+            return resp.status == 200, f"{url}: {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return False, f"{url}: {exc.code}"
+    except (OSError, ValueError) as exc:
+        return False, f"{url}: {getattr(exc, 'reason', exc)}"
