@@ -307,6 +307,30 @@ def test_drain_lets_streams_in_flight_finish(tunnels: TunnelFactory, certs: Cert
     assert server.stop() == 0
 
 
+def test_connections_queued_at_sigterm_are_served_not_reset(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer
+) -> None:
+    client, server = client_server_pair(tunnels, certs, echo)
+    client.signal(signal.SIGSTOP)  # clients queue up in the kernel's accept backlog meanwhile
+    try:
+        socks = [socket.create_connection(("127.0.0.1", client.port("cli")), timeout=20) for _ in range(20)]
+        for i, s in enumerate(socks):
+            s.sendall(b"queued %02d" % i)
+            s.shutdown(socket.SHUT_WR)
+        client.signal(signal.SIGTERM)
+    finally:
+        client.signal(signal.SIGCONT)
+    for i, s in enumerate(socks):
+        got = b""
+        while chunk := s.recv(100):
+            got += chunk
+        s.close()
+        assert got == b"queued %02d" % i
+    assert client.proc.wait(20) == 0
+    assert "Stopped accepting new connections" in client.log
+    assert server.stop() == 0
+
+
 def test_pre_drain_delay_keeps_accepting_while_not_ready(
     tunnels: TunnelFactory, certs: Certs, echo: EchoServer
 ) -> None:

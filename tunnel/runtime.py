@@ -495,9 +495,10 @@ class Runtime:
         self.ready = False
         if self.watcher is not None:
             self.watcher.stop()
-        for service in self.services:
-            service.close_listeners()
+        queued = sum(await asyncio.gather(*(s.stop_accepting() for s in self.services)))
         log.ui(5, "Stopped accepting new connections")
+        if queued:
+            log.ui(6, f"Took {queued} connection(s) already queued by the kernel before closing")
         everyone = self.all_services()
         live = sum(len(s.connections) for s in everyone)
         if live and self.drain_timeout > 0 and self.stopping < 2:

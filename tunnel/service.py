@@ -233,6 +233,26 @@ class Service:
             lst.owner = self
             log.ui(6, f"Service [{self.name}] (FD={lst.sock.fileno()}) bound to {lst.display}")
 
+    async def stop_accepting(self) -> int:
+        """Shutdown: serve what already waits in the kernel's accept queue, then close.
+
+        Those clients finished their TCP handshake and think they are connected; closing the
+        listener under them would reset them.  Returns how many were taken from the queue.
+        """
+        loop = asyncio.get_running_loop()
+        adopted: list[Coroutine[Any, Any, object]] = []
+        for lst in self.listeners:
+            while len(adopted) < 4096:
+                try:
+                    sock, _ = lst.sock.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                adopted.append(loop.connect_accepted_socket(lst.factory, sock))
+        self.close_listeners()
+        if adopted:
+            await asyncio.gather(*adopted, return_exceptions=True)
+        return len(adopted)
+
     def close_listeners(self) -> None:
         self.accepting = False
         for lst in self.listeners:
