@@ -563,7 +563,7 @@ class Runtime:
                 self.retired.append(prev)
             else:
                 if prev is not None:
-                    prev.close_listeners()
+                    await prev.stop_accepting()
                     self.retired.append(prev)
                 service.bind()
                 await service.start()
@@ -571,7 +571,7 @@ class Runtime:
             for err in errors:
                 log.ui(3, err)
         for gone in old.values():
-            gone.close_listeners()
+            await gone.stop_accepting()
             self.retired.append(gone)
             log.ui(5, f"Service [{gone.name}] removed; its live connections continue")
         self.services = services
