@@ -21,16 +21,14 @@ import os
 import ssl
 import tempfile
 from dataclasses import dataclass, field
-
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    pkcs12,
-)
+from typing import TYPE_CHECKING
 
 from tunnel.settings import SSL_OPTIONS, ServiceSettings
+
+if TYPE_CHECKING:
+    # cryptography is imported where a certificate is parsed, not at start-up: a client
+    # that only verifies with OpenSSL never loads it before it accepts a connection
+    from cryptography import x509
 
 _MISSING = object()
 _VERSIONS = {
@@ -129,6 +127,8 @@ class TlsConfig:
         return verdict  # type: ignore[return-value]
 
     def _match_names(self, der: bytes, hosts: tuple[str, ...], ips: tuple[str, ...]) -> str | None:
+        from cryptography import x509
+
         emails = self.policy.check_emails
         cert = x509.load_der_x509_certificate(der)
         if hosts and any(match_host(cert, h) for h in hosts):
@@ -150,6 +150,8 @@ def _is_ip(text: str) -> bool:
 
 
 def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    from cryptography import x509
+
     try:
         return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -167,6 +169,8 @@ def _dns_match(pattern: str, host: str) -> bool:
 
 
 def match_host(cert: x509.Certificate, host: str) -> bool:
+    from cryptography import x509
+
     san = _san(cert)
     names = san.get_values_for_type(x509.DNSName) if san else []
     if not names:  # no SAN DNS names: fall back to the subject CN, as OpenSSL does
@@ -175,6 +179,8 @@ def match_host(cert: x509.Certificate, host: str) -> bool:
 
 
 def match_ip(cert: x509.Certificate, ip: str) -> bool:
+    from cryptography import x509
+
     san = _san(cert)
     if not san:
         return False
@@ -183,12 +189,16 @@ def match_ip(cert: x509.Certificate, ip: str) -> bool:
 
 
 def match_email(cert: x509.Certificate, email: str) -> bool:
+    from cryptography import x509
+
     san = _san(cert)
     names = san.get_values_for_type(x509.RFC822Name) if san else []
     return any(n.lower() == email.lower() for n in names)
 
 
 def peer_subject(der: bytes | None) -> str:
+    from cryptography import x509
+
     if not der:
         return ""
     try:
@@ -218,6 +228,8 @@ def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
 
 
 def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, pkcs12
+
     try:
         pkey, leaf, extra = pkcs12.load_key_and_certificates(data, None)
     except ValueError as exc:
@@ -238,6 +250,9 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
 
 
 def _pinned(svc: ServiceSettings) -> frozenset[bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     out: set[bytes] = set()
     files: list[str] = []
     if svc.CAfile:
