@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf
+from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, systemd
 from tunnel.certwatch import CertWatcher, record_not_after
 from tunnel.envconf import EnvConfig
 from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, StartupError
@@ -369,11 +369,14 @@ class Runtime:
 
     def bind(self) -> int:
         failed = False
+        activation = systemd.Activation()
         for service in self.services:
-            errors = service.bind()
+            errors = service.bind(activation)
             if service.settings.accept and not service.listeners:
                 failed = True
             del errors
+        for extra in activation.leftovers():
+            log.ui(4, f"Socket passed by systemd matches no accept address, ignored: {extra}")
         if self.ops.status and not failed:
             from tunnel.health import StatusServer
 
@@ -461,6 +464,7 @@ class Runtime:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         log.ui(6, "Accepting new connections")
         self.ready = True
+        systemd.ready(f"Accepting connections for {len(self.services)} service(s)")
         if self.stop_trigger is not None:
             self.stop_trigger(self)
         await self.stop_event.wait()
@@ -486,6 +490,7 @@ class Runtime:
 
     async def _shutdown(self) -> int:
         self.draining = True
+        systemd.stopping("Draining connections")
         delay = self.ops.pre_drain_delay
         if delay > 0 and self.stopping < 2:
             log.ui(5, f"Not ready (/readyz 503); still accepting for {delay:g} seconds (pre-drain delay)")
@@ -539,8 +544,10 @@ class Runtime:
         if self.stopping:
             return
         log.ui(5, "Received SIGHUP: reloading the configuration")
+        systemd.reloading()
         if self.source.data is not None:
             log.ui(4, "The configuration came from a file descriptor and cannot be re-read")
+            systemd.ready("Reload impossible: the configuration came from a file descriptor")
             return
         log.ui(5, f"Reading configuration from file {self.source.path}")
         try:
@@ -554,6 +561,7 @@ class Runtime:
             log.ui(3, "Failed to reload the configuration file")
             log.ui(5, "Keeping the old configuration: every service goes on as before")
             STATS.reloaded(False)
+            systemd.ready("Reload failed; the old configuration stays in use")
             return
         old = {s.name: s for s in self.services}
         for service in services:
@@ -580,6 +588,7 @@ class Runtime:
         STATS.reloaded(True)
         _record_certs(services)
         log.ui(5, "Configuration successful")
+        systemd.ready(f"Configuration reloaded; {len(services)} service(s)")
 
     def all_services(self) -> list[Service]:
         return self.services + self.retired

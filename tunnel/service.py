@@ -13,7 +13,7 @@ import struct
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.logs import log
@@ -21,6 +21,9 @@ from tunnel.metrics import STATS
 from tunnel.relay import CloseReason, Connection, PlainSide, Side, TlsSide
 from tunnel.settings import ServiceSettings, SocketOption
 from tunnel.tls import TlsConfig, client_sni, peer_subject, reason_of
+
+if TYPE_CHECKING:
+    from tunnel.systemd import Activation
 
 _counter = itertools.count()
 
@@ -172,10 +175,21 @@ class Service:
         self.tls.context.sni_callback = pick
 
     # ---- listening ---------------------------------------------------------------
-    def bind(self) -> list[str]:
-        """Bind every accept address (synchronously, before the loop).  Returns errors."""
+    def bind(self, activation: Activation | None = None) -> list[str]:
+        """Bind every accept address (synchronously, before the loop).  Returns errors.
+
+        A socket passed by systemd (socket activation) for an address is used as it is.
+        """
         errors: list[str] = []
         for ep in self.settings.accept:
+            passed = activation.take(self.name, ep.host, ep.port, ep.path) if activation else None
+            if passed is not None:
+                passed.setblocking(False)
+                display = format_sockaddr(passed.getsockname())
+                log.ui(6, f"Service [{self.name}] (FD={passed.fileno()}) bound to {display}")
+                log.ui(7, f"Service [{self.name}]: listening socket {display} passed by systemd")
+                self.listeners.append(Listener(sock=passed, display=display, endpoint=ep, owner=self))
+                continue
             try:
                 self.listeners.append(self._bind_one(ep))
             except OSError as exc:
