@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunnel import conf
+from tunnel import conf, envconf
 from tunnel.errors import ConfigError, Problem
 from tunnel.settings import CANONICAL, Settings
 
@@ -215,3 +215,32 @@ def test_nul_byte_in_an_include_path_is_a_config_error(root: Path) -> None:
         conf.load(str(path))
     p = next(p for p in err.value.problems if p.line == 1)
     assert p.text == "include = a\x00b" and "include" in p.message
+
+
+# ------------------------------------------------------------------ env-only configuration
+
+ENV_NAMES = sorted(
+    {"STUNNEL_SERVICE", "STUNNEL_SERVICE_NAME", "STUNNEL_ACCEPT", "STUNNEL_CONNECT", "STUNNEL_CLIENT"}
+    | {var for var, _ in envconf.SERVICE_VARS}
+    | {var for var, _ in envconf.GLOBAL_VARS}
+)
+ENV_VALUES = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(
+        ["yes", "no", "127.0.0.1:0", "localhost:465", "smtp", "7", "0", "[x]", "a = b", "/nonexistent"]
+    ),
+)
+
+
+@SETTINGS
+@given(env=st.dictionaries(st.sampled_from(ENV_NAMES), ENV_VALUES, max_size=10))
+def test_env_config_raises_only_config_errors_naming_a_variable(env: dict[str, str]) -> None:
+    try:
+        built = envconf.build(env)
+        built.load()
+    except ConfigError as exc:
+        for p in exc.problems:
+            text = p.render()
+            assert p.message
+            # every problem names a variable (or says which ones are missing)
+            assert "STUNNEL_" in text or p.file == envconf.SOURCE, text
