@@ -310,3 +310,19 @@ def test_sni_routes_to_the_secondary_service(tunnels: TunnelFactory, certs: Cert
         ):
             assert s.recv(20) == tag
     t.wait_for(r"SNI: switched to secondary service \[sec\]")
+
+
+# ------------------------------------------------------------------ key file permissions
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o604, True), (0o640, False), (0o600, False)])
+def test_key_readable_by_others_is_warned_like_stunnel(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, tmp_path: Path, mode: int, warned: bool
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_bytes(certs.server_pem.read_bytes())
+    key.chmod(mode)
+    conf = tunnels.conf(f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {key}\n")
+    t = tunnels.start(conf, impl=impl)
+    assert (f"Insecure file permissions on {key}" in t.log) is warned
+    assert t.stop() == 0

@@ -176,10 +176,21 @@ def warn_services(services: list[Service], secure: bool) -> None:
                     )
         if svc.cert:
             _warn_cert(svc.name, svc.cert)
+            _warn_key_mode(svc.key or svc.cert)
         if svc.retry:
             log.ui(4, f"Service [{svc.name}]: retry has no effect without exec")
         if svc.stack != 65536:
             log.ui(4, f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
+
+
+def _warn_key_mode(path: str) -> None:
+    """stunnel's warning (same text, same rule) for a private key that others may read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o007:
+        log.ui(4, f"Insecure file permissions on {path}")
 
 
 def _record_certs(services: list[Service]) -> None:
