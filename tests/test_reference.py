@@ -241,6 +241,10 @@ PREREQ: dict[str, dict[str, str]] = {
     "checkHost": {"CAfile": "/x/ca.pem", "verifyChain": "yes"},
     "checkIP": {"CAfile": "/x/ca.pem", "verifyChain": "yes"},
     "checkEmail": {"CAfile": "/x/ca.pem", "verifyChain": "yes"},
+    "protocolAuthentication": {"protocol": "smtp"},
+    "protocolHost": {"protocol": "smtp"},
+    "protocolUsername": {"protocol": "smtp"},
+    "protocolPassword": {"protocol": "smtp"},
 }
 
 
@@ -459,6 +463,11 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "session": ("300", 300),
     "sessionResume": ("no", False),
     "sni": ("mail.example.com", "mail.example.com"),
+    "protocol": ("smtp", "smtp"),
+    "protocolAuthentication": ("login", "login"),
+    "protocolHost": ("mail.example.com", "mail.example.com"),
+    "protocolUsername": ("user", "user"),
+    "protocolPassword": ("secret", "secret"),
     "socket": ("r:SO_KEEPALIVE=yes", [SocketOption(where="r", name="SO_KEEPALIVE", value=1)]),
     "sslVersion": ("TLSv1.3", "TLSv1.3"),
     "sslVersionMax": ("TLSv1.2", "TLSv1.2"),

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tunnel import protocols
 from tunnel.errors import ConfigError, Problem
 from tunnel.settings import (
     CANONICAL,
@@ -327,6 +328,30 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
             'Either "CAengine", "CAfile" or "CApath" has to be configured',
             "add CAfile = /path/to/ca.pem",
             *verifies,
+        )
+    if svc.protocol:
+        try:
+            protocols.lookup(svc.protocol, bool(svc.client))
+        except ValueError as exc:
+            bad(str(exc), f"protocol = one of {', '.join(protocols.names(bool(svc.client)))}", "protocol")
+        else:
+            auth = (svc.protocolAuthentication or "").lower()
+            allowed = protocols.AUTHENTICATION.get(svc.protocol.lower(), ())
+            if auth and auth not in allowed:
+                bad(
+                    f"protocolAuthentication = {svc.protocolAuthentication} is not valid "
+                    f"with protocol = {svc.protocol}",
+                    f"use one of: {', '.join(allowed)}" if allowed else "remove the line",
+                    "protocolAuthentication",
+                )
+    elif svc.protocolAuthentication or svc.protocolHost or svc.protocolUsername or svc.protocolPassword:
+        bad(
+            "protocolHost/protocolUsername/protocolPassword/protocolAuthentication need protocol",
+            "add protocol = smtp (or remove them)",
+            "protocolHost",
+            "protocolUsername",
+            "protocolPassword",
+            "protocolAuthentication",
         )
     # a client left at verifyChain's default verifies under `pytunnel run`: runtime checks
     # this rule there, knowing the mode (names_need_verify)

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tunnel.protocols import Tap
     from tunnel.service import Service
 
 READ_SIZE = 65536
@@ -65,6 +66,7 @@ class CloseReason(enum.Enum):
     CONNECT_FAILED = "connect failed"
     HANDSHAKE_FAILED = "handshake failed"
     VERIFY_FAILED = "verify failed"
+    PROTOCOL_FAILED = "protocol failed"
     SHUTDOWN = "shutdown"
     ERROR = "error"
 
@@ -83,6 +85,8 @@ class Side(asyncio.Protocol):
     transport: asyncio.Transport | None = None
     conn: Connection
     made_hook: Callable[[Side], None] | None = None
+    # protocol negotiation (``protocol = smtp`` ...): while set, what arrives goes here
+    tap: Tap | None = None
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -125,6 +129,8 @@ class Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.tap is not None:
+            self.tap.feed_eof()
         self.conn.side_lost(self, exc)
 
     # ---- used by the peer side -------------------------------------------
@@ -144,6 +150,9 @@ class Side(asyncio.Protocol):
             self.transport.close()
 
     def received(self, data: bytes) -> None:
+        if self.tap is not None:
+            self.tap.feed(data)
+            return
         conn = self.conn
         conn.last_activity = conn.loop.time()
         peer = self.peer
@@ -157,6 +166,9 @@ class Side(asyncio.Protocol):
             self.pause_reading()
 
     def received_eof(self) -> None:
+        if self.tap is not None:
+            self.tap.feed_eof()
+            return
         if self.eof_in:
             return
         self.eof_in = True
@@ -214,10 +226,21 @@ class TlsSide(Side):
         self.clean_eof = False
         self.failed = False
         self.started = conn.loop.time()  # for pytunnel_handshake_seconds
+        self.deferred = False  # plaintext first (STARTTLS): start_tls() begins the handshake
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._handshake()
+        if not self.deferred:
+            self._handshake()
+
+    def start_tls(self, leftover: bytes = b"") -> None:
+        """End the plaintext phase: ``leftover`` is what already arrived of the handshake."""
+        self.deferred = False
+        self.started = self.conn.loop.time()
+        if leftover:
+            self.incoming.write(leftover)
+        if self.transport is not None and not self.closed:
+            self._handshake()
 
     def _flush(self) -> None:
         if self.outgoing.pending and self.transport is not None and not self.closed:
@@ -245,6 +268,12 @@ class TlsSide(Side):
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
+            return
+        if self.deferred:  # plaintext before STARTTLS: for the protocol's tap
+            if self.tap is not None:
+                self.tap.feed(data)
+            else:
+                self.early.append(data)
             return
         self.incoming.write(data)
         if self.handshaking:
@@ -297,6 +326,10 @@ class TlsSide(Side):
     def eof_received(self) -> bool:
         # TCP FIN from the TLS peer.  Drain whatever records are buffered first.
         if self.failed:
+            return True
+        if self.deferred:
+            if self.tap is not None:
+                self.tap.feed_eof()
             return True
         if not self.handshaking and not self.eof_in:
             self.incoming.write_eof()

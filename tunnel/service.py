@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tunnel import protocols
 from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.logs import log
 from tunnel.metrics import STATS
@@ -128,6 +129,7 @@ class Service:
         self._drained: asyncio.Event | None = None
         self.accepting = True
         self.counters = STATS.service(self.name)
+        self.protocol = protocols.lookup(settings.protocol, settings.client) if settings.protocol else None
         self.sockopts_l = socket_options(settings, "l")
         self.sockopts_r = socket_options(settings, "r")
         if not settings.client and self.secondaries:
@@ -291,8 +293,11 @@ class Service:
                 conn,
                 self.tls.context,
                 server_side=True,
-                on_handshake=self._server_handshake_done,
+                on_handshake=None if self.protocol else self._server_handshake_done,
             )
+            if self.protocol is not None:
+                mode = self.protocol
+                conn.tls.deferred = bool(mode.early or (mode.connect_before_tls and mode.middle))
             side = conn.tls
         side.made_hook = self._accepted
         return side
@@ -315,6 +320,8 @@ class Service:
         loop = conn.loop
         if self.settings.client:
             loop.create_task(self._guard(conn, self._open_upstream(conn)))
+        elif self.protocol is not None:
+            loop.create_task(self._guard(conn, self._serve_protocol(conn, self.protocol)))
         else:
             timeout = self.settings.TIMEOUTbusy
             conn.timer = loop.call_later(timeout, self._handshake_timeout, conn)
@@ -323,6 +330,8 @@ class Service:
         """No exception may leave a connection half set up."""
         try:
             await work
+        except protocols.ProtocolError as exc:
+            conn.fail(CloseReason.PROTOCOL_FAILED, str(exc))
         except Exception as exc:  # noqa: BLE001 - reported on the connection
             conn.fail(CloseReason.ERROR, f"Internal error: {exc!r}")
 
@@ -403,11 +412,100 @@ class Service:
             return
         conn.link()
 
+    # ---- protocol negotiation (protocol = ...) -------------------------------------------
+    async def _connect_plain(self, conn: Connection, ctx: protocols.Ctx) -> PlainSide | None:
+        sock = await self._dial_any(conn, ctx.targets)
+        if sock is None:
+            return None
+        plain = PlainSide(conn)
+        conn.plain = plain
+        try:
+            await conn.loop.create_connection(lambda: plain, sock=sock)
+        except OSError as exc:
+            sock.close()
+            conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc}")
+            return None
+        return plain
+
+    async def _serve_protocol(self, conn: Connection, mode: protocols.Mode) -> None:
+        """Server mode with ``protocol``: stunnel's early / connect / middle / TLS / late."""
+        tls = conn.tls
+        assert tls is not None
+        loop = conn.loop
+        busy = float(self.settings.TIMEOUTbusy)
+        fut: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def done(_side: TlsSide, exc: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_result(exc)
+
+        tls.on_handshake = done
+        conn.waiter = fut
+        ctx: protocols.Ctx | None = None
+        if tls.deferred:  # plaintext on the accepted socket first
+            ctx = protocols.Ctx(conn, self.settings, protocols.Tap(tls, raw=True, timeout=busy))
+            if mode.early is not None:
+                await mode.early(ctx)
+            if mode.connect_before_tls:
+                plain = await self._connect_plain(conn, ctx)
+                if plain is None:
+                    return
+                ctx.remote = protocols.Tap(plain, raw=True, timeout=busy)
+                if mode.middle is not None:
+                    await mode.middle(ctx)
+            tls.start_tls(ctx.local.detach(pause=False))
+        try:
+            exc = await asyncio.wait_for(fut, timeout=busy)
+        except TimeoutError:
+            self.counters.handshake_failed("timeout")
+            conn.fail(
+                CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset"
+            )
+            return
+        conn.waiter = None
+        if conn.reason is not None:
+            return
+        target = _SNI_CHOICE.pop(id(tls.sslobj), self)
+        if not self._handshake_ok(conn, tls, exc, target.tls, None):
+            return
+        local = protocols.Tap(tls, raw=False, timeout=busy)
+        if ctx is None:
+            ctx = protocols.Ctx(conn, self.settings, local)
+        ctx.local = local
+        if conn.plain is None:
+            if mode.middle is not None:
+                await mode.middle(ctx)
+            plain = await target._connect_plain(conn, ctx)
+            if plain is None:
+                return
+            ctx.remote = protocols.Tap(plain, raw=True, timeout=busy)
+        if mode.late is not None:
+            await mode.late(ctx)
+        self._end_protocol(conn, ctx)
+        conn.link()
+
+    @staticmethod
+    def _end_protocol(conn: Connection, ctx: protocols.Ctx) -> None:
+        """Hand what arrived beyond the negotiation to the data path (link() replays it)."""
+        for tap in (ctx.local, ctx.remote):
+            if tap is not None and tap.side.tap is tap:
+                left = tap.detach()
+                if left:
+                    tap.side.early.append(left)
+
     # ---- client mode: connect TLS upstream ---------------------------------------------
     async def _open_upstream(self, conn: Connection) -> None:
         loop = conn.loop
         tcfg = self.tls
-        sock = await self._dial_any(conn)
+        mode = self.protocol
+        busy = float(self.settings.TIMEOUTbusy)
+        ctx: protocols.Ctx | None = None
+        if mode is not None:
+            assert conn.plain is not None
+            ctx = protocols.Ctx(conn, self.settings, protocols.Tap(conn.plain, raw=True, timeout=busy))
+            if mode.early is not None:
+                await mode.early(ctx)
+        sock = await self._dial_any(conn, ctx.targets if ctx else None)
         if sock is None:
             return
         target = conn.target
@@ -431,10 +529,15 @@ class Service:
             on_handshake=done,
         )
         conn.tls = tls
+        tls.deferred = mode is not None and mode.middle is not None
         try:
             await loop.create_connection(lambda: tls, sock=sock)
+            if ctx is not None and mode is not None and mode.middle is not None:
+                ctx.remote = protocols.Tap(tls, raw=True, timeout=busy)
+                await mode.middle(ctx)
+                tls.start_tls(ctx.remote.detach(pause=False))
             # stunnel bounds the TCP connect by TIMEOUTconnect, the handshake by TIMEOUTbusy
-            exc = await asyncio.wait_for(fut, timeout=float(self.settings.TIMEOUTbusy))
+            exc = await asyncio.wait_for(fut, timeout=busy)
         except TimeoutError:
             self.counters.handshake_failed("timeout")
             conn.fail(
@@ -451,12 +554,21 @@ class Service:
             return
         if not self._handshake_ok(conn, tls, exc, tcfg, self.settings.sni or host):
             return
+        if ctx is not None and mode is not None:
+            if mode.late is not None:
+                ctx.remote = protocols.Tap(tls, raw=False, timeout=busy)
+                await mode.late(ctx)
+            self._end_protocol(conn, ctx)
         conn.link()
 
-    async def _dial_any(self, conn: Connection) -> socket.socket | None:
-        """TCP-connect the first reachable target (failover), bounded by TIMEOUTconnect."""
+    async def _dial_any(
+        self, conn: Connection, chosen: list[tuple[int, Any, str | None]] | None = None
+    ) -> socket.socket | None:
+        """TCP-connect the first reachable target (failover), bounded by TIMEOUTconnect.
+
+        ``chosen``: the targets a protocol picked (SOCKS), instead of ``connect``."""
         loop = conn.loop
-        targets = await self._targets(conn)
+        targets = chosen or await self._targets(conn)
         if targets is None:
             return None
         timeout = float(self.settings.TIMEOUTconnect)

@@ -479,17 +479,15 @@ class ServiceSettings(BaseModel):
     )
     OCSPrequire: str | None = opt(None, "OCSPrequire", "require OCSP answer", unsupported=NO_API + " (OCSP)")
     TIMEOUTocsp: str | None = opt(None, "TIMEOUTocsp", "OCSP connect timeout", unsupported=NO_API + " (OCSP)")
-    protocol: str | None = opt(
-        None, "protocol", "protocol negotiation before TLS (STARTTLS, CONNECT, ...)", unsupported=LATER
-    )
+    protocol: str | None = opt(None, "protocol", "protocol negotiation before TLS (STARTTLS, CONNECT, ...)")
     protocolAuthentication: str | None = opt(
-        None, "protocolAuthentication", "protocol auth type", unsupported=LATER
+        None, "protocolAuthentication", "authentication for protocol negotiation (smtp: plain|login)"
     )
     protocolDomain: str | None = opt(None, "protocolDomain", "protocol domain", unsupported=LATER)
     protocolHeader: list[str] = opt(None, "protocolHeader", "protocol header", repeat=True, unsupported=LATER)
-    protocolHost: str | None = opt(None, "protocolHost", "protocol host", unsupported=LATER)
-    protocolPassword: str | None = opt(None, "protocolPassword", "protocol password", unsupported=LATER)
-    protocolUsername: str | None = opt(None, "protocolUsername", "protocol user", unsupported=LATER)
+    protocolHost: str | None = opt(None, "protocolHost", "SMTP EHLO name; CONNECT/SOCKS destination")
+    protocolPassword: str | None = opt(None, "protocolPassword", "password for protocol authentication")
+    protocolUsername: str | None = opt(None, "protocolUsername", "user for protocol authentication")
     PSKidentity: str | None = opt(
         None, "PSKidentity", "PSK identity", unsupported=LATER + "; it will need Python >= 3.13"
     )
