@@ -234,13 +234,15 @@ def model_default(name: str) -> Any:
 
 BASE = {"client": "yes", "accept": "127.0.0.1:0", "connect": "127.0.0.1:9"}
 #: what an option needs beside it to be valid (stunnel's own cross-field rules)
-PREREQ: dict[str, dict[str, str]] = {
+PREREQ: dict[str, dict[str, str | None]] = {  # None: drop that option of BASE
     "verifyChain": {"CAfile": "/x/ca.pem"},
     "verifyPeer": {"CAfile": "/x/ca.pem"},
     "verify": {"CAfile": "/x/ca.pem"},
     "checkHost": {"CAfile": "/x/ca.pem", "verifyChain": "yes"},
     "checkIP": {"CAfile": "/x/ca.pem", "verifyChain": "yes"},
     "checkEmail": {"CAfile": "/x/ca.pem", "verifyChain": "yes"},
+    "exec": {"connect": None},
+    "execArgs": {"connect": None, "exec": "/bin/cat"},
     "protocolAuthentication": {"protocol": "smtp"},
     "protocolHost": {"protocol": "smtp"},
     "protocolUsername": {"protocol": "smtp"},
@@ -258,7 +260,7 @@ def write_config(tmp_path: Path, glob: list[str], section: dict[str, str], extra
 def section_for(name: str) -> dict[str, str]:
     """A valid client section without ``name`` (the sample line supplies it)."""
     c = canon(name)
-    return {k: v for k, v in {**BASE, **PREREQ.get(c, {})}.items() if k != c}
+    return {k: v for k, v in {**BASE, **PREREQ.get(c, {})}.items() if k != c and v is not None}
 
 
 def rejected(path: Path) -> list[Problem]:
@@ -464,6 +466,9 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "sessionResume": ("no", False),
     "sni": ("mail.example.com", "mail.example.com"),
     "protocol": ("smtp", "smtp"),
+    "exec": ("/bin/cat", "/bin/cat"),
+    "execArgs": ("cat -u", "cat -u"),
+    "setEnv": ("LANG=C", ["LANG=C"]),
     "protocolAuthentication": ("login", "login"),
     "protocolHost": ("mail.example.com", "mail.example.com"),
     "protocolUsername": ("user", "user"),

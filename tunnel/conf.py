@@ -305,20 +305,29 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
                 break
         out.append(Problem(f"Service [{svc.name}]: {message}", file, line, text, hint))
 
+    ends = [n for n in ("accept", "exec", "connect") if getattr(svc, n)]
     if inetd:
-        if not svc.connect:
-            bad("Each service must define two endpoints", 'add "connect = [HOST:]PORT"')
         if svc.accept:
             bad("accept is not valid in inetd mode", "put the options in a [service] section")
+        elif len(ends) != 1:
+            bad(
+                "Each service must define two endpoints",
+                'stdin/stdout is one: add "connect = [HOST:]PORT" or "exec = PROGRAM" (not both)',
+                "exec",
+            )
     elif is_secondary(svc):
-        if not svc.connect:
+        if not (svc.connect or svc.exec):
             bad("Each service must define two endpoints", 'add "connect = [HOST:]PORT"')
-    elif not svc.accept or not svc.connect:
-        missing = "accept" if not svc.accept else "connect"
-        bad(
-            "Each service must define two endpoints",
-            f'add "{missing} = [HOST:]PORT"',
-        )
+    elif len(ends) != 2:
+        if len(ends) == 3:
+            hint = "exec replaces one endpoint: remove accept (exec+connect) or connect (accept+exec)"
+        elif not svc.accept and not svc.exec:
+            hint = 'add "accept = [HOST:]PORT"'
+        else:
+            hint = 'add "connect = [HOST:]PORT"'
+        bad("Each service must define two endpoints", hint, "exec")
+    if svc.execArgs and not svc.exec:
+        bad("execArgs needs exec", "add exec = /path/to/program", "execArgs")
     if not svc.client and not svc.cert:
         bad("TLS server needs a certificate", "add cert = /path/to/cert.pem, or set client = yes")
     # legacy verify = 1..4 turns on verifyChain (1-3) and/or verifyPeer (3-4), as in stunnel

@@ -7,6 +7,7 @@ import contextlib
 import os
 import platform
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable
@@ -153,6 +154,9 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
             continue
         subs = [made[s.name] for s in secondaries.get(svc.name, [])]
         out.append(Service(svc, tls_of[svc.name], secure, subs))  # type: ignore[arg-type]
+    for service in out + list(made.values()):
+        service.set_env = list(settings.globals.setEnv)
+        service.foreground = settings.globals.foreground == "yes"
     return out
 
 
@@ -177,8 +181,8 @@ def warn_services(services: list[Service], secure: bool) -> None:
         if svc.cert:
             _warn_cert(svc.name, svc.cert)
             _warn_key_mode(svc.key or svc.cert)
-        if svc.retry:
-            log.ui(4, f"Service [{svc.name}]: retry has no effect without exec")
+        if svc.retry and not (svc.exec and svc.connect):
+            log.ui(4, f"Service [{svc.name}]: retry has no effect without exec and connect")
         if svc.stack != 65536:
             log.ui(4, f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
 
@@ -353,11 +357,6 @@ class Runtime:
             log.ui(3, "Configuration failed")
             log.flush_early()
             return CONFIG_FAILURE
-        if settings.inetd:
-            log.ui(3, "inetd mode (a configuration without [sections]) is not supported yet")
-            log.ui(3, "Configuration failed")
-            log.flush_early()
-            return CONFIG_FAILURE
         self.settings = settings
         self.services = services
         g = settings.globals
@@ -405,6 +404,8 @@ class Runtime:
         if code:
             return code
         assert self.settings is not None
+        if self.settings.inetd:
+            return self._run_inetd()
         g = self.settings.globals
         # No window in which a signal kills us with its default action: hold them until
         # the loop's handlers are installed (stunnel has such a window; we do not).
@@ -448,6 +449,48 @@ class Runtime:
             if self.pidfile:
                 with contextlib.suppress(OSError):
                     os.unlink(self.pidfile)
+
+    # ---- inetd mode -------------------------------------------------------------------
+    def _run_inetd(self) -> int:
+        """No [section]: serve the one connection inetd (or systemd Accept=yes) put on stdin/stdout."""
+        assert self.settings is not None
+        service = self.services[0]
+        try:
+            sock = socket.socket(fileno=os.dup(0))
+            if sock.type != socket.SOCK_STREAM:
+                raise OSError("not a stream socket")
+            sock.getsockname()
+        except OSError as exc:
+            log.ui(3, f"inetd mode needs a connected stream socket on stdin: {exc}")
+            return STARTUP_FAILURE
+        # our copy is the connection now: stdin/stdout must not keep it open (the peer's EOF)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        try:
+            _drop_privileges(self.settings)
+        except (OSError, KeyError) as exc:
+            log.ui(3, f"Start-up failed: {exc}")
+            return STARTUP_FAILURE
+        log.ui(5, f"Service [{self.settings.globals.service}] started")
+        loop = new_loop()
+        asyncio.set_event_loop(loop)
+
+        async def serve() -> int:
+            loop.set_exception_handler(_exception_handler)
+            for err in await service.resolve_all():
+                log.ui(3, err)
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(service._factory, sock)
+            await service.drain(float("inf"))
+            await asyncio.sleep(0)
+            return 0
+
+        try:
+            return loop.run_until_complete(serve())
+        finally:
+            loop.close()
 
     def _close_all(self) -> None:
         for service in self.services:

@@ -15,13 +15,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tunnel import protocols
+from tunnel import program, protocols
 from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.relay import CloseReason, Connection, PlainSide, Side, TlsSide
 from tunnel.settings import ServiceSettings, SocketOption
-from tunnel.tls import TlsConfig, client_sni, peer_subject, reason_of
+from tunnel.tls import TlsConfig, client_dn, client_sni, peer_subject, reason_of
 
 if TYPE_CHECKING:
     from tunnel.systemd import Activation
@@ -130,6 +130,12 @@ class Service:
         self.accepting = True
         self.counters = STATS.service(self.name)
         self.protocol = protocols.lookup(settings.protocol, settings.client) if settings.protocol else None
+        # exec: the program is the remote end (accept + exec) or the local end (exec + connect)
+        self.exec_remote = bool(settings.exec) and not settings.connect
+        self.exec_local = bool(settings.exec) and bool(settings.connect) and not settings.accept
+        self.set_env: list[str] = []  # the global setEnv lines (runtime fills them in)
+        self.foreground = True
+        self._local_done: asyncio.Event | None = None
         self.sockopts_l = socket_options(settings, "l")
         self.sockopts_r = socket_options(settings, "r")
         if not settings.client and self.secondaries:
@@ -240,6 +246,62 @@ class Service:
         for lst in self.listeners:
             if lst.server is None:
                 lst.server = await loop.create_server(lst.factory, sock=lst.sock, backlog=1024)
+        if self.exec_local and self._local_done is None:
+            self._local_done = asyncio.Event()
+            loop.create_task(self._run_exec_local())
+
+    # ---- exec ------------------------------------------------------------------------
+    async def _spawn(self, conn: Connection | None) -> socket.socket | None:
+        """Start ``exec`` for one connection; None (and the connection failed) when it cannot."""
+        assert self.settings.exec is not None
+        peer: tuple[str, int] | None = None
+        dn: tuple[str, str] | None = None
+        if conn is not None:
+            host, _, port = conn.peer_addr.rpartition(":")
+            if host and port.isdigit():
+                peer = (host, int(port))
+            if conn.tls is not None and not self.settings.client and not conn.tls.handshaking:
+                dn = client_dn(conn.tls.sslobj.getpeercert(binary_form=True))
+        env = program.child_env(self.set_env, peer, dn)
+        ident = conn.id if conn is not None else self.name
+        try:
+            return await program.spawn(
+                self.settings.exec,
+                program.argv_of(self.settings.exec, self.settings.execArgs),
+                env,
+                stderr_to_socket=not self.foreground,
+                ident=ident,
+            )
+        except OSError as exc:
+            text = f"execv {self.settings.exec}: {exc.strerror or exc} ({exc.errno})"
+            if conn is not None:
+                conn.fail(CloseReason.CONNECT_FAILED, text)
+            else:
+                log.ui(3, f"Service [{self.name}]: {text}")
+            return None
+
+    async def _run_exec_local(self) -> None:
+        """exec + connect: the program is the local end, started now and again on ``retry``."""
+        loop = asyncio.get_running_loop()
+        done = self._local_done
+        assert done is not None
+        log.ui(5, f"Starting exec+connect service [{self.name}]")
+        while self.accepting:
+            done.clear()
+            sock = await self._spawn(None)
+            if sock is not None:
+                try:
+                    await loop.connect_accepted_socket(self._factory, sock)
+                except OSError as exc:
+                    sock.close()
+                    log.ui(3, f"Service [{self.name}]: {exc}")
+                else:
+                    await done.wait()
+            if not self.settings.retry or not self.accepting:
+                break
+            await asyncio.sleep(self.settings.retry / 1000)
+            if self.accepting:
+                log.ui(6, "Retrying an exec+connect section")
 
     def adopt_listeners(self, old: Service) -> None:
         """Reload: keep the old sockets where the accept list is unchanged."""
@@ -566,7 +628,10 @@ class Service:
     ) -> socket.socket | None:
         """TCP-connect the first reachable target (failover), bounded by TIMEOUTconnect.
 
-        ``chosen``: the targets a protocol picked (SOCKS), instead of ``connect``."""
+        ``chosen``: the targets a protocol picked (SOCKS), instead of ``connect``; with
+        ``exec`` and no ``connect`` the program is the remote end."""
+        if self.exec_remote and not chosen:
+            return await self._spawn(conn)
         loop = conn.loop
         targets = chosen or await self._targets(conn)
         if targets is None:
@@ -689,6 +754,8 @@ class Service:
             )
         if self._drained is not None and not self.connections:
             self._drained.set()
+        if self._local_done is not None:
+            self._local_done.set()
 
     def _remember_session(self, key: str, tls: TlsSide) -> None:
         now = asyncio.get_running_loop().time()

@@ -462,8 +462,10 @@ class ServiceSettings(BaseModel):
     )
     engineId: str | None = opt(None, "engineId", "engine for this service", unsupported=ENGINE)
     engineNum: str | None = opt(None, "engineNum", "engine number for this service", unsupported=ENGINE)
-    exec: str | None = opt(None, "exec", "run a local program instead of connect", unsupported=LATER)
-    execArgs: str | None = opt(None, "execArgs", "argv of the exec program", unsupported=LATER)
+    exec: str | None = opt(
+        None, "exec", "run a local program as one endpoint (instead of accept or of connect)"
+    )
+    execArgs: str | None = opt(None, "execArgs", "argv of the exec program ($0 $1 ...; no quoting)")
     ident: str | None = opt(None, "ident", "IDENT (RFC 1413) user check", unsupported=LATER)
     include: str | None = opt(None, "include", "include every file of a directory (handled by the reader)")
     libwrap: str | None = opt(
@@ -584,10 +586,9 @@ class GlobalSettings(BaseModel):
     setEnv: list[str] = opt(
         None,
         "setEnv",
-        "environment for exec children",
+        "environment for exec children (VAR=VALUE)",
         scope="global",
         repeat=True,
-        unsupported=LATER + " (exec)",
     )
     taskbar: str | None = opt(None, "taskbar", "Windows taskbar icon", scope="global", unsupported=WIN)
 

@@ -196,6 +196,24 @@ def match_email(cert: x509.Certificate, email: str) -> bool:
     return any(n.lower() == email.lower() for n in names)
 
 
+def client_dn(der: bytes | None) -> tuple[str, str] | None:
+    """(subject, issuer) of a peer certificate as stunnel puts them in SSL_CLIENT_DN/_I_DN
+    (``O=Org, OU=Unit, CN=name``: in certificate order)."""
+    from cryptography import x509
+
+    if not der:
+        return None
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+
+    def oneline(name: x509.Name) -> str:
+        return ", ".join(f"{a.rfc4514_attribute_name}={a.value!s}" for a in name)
+
+    return oneline(cert.subject), oneline(cert.issuer)
+
+
 def peer_subject(der: bytes | None) -> str:
     from cryptography import x509
 
