@@ -723,3 +723,10 @@ def test_non_ascii_digits_get_the_options_own_message(tmp_path: Path, line: str,
     p = only(fail(tmp_path, CLIENT + line + "\n"))
     assert (p.line, p.text) == (5, line)
     assert needle in p.message and "invalid literal" not in p.message
+
+
+def test_an_unreadable_file_is_one_problem_not_a_phantom_service(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        conf.load(str(tmp_path / "absent.conf"))
+    p = only(err.value.problems)
+    assert p.message == "cannot read the configuration file: No such file or directory"

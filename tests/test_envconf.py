@@ -110,7 +110,7 @@ def test_print_config_shows_the_effective_file() -> None:
     [
         ({"STUNNEL_CLIENT": "maybe"}, 'environment variable STUNNEL_CLIENT: "client = maybe"'),
         ({"STUNNEL_CONNECT": "smtp.example"}, "environment variable STUNNEL_CONNECT: "),
-        ({"STUNNEL_PROTOCOL": "smtp"}, "environment variable STUNNEL_PROTOCOL: "),
+        ({"STUNNEL_PROTOCOL": "gopher"}, "environment variable STUNNEL_PROTOCOL: "),
         ({"STUNNEL_CLIENT": "no"}, "set STUNNEL_CRT (and STUNNEL_KEY), or STUNNEL_CLIENT=yes"),
         ({"STUNNEL_CONNECT": "1.2.3.4:1\nexec = /bin/sh"}, "STUNNEL_CONNECT: a value must be one line"),
         ({"STUNNEL_CONNECT": ""}, "STUNNEL_CONNECT not set"),
@@ -134,3 +134,14 @@ def test_no_config_and_no_environment_is_a_usage_error() -> None:
     out = cli("run")
     assert out.returncode == 2
     assert "STUNNEL_SERVICE" in out.stderr
+
+
+def test_a_certificate_problem_names_the_variable(tmp_path: Path) -> None:
+    out = cli(
+        "check",
+        STUNNEL_SERVICE="web", STUNNEL_ACCEPT="127.0.0.1:0", STUNNEL_CONNECT="127.0.0.1:9",
+        STUNNEL_CRT=str(tmp_path / "missing.pem"),
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert f'environment variable STUNNEL_CRT: "cert = {tmp_path / "missing.pem"}"' in out.stderr, out.stderr
+    assert "environment:" not in out.stderr

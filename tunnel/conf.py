@@ -424,6 +424,10 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
 def build(raw: RawConfig) -> Settings:
     """Validate a read configuration; raise ConfigError listing every problem."""
     problems = list(raw.problems)
+    if any(
+        p.message.startswith("cannot read the configuration file") and p.file == raw.source for p in problems
+    ):
+        raise ConfigError(problems)  # nothing was read: no rule about its (absent) services applies
     top = Problem("", raw.source, None, None)
 
     glob_entries = [e for e in raw.globals if e.name in GLOBAL_FIELDS]

@@ -63,9 +63,9 @@ class EnvConfig:
         try:
             return conf.load_bytes(self.text.encode(), SOURCE)
         except ConfigError as exc:
-            raise ConfigError([self._rename(p) for p in exc.problems]) from None
+            raise ConfigError([self.rename(p) for p in exc.problems]) from None
 
-    def _rename(self, problem: Problem) -> Problem:
+    def rename(self, problem: Problem) -> Problem:
         var = self.origin.get(problem.line or -1)
         if var is None:
             return problem

@@ -350,7 +350,12 @@ class Runtime:
                 else "UTF-8 byte order mark not detected",
             )
             log.ui(5, "FIPS mode disabled")
-            services = build_services(settings, self.secure)
+            try:
+                services = build_services(settings, self.secure)
+            except ConfigError as exc:
+                if self.source.env is not None:  # name the variable, not a generated line
+                    raise ConfigError([self.source.env.rename(p) for p in exc.problems]) from None
+                raise
         except ConfigError as exc:
             for problem in exc.problems:
                 log.ui(3, problem.render())
@@ -415,7 +420,10 @@ class Runtime:
             self._close_all()
             return code
         _seed(self.settings)
-        if g.foreground == "no":
+        if g.foreground == "no" and os.getpid() == 1:
+            # a container's PID 1 that forks away ends the container: stay, and say so
+            log.ui(4, "Running as PID 1: staying in the foreground (foreground = no would end the container)")
+        elif g.foreground == "no":
             log.to_stderr = False
             _daemonize()
         try:
