@@ -69,3 +69,63 @@ def test_foreground_quiet_logs_only_to_output(tmp_path: Path, echo: EchoServer) 
         _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0
     assert err == b""
+
+
+def test_chroot_and_setuid_keep_serving_tls(tmp_path: Path, echo: EchoServer) -> None:
+    """Everything a connection needs is loaded before chroot and setuid (nothing to import after)."""
+    import ssl
+
+    import trustme
+
+    if os.getuid() != 0:
+        import pytest
+
+        pytest.skip("chroot and setuid need root (CI runs as root)")
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    ca = trustme.CA()
+    cert = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    conf = tmp_path / "jail.conf"
+    conf.write_text(
+        f"foreground = yes\nsyslog = no\npid =\ndebug = 6\nchroot = {jail}\nsetuid = nobody\nsetgid = nogroup\n"
+        f"[srv]\naccept = 127.0.0.1:0\nconnect = localhost:{echo.port}\ncert = {cert}\n"
+        f"[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:1\nverifyChain = yes\nCAfile = {ca_pem}\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTUNNEL_STATUS="127.0.0.1:0")
+    log = tmp_path / "jail.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(pytunnel_cmd("run", str(conf)), env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Accepting new connections" in log.read_text() or proc.poll() is not None)
+        text = log.read_text()
+        assert proc.poll() is None, text
+        port = int(text.split("Service [srv] (FD=")[1].split("bound to 127.0.0.1:")[1].split()[0])
+        ctx = ssl.create_default_context(cafile=str(ca_pem))
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            s.sendall(b"jailed")
+            assert s.recv(6) == b"jailed"
+        status = proc_status(proc.pid)
+        assert status["Uid"].split()[0] != "0" and status["Gid"].split()[0] != "0"
+        addr = text.split("Status server listening on http://")[1].split()[0]
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as resp:
+            assert b"pytunnel_connections_total" in resp.read()
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, log.read_text()
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out

@@ -72,9 +72,14 @@ class StatusServer:
         self.server = await asyncio.start_server(self._serve, sock=self.sock)
         bound = format_sockaddr(self.sock.getsockname())
         log.ui(5, f"Status server listening on http://{bound} (/livez /readyz /metrics)")
-        loop = asyncio.get_running_loop()
-        self._loading = loop.run_in_executor(None, _load_prometheus)
+        if self._prom is None:
+            loop = asyncio.get_running_loop()
+            self._loading = loop.run_in_executor(None, _load_prometheus)
         return bound
+
+    def preload(self) -> None:
+        """Import prometheus_client now (before chroot / setuid), not in the background."""
+        self._prom = _load_prometheus()
 
     def close(self) -> None:
         if self.server is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import platform
 import signal
@@ -172,7 +173,7 @@ def warn_services(services: list[Service], secure: bool) -> None:
                 )
         if svc.client:
             for ep in svc.accept:
-                if ep.path is None and ep.host not in ("127.0.0.1", "::1", "localhost"):
+                if ep.path is None and not _is_loopback(ep.host):
                     log.ui(
                         4,
                         f"Service [{svc.name}]: plaintext listener {ep.display()} is not on loopback; "
@@ -185,6 +186,15 @@ def warn_services(services: list[Service], secure: bool) -> None:
             log.ui(4, f"Service [{svc.name}]: retry has no effect without exec and connect")
         if svc.stack != 65536:
             log.ui(4, f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "0.0.0.0").is_loopback  # noqa: S104
+    except ValueError:
+        return False
 
 
 def _warn_key_mode(path: str) -> None:
@@ -248,18 +258,24 @@ def _seed(settings: Settings) -> None:
             fh.write(ssl.RAND_bytes(g.RNDbytes))
 
 
-def _drop_privileges(settings: Settings) -> None:
+def _ids(settings: Settings) -> tuple[int | None, int | None]:
+    """setuid/setgid as numbers, looked up before chroot (the jail has no /etc/passwd)."""
     import grp
     import pwd
 
     user, group = settings.defaults.setuid, settings.defaults.setgid
-    if group:
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    uid = (int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid) if user else None
+    gid = (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else None
+    return uid, gid
+
+
+def _drop_privileges(ids: tuple[int | None, int | None]) -> None:
+    uid, gid = ids
+    if gid is not None:
         os.setgroups([gid])
         os.setgid(gid)
-    if user:
-        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-        if not group:
+    if uid is not None:
+        if gid is None:
             os.setgroups([])
         os.setuid(uid)
 
@@ -333,6 +349,7 @@ class Runtime:
         self.stop_trigger = stop_trigger
         self.pidfile: str | None = None
         self.ready = False
+        self._resolved = False
 
     # ---- configuration --------------------------------------------------------------
     def configure(self, apply_log: bool = True) -> int:
@@ -426,7 +443,22 @@ class Runtime:
         elif g.foreground == "no":
             log.to_stderr = False
             _daemonize()
+        tune_malloc()
+        loop = new_loop()
+        if g.chroot or self.settings.defaults.setuid or self.settings.defaults.setgid:
+            # after chroot (or setuid, when Python's files are not world-readable) no module
+            # can be imported: load now what connections, reloads and /metrics will need
+            self._preload()
+        if g.chroot:  # the jail has no /etc/hosts or resolv.conf
+            try:
+                loop.run_until_complete(self._resolve())
+            except StartupError as exc:
+                log.ui(3, str(exc))
+                self._close_all()
+                loop.close()
+                return STARTUP_FAILURE
         try:
+            ids = _ids(self.settings)
             if g.chroot:
                 os.chroot(g.chroot)
                 os.chdir("/")
@@ -434,15 +466,13 @@ class Runtime:
                 self.pidfile = g.pid
                 with open(g.pid, "w", encoding="ascii") as fh:
                     fh.write(f"{os.getpid()}\n")
-            _drop_privileges(self.settings)
+            _drop_privileges(ids)
         except (OSError, KeyError) as exc:
             log.ui(3, f"Start-up failed: {exc}")
             self._close_all()
             return STARTUP_FAILURE
         if os.getpid() == 1:
             log.ui(6, "Running as PID 1: installing explicit TERM/INT handlers")
-        tune_malloc()
-        loop = new_loop()
         asyncio.set_event_loop(loop)
         try:
             return loop.run_until_complete(self._main())
@@ -457,6 +487,29 @@ class Runtime:
             if self.pidfile:
                 with contextlib.suppress(OSError):
                     os.unlink(self.pidfile)
+
+    async def _resolve(self) -> None:
+        """stunnel resolves `connect` names when it starts (before chroot), not per connection."""
+        if self._resolved:
+            return
+        self._resolved = True
+        for service in self.services:
+            errors = await service.resolve_all()
+            if errors:
+                for err in errors:
+                    log.ui(3, err)
+                raise StartupError(f"Service [{service.name}]: cannot resolve its connect address")
+
+    def _preload(self) -> None:
+        import encodings.idna  # noqa: F401 - getaddrinfo() of a host name needs it
+        import grp  # noqa: F401
+        import pwd  # noqa: F401
+
+        import cryptography.hazmat.primitives.serialization.pkcs12  # noqa: F401
+        import cryptography.x509  # noqa: F401
+
+        if self.status is not None:
+            self.status.preload()
 
     # ---- inetd mode -------------------------------------------------------------------
     def _run_inetd(self) -> int:
@@ -477,7 +530,7 @@ class Runtime:
         os.dup2(null, 1)
         os.close(null)
         try:
-            _drop_privileges(self.settings)
+            _drop_privileges(_ids(self.settings))
         except (OSError, KeyError) as exc:
             log.ui(3, f"Start-up failed: {exc}")
             return STARTUP_FAILURE
@@ -510,12 +563,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_exception_handler)
         self.stop_event = asyncio.Event()
+        await self._resolve()
         for service in self.services:
-            errors = await service.resolve_all()
-            if errors:
-                for err in errors:
-                    log.ui(3, err)
-                raise StartupError(f"Service [{service.name}]: cannot resolve its connect address")
             await service.start()
         if self.status is not None:
             await self.status.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import itertools
 import os
@@ -94,15 +95,96 @@ def apply_socket_options(sock: Any, family: int, opts: list[SocketOption]) -> No
 
 @dataclass
 class Listener:
+    """One listening socket and its accept loop.
+
+    We accept ourselves rather than through ``loop.create_server``: libuv answers EMFILE by
+    accepting and closing every waiting connection (its "EMFILE trick"), which drops
+    clients.  Here an EMFILE/ENFILE stops accepting for a moment (one log line, back-off up
+    to a second, or until a connection ends) and the waiting clients stay in the kernel's
+    backlog, as stunnel leaves them.
+    """
+
     sock: socket.socket
     display: str
     endpoint: Endpoint
     owner: Service
-    server: asyncio.AbstractServer | None = None
+    reading: bool = False
+    closed: bool = False
+    backoff: float = 0.0
+    resume_handle: asyncio.TimerHandle | None = None
 
     def factory(self) -> Side:
         """New connections go to the current owner (a reload swaps it)."""
         return self.owner._factory()
+
+    def start(self) -> None:
+        if not self.reading and not self.closed:
+            self.reading = True
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn_sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                log.ui(3, f"Service [{self.owner.name}]: accept: {exc.strerror} ({exc.errno})")
+                return
+            self.backoff = 0.0
+            conn_sock.setblocking(False)
+            loop.create_task(_adopt(loop, self, conn_sock))
+
+    def _pause(self, exc: OSError) -> None:
+        loop = asyncio.get_running_loop()
+        if self.reading:
+            loop.remove_reader(self.sock.fileno())
+            self.reading = False
+        self.backoff = min(max(self.backoff * 2, 0.05), 1.0)
+        log.ui(
+            3,
+            f"Service [{self.owner.name}]: accept: {exc.strerror} ({exc.errno}); "
+            f"waiting clients stay queued, retrying in {self.backoff:g} s",
+        )
+        if self.resume_handle is None:
+            self.resume_handle = loop.call_later(self.backoff, self.resume)
+
+    def resume(self) -> None:
+        """After a back-off, or as soon as a connection ends and frees a descriptor."""
+        if self.resume_handle is not None:
+            self.resume_handle.cancel()
+            self.resume_handle = None
+        if not self.reading and not self.closed:
+            self.start()
+            self._on_readable()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.resume_handle is not None:
+            self.resume_handle.cancel()
+            self.resume_handle = None
+        if self.reading:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.reading = False
+        self.sock.close()
+
+
+ACCEPT_BATCH = 64
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+async def _adopt(loop: asyncio.AbstractEventLoop, lst: Listener, sock: socket.socket) -> None:
+    try:
+        await loop.connect_accepted_socket(lst.factory, sock)
+    except OSError:
+        sock.close()  # reset before we got to it: nothing to serve
 
 
 class Service:
@@ -244,8 +326,7 @@ class Service:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for lst in self.listeners:
-            if lst.server is None:
-                lst.server = await loop.create_server(lst.factory, sock=lst.sock, backlog=1024)
+            lst.start()
         if self.exec_local and self._local_done is None:
             self._local_done = asyncio.Event()
             loop.create_task(self._run_exec_local())
@@ -334,10 +415,7 @@ class Service:
     def close_listeners(self) -> None:
         self.accepting = False
         for lst in self.listeners:
-            if lst.server is not None:
-                lst.server.close()
-            else:
-                lst.sock.close()
+            lst.close()
             if lst.endpoint.path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(lst.endpoint.path)
@@ -754,6 +832,9 @@ class Service:
             )
         if self._drained is not None and not self.connections:
             self._drained.set()
+        for lst in self.listeners:  # a descriptor was freed: accepting may work again
+            if lst.resume_handle is not None:
+                lst.resume()
         if self._local_done is not None:
             self._local_done.set()
 

@@ -485,8 +485,10 @@ class ServiceSettings(BaseModel):
     protocolAuthentication: str | None = opt(
         None, "protocolAuthentication", "authentication for protocol negotiation (smtp: plain|login)"
     )
-    protocolDomain: str | None = opt(None, "protocolDomain", "protocol domain", unsupported=LATER)
-    protocolHeader: list[str] = opt(None, "protocolHeader", "protocol header", repeat=True, unsupported=LATER)
+    protocolDomain: str | None = opt(
+        None, "protocolDomain", "NTLM domain (connect); no effect: ntlm is refused"
+    )
+    protocolHeader: list[str] = opt(None, "protocolHeader", "extra CONNECT request header line", repeat=True)
     protocolHost: str | None = opt(None, "protocolHost", "SMTP EHLO name; CONNECT/SOCKS destination")
     protocolPassword: str | None = opt(None, "protocolPassword", "password for protocol authentication")
     protocolUsername: str | None = opt(None, "protocolUsername", "user for protocol authentication")
