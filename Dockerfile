@@ -10,6 +10,9 @@ ARG BASE=python:3.12-slim
 
 # ---------------------------------------------------------------- build: a venv in /opt/pytunnel
 FROM ${BASE} AS build
+# a package index other than PyPI (a mirror, a proxy): docker build --build-arg PIP_INDEX_URL=...
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
