@@ -121,36 +121,11 @@ class StatusServer:
         if target == "/livez":
             return "200 OK", "text/plain", b"ok\n"
         if target == "/readyz":
-            ready, doc = self.readiness()
-            body = json.dumps(doc, indent=1).encode() + b"\n"
-            return ("200 OK" if ready else "503 Service Unavailable"), "application/json", body
+            return readyz(snapshot(self.runtime))
         if target == "/metrics":
             prom = await self._prometheus()
-            body = prom.exposition.generate_latest(self._registry(prom))
-            return "200 OK", prom.exposition.CONTENT_TYPE_LATEST, body
+            return metrics(prom, snapshot(self.runtime))
         return "404 Not Found", "text/plain", b"try /livez, /readyz or /metrics\n"
-
-    # ---- readiness ------------------------------------------------------------------
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        rt = self.runtime
-        services = [
-            {
-                "name": s.name,
-                "listening": [lst.display for lst in s.listeners],
-                "active": len(s.connections),
-            }
-            for s in rt.services
-        ]
-        listening = all(s.listeners for s in rt.services if s.settings.accept)
-        ready = rt.ready and not rt.draining and listening
-        doc = {
-            "ready": ready,
-            "draining": rt.draining,
-            "listening": listening,
-            "active": sum(len(s.connections) for s in rt.all_services()),
-            "services": services,
-        }
-        return ready, doc
 
     # ---- metrics --------------------------------------------------------------------
     async def _prometheus(self) -> Any:
@@ -158,12 +133,6 @@ class StatusServer:
             assert self._loading is not None
             self._prom = await self._loading
         return self._prom
-
-    def _registry(self, prom: Any) -> Any:
-        registry = prom.registry.CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self.runtime, prom))
-        prom.process_collector.ProcessCollector(registry=registry)
-        return registry
 
 
 class _Prom:
@@ -180,27 +149,131 @@ def _load_prometheus() -> _Prom:
     return _Prom()
 
 
+# ---- snapshots: one process's figures, mergeable across workers ------------------------
+def snapshot(runtime: Runtime) -> dict[str, Any]:
+    """Everything /readyz and /metrics show, as plain data (JSON-able, summable)."""
+    services: dict[str, dict[str, Any]] = {}
+    for name, stats in STATS.services.items():
+        services[name] = {
+            "closed": dict(stats.closed),
+            "to_tls": stats.to_tls,
+            "to_plain": stats.to_plain,
+            "active": 0,
+            "handshake_failures": dict(stats.handshake_failures),
+            "listening": [],
+        }
+    for service in runtime.all_services():
+        row = services.setdefault(
+            service.name,
+            {
+                "closed": {},
+                "to_tls": 0,
+                "to_plain": 0,
+                "active": 0,
+                "handshake_failures": {},
+                "listening": [],
+            },
+        )
+        for conn in service.connections:
+            row["active"] += 1
+            row["to_tls"] += conn.to_tls
+            row["to_plain"] += conn.to_sock
+    for service in runtime.services:
+        services[service.name]["listening"] = [lst.display for lst in service.listeners]
+        services[service.name]["accepts"] = bool(service.settings.accept)
+    return {
+        "ready": runtime.ready and not runtime.draining,
+        "draining": runtime.draining,
+        "current": [s.name for s in runtime.services],
+        "services": services,
+        "handshake_buckets": list(STATS.handshake_buckets),
+        "handshake_sum": STATS.handshake_sum,
+        "reloads": dict(STATS.reloads),
+        "cert_not_after": [[svc, path, value] for (svc, path), value in STATS.cert_not_after.items()],
+    }
+
+
+def merge(snaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Workers' snapshots as one: counts summed, ready only when every worker is."""
+    out: dict[str, Any] = {
+        "ready": bool(snaps) and all(s["ready"] for s in snaps),
+        "draining": any(s["draining"] for s in snaps),
+        "current": snaps[0]["current"] if snaps else [],
+        "services": {},
+        "handshake_buckets": [0] * (len(BUCKETS) + 1),
+        "handshake_sum": 0.0,
+        "reloads": {},
+        "cert_not_after": snaps[0]["cert_not_after"] if snaps else [],
+    }
+    for snap in snaps:
+        for name, row in snap["services"].items():
+            acc = out["services"].setdefault(
+                name,
+                {
+                    "closed": {},
+                    "to_tls": 0,
+                    "to_plain": 0,
+                    "active": 0,
+                    "handshake_failures": {},
+                    "listening": [],
+                },
+            )
+            for key in ("to_tls", "to_plain", "active"):
+                acc[key] += row[key]
+            for key in ("closed", "handshake_failures"):
+                for reason, count in row[key].items():
+                    acc[key][reason] = acc[key].get(reason, 0) + count
+            acc["listening"] = sorted(set(acc["listening"]) | set(row["listening"]))
+            if "accepts" in row:
+                acc["accepts"] = row["accepts"]
+        out["handshake_buckets"] = [
+            a + b for a, b in zip(out["handshake_buckets"], snap["handshake_buckets"], strict=True)
+        ]
+        out["handshake_sum"] += snap["handshake_sum"]
+        for result, count in snap["reloads"].items():
+            out["reloads"][result] = out["reloads"].get(result, 0) + count
+    return out
+
+
+def readyz(snap: dict[str, Any], workers: int | None = None) -> tuple[str, str, bytes]:
+    current = [snap["services"][n] | {"name": n} for n in snap["current"] if n in snap["services"]]
+    listening = all(row["listening"] for row in current if row.get("accepts", True))
+    ready = bool(snap["ready"]) and listening
+    doc: dict[str, Any] = {
+        "ready": ready,
+        "draining": snap["draining"],
+        "listening": listening,
+        "active": sum(row["active"] for row in snap["services"].values()),
+        "services": [
+            {"name": r["name"], "listening": r["listening"], "active": r["active"]} for r in current
+        ],
+    }
+    if workers is not None:
+        doc["workers"] = workers
+    body = json.dumps(doc, indent=1).encode() + b"\n"
+    return ("200 OK" if ready else "503 Service Unavailable"), "application/json", body
+
+
+def metrics(prom: Any, snap: dict[str, Any]) -> tuple[str, str, bytes]:
+    registry = prom.registry.CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(snap, prom))
+    prom.process_collector.ProcessCollector(registry=registry)
+    return "200 OK", prom.exposition.CONTENT_TYPE_LATEST, prom.exposition.generate_latest(registry)
+
+
 class _Collector:
-    def __init__(self, runtime: Runtime, prom: Any) -> None:
-        self.runtime = runtime
+    def __init__(self, snap: dict[str, Any], prom: Any) -> None:
+        self.snap = snap
         self.core = prom.core
 
     def collect(self) -> Iterator[Any]:
         core = self.core
-        live: dict[str, list[int]] = {}  # name -> [active, to_tls, to_plain]
-        for service in self.runtime.all_services():
-            row = live.setdefault(service.name, [0, 0, 0])
-            for conn in service.connections:
-                row[0] += 1
-                row[1] += conn.to_tls
-                row[2] += conn.to_sock
-        names = sorted(set(STATS.services) | set(live))
-
+        snap = self.snap
         info = core.GaugeMetricFamily("pytunnel_info", "pytunnel's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
         ready = core.GaugeMetricFamily("pytunnel_ready", "1 while accepting connections and not draining")
-        ready.add_metric([], 1 if self.runtime.ready and not self.runtime.draining else 0)
+        ready.add_metric([], 1 if snap["ready"] else 0)
         yield ready
 
         total = core.CounterMetricFamily(
@@ -219,27 +292,25 @@ class _Collector:
             "TLS handshakes that failed, by reason",
             labels=["service", "reason"],
         )
-        for name in names:
-            stats = STATS.service(name)
-            row = live.get(name, [0, 0, 0])
-            for reason, count in sorted(stats.closed.items()):
+        for name, row in sorted(snap["services"].items()):
+            for reason, count in sorted(row["closed"].items()):
                 total.add_metric([name, reason], count)
-            active.add_metric([name], row[0])
-            nbytes.add_metric([name, "to_tls"], stats.to_tls + row[1])
-            nbytes.add_metric([name, "to_plain"], stats.to_plain + row[2])
-            for reason, count in sorted(stats.handshake_failures.items()):
+            active.add_metric([name], row["active"])
+            nbytes.add_metric([name, "to_tls"], row["to_tls"])
+            nbytes.add_metric([name, "to_plain"], row["to_plain"])
+            for reason, count in sorted(row["handshake_failures"].items()):
                 failures.add_metric([name, reason], count)
         yield from (total, active, nbytes, failures)
 
         buckets: list[tuple[str, float]] = []
         running = 0
-        for bound, count in zip((*BUCKETS, float("inf")), STATS.handshake_buckets, strict=True):
+        for bound, count in zip((*BUCKETS, float("inf")), snap["handshake_buckets"], strict=True):
             running += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
         hist = core.HistogramMetricFamily(
             "pytunnel_handshake_seconds", "Time from TCP accept/connect to a verified TLS handshake"
         )
-        hist.add_metric([], buckets, sum_value=STATS.handshake_sum)
+        hist.add_metric([], buckets, sum_value=snap["handshake_sum"])
         yield hist
 
         cert = core.GaugeMetricFamily(
@@ -247,13 +318,13 @@ class _Collector:
             "Expiry (notAfter, Unix time) of each certificate in use",
             labels=["service", "cert"],
         )
-        for (svc_name, path), value in sorted(STATS.cert_not_after.items()):
+        for svc_name, path, value in sorted(snap["cert_not_after"]):
             cert.add_metric([svc_name, path], value)
         yield cert
         reloads = core.CounterMetricFamily(
             "pytunnel_reloads", "Configuration and certificate reloads, by result", labels=["result"]
         )
-        for result, count in sorted(STATS.reloads.items()):
+        for result, count in sorted(snap["reloads"].items()):
             reloads.add_metric([result], count)
         yield reloads
 
