@@ -59,6 +59,18 @@ def _source(config: str | None) -> Source | int:
     )
 
 
+def _workers(value: str | None) -> str | None:
+    if not value:
+        return None
+    from tunnel.workers import worker_count
+
+    try:
+        worker_count(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _status_address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is None or value == "":
         return None
@@ -113,6 +125,14 @@ def _status_address(_ctx: click.Context, _param: click.Parameter, value: str | N
     envvar="PYTUNNEL_LOG_FORMAT",
     help="text: stunnel's log lines; json: one object a line.",
 )
+@click.option(
+    "--workers",
+    metavar="N|auto",
+    envvar="PYTUNNEL_WORKERS",
+    callback=lambda _c, _p, v: _workers(v),
+    help="Processes serving the same ports (auto: one per usable CPU).  Default: the config's "
+    "`workers`, else 1.",
+)
 @click.option("--print-config", is_flag=True, help="Print the effective stunnel.conf and exit.")
 def run(
     config: str | None,
@@ -121,6 +141,7 @@ def run(
     status: str | None,
     cert_reload_interval: float,
     log_format: str,
+    workers: str | None,
     print_config: bool,
 ) -> None:
     """Run the tunnel described by CONFIG (a stunnel.conf) with secure defaults.
@@ -152,6 +173,7 @@ def run(
         status=status,
         cert_reload_interval=cert_reload_interval,
         log_format=log_format,
+        workers=workers,
     )
     sys.exit(run_source(source, secure=True, ops=ops))
 

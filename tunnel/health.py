@@ -81,6 +81,9 @@ class StatusServer:
         """Import prometheus_client now (before chroot / setuid), not in the background."""
         self._prom = _load_prometheus()
 
+    def address(self) -> str:
+        return format_sockaddr(self.sock.getsockname()) if self.sock is not None else ""
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
@@ -96,13 +99,7 @@ class StatusServer:
                     line = await reader.readline()
                     if line in (b"\r\n", b"\n", b""):
                         break
-            status, ctype, body = await self._answer(request)
-            head = request.split(b" ", 1)[0] == b"HEAD"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
-                + (b"" if head else body)
-            )
+            writer.write(http_response(request, *await self._answer(request)))
             await writer.drain()
         except (TimeoutError, ConnectionError, ValueError):
             pass
@@ -147,6 +144,17 @@ class _Prom:
 
 def _load_prometheus() -> _Prom:
     return _Prom()
+
+
+load_prometheus = _load_prometheus
+
+
+def http_response(request: bytes, status: str, ctype: str, body: bytes) -> bytes:
+    head = request.split(b" ", 1)[0] == b"HEAD"
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode()
+    ) + (b"" if head else body)
 
 
 # ---- snapshots: one process's figures, mergeable across workers ------------------------

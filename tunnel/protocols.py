@@ -35,9 +35,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import ipaddress
+import os
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -700,31 +703,25 @@ def _port_number(text: str) -> int | None:
         return None
 
 
-def _original_dst(side: Side) -> tuple[int, str, int] | None:
-    """Where the app meant to go: netfilter's original destination, else our own address."""
+def _original_dst(side: Side) -> tuple[int, str, int]:
+    """Where the app meant to go before iptables REDIRECT (stunnel's original_dst)."""
     transport = side.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
-        return None
-    try:
-        if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-            return (
-                socket.AF_INET6,
-                socket.inet_ntop(socket.AF_INET6, raw[8:24]),
-                int.from_bytes(raw[2:4], "big"),
-            )
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        return socket.AF_INET, socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
-    except OSError:
-        pass
-    try:
-        name = sock.getsockname()
-    except OSError:
-        return None
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        return int(sock.family), str(name[0]).split("%")[0], int(name[1])
-    return None
+        raise ProtocolError("getsockopt SO_ORIGINAL_DST: the client socket is gone", reset=False)
+    error = OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+    for level, size in ((socket.IPPROTO_IPV6, 28), (socket.SOL_IP, 16)):
+        try:
+            raw = sock.getsockopt(level, SO_ORIGINAL_DST, size)
+        except OSError as exc:
+            error = exc
+            continue
+        port = int.from_bytes(raw[2:4], "big")
+        if int.from_bytes(raw[0:2], sys.byteorder) == socket.AF_INET6:
+            return socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+        return socket.AF_INET, socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    code = error.errno or errno.ENOENT
+    raise ProtocolError(f"getsockopt SO_ORIGINAL_DST: {os.strerror(code)} ({code})", reset=False)
 
 
 async def socks_client_late(ctx: Ctx) -> None:
@@ -752,10 +749,7 @@ async def socks_client_late(ctx: Ctx) -> None:
         ctx.log(6, "Sending SOCKS5 DOMAINNAME")
         remote.write(bytes([5, 1, 0, 3, len(name)]) + name + port.to_bytes(2, "big"))
     else:  # transparent destination
-        dst = _original_dst(ctx.local.side)
-        if dst is None:
-            raise ProtocolError("SOCKS5: the original destination is unknown", reset=False)
-        family, addr, port = dst
+        family, addr, port = _original_dst(ctx.local.side)
         if family == socket.AF_INET6:
             ctx.log(6, "Sending SOCKS5 IPv6 address")
             remote.write(bytes([5, 1, 0, 4]) + socket.inet_pton(family, addr) + port.to_bytes(2, "big"))

@@ -13,7 +13,7 @@ import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, systemd
 from tunnel.certwatch import CertWatcher, record_not_after
@@ -40,6 +40,7 @@ class Ops:
     status: str | None = None  # HOST:PORT of /livez /readyz /metrics
     cert_reload_interval: float = 10.0  # 0 turns the certificate watcher off
     log_format: str = "text"
+    workers: str | None = None  # N or auto; None: the config's `workers`, else 1
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Ops:
@@ -62,6 +63,14 @@ class Ops:
                 setattr(ops, attr, value)
         if env.get("PYTUNNEL_STATUS"):
             ops.status = env["PYTUNNEL_STATUS"]
+        if env.get("PYTUNNEL_WORKERS"):
+            from tunnel.workers import worker_count
+
+            try:
+                worker_count(env["PYTUNNEL_WORKERS"])
+            except ValueError as exc:
+                raise ValueError(f"PYTUNNEL_WORKERS: {exc}") from None
+            ops.workers = env["PYTUNNEL_WORKERS"]
         fmt = env.get("PYTUNNEL_LOG_FORMAT")
         if fmt:
             if fmt not in ("text", "json"):
@@ -350,6 +359,8 @@ class Runtime:
         self.pidfile: str | None = None
         self.ready = False
         self._resolved = False
+        self.workers = 1
+        self.worker_control: socket.socket | None = None
 
     # ---- configuration --------------------------------------------------------------
     def configure(self, apply_log: bool = True) -> int:
@@ -403,6 +414,7 @@ class Runtime:
         failed = False
         activation = systemd.Activation()
         for service in self.services:
+            service.reuse_port = self.workers > 1
             errors = service.bind(activation)
             if service.settings.accept and not service.listeners:
                 failed = True
@@ -429,6 +441,14 @@ class Runtime:
         if self.settings.inetd:
             return self._run_inetd()
         g = self.settings.globals
+        from tunnel.workers import worker_count
+
+        try:
+            self.workers = worker_count(self.ops.workers or g.workers)
+        except ValueError as exc:
+            log.ui(3, str(exc))
+            log.ui(3, "Configuration failed")
+            return CONFIG_FAILURE
         # No window in which a signal kills us with its default action: hold them until
         # the loop's handlers are installed (stunnel has such a window; we do not).
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -449,7 +469,7 @@ class Runtime:
             # after chroot (or setuid, when Python's files are not world-readable) no module
             # can be imported: load now what connections, reloads and /metrics will need
             self._preload()
-        if g.chroot:  # the jail has no /etc/hosts or resolv.conf
+        if g.chroot or self.workers > 1:  # the jail has no /etc/hosts; workers inherit the answers
             try:
                 loop.run_until_complete(self._resolve())
             except StartupError as exc:
@@ -473,6 +493,8 @@ class Runtime:
             return STARTUP_FAILURE
         if os.getpid() == 1:
             log.ui(6, "Running as PID 1: installing explicit TERM/INT handlers")
+        if self.workers > 1:
+            return self._supervise(loop)
         asyncio.set_event_loop(loop)
         try:
             return loop.run_until_complete(self._main())
@@ -487,6 +509,67 @@ class Runtime:
             if self.pidfile:
                 with contextlib.suppress(OSError):
                     os.unlink(self.pidfile)
+
+    # ---- workers ----------------------------------------------------------------------
+    def _supervise(self, loop: asyncio.AbstractEventLoop) -> int:
+        from tunnel.workers import Supervisor
+
+        loop.close()  # the parent runs no event loop; each worker makes its own
+        try:
+            sets = [[s.listeners for s in self.services]]
+            for _ in range(self.workers - 1):
+                sets.append([s.clone_listeners() for s in self.services])
+        except OSError as exc:
+            log.ui(3, f"Binding the workers' sockets: {exc.strerror} ({exc.errno})")
+            self._close_all()
+            return STARTUP_FAILURE
+        log.ui(5, f"Starting {self.workers} workers")
+        try:
+            return Supervisor(self, self.workers, sets).run()
+        finally:
+            self._close_all()
+            if self.pidfile:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.pidfile)
+
+    def run_worker(
+        self, index: int, listeners: list[list[Any]], control: socket.socket, foreign: list[socket.socket]
+    ) -> int:
+        """In a forked worker: serve ``listeners`` (one list per service) until told to stop."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS | {signal.SIGCHLD})
+        signal.set_wakeup_fd(-1)
+        # a terminal's Ctrl-C reaches the parent only; it forwards one signal (not two)
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+        for sig in (*HANDLED_SIGNALS, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        mine = {id(lst) for group in listeners for lst in group}
+        for service in self.services:
+            for lst in service.listeners:
+                if id(lst) not in mine and lst.endpoint.path is None:
+                    lst.sock.close()
+        for service, group in zip(self.services, listeners, strict=True):
+            service.listeners = group
+        for sock in foreign:
+            sock.close()
+        if self.status is not None:
+            self.status.sock = None  # the parent serves the status port
+        self.status = None
+        self.pidfile = None
+        os.environ.pop("NOTIFY_SOCKET", None)  # the parent speaks to systemd
+        self.worker_control = control
+        loop = new_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(self._main())
+        except StartupError as exc:
+            log.ui(3, str(exc))
+            return STARTUP_FAILURE
+        finally:
+            for service in self.services:
+                service.close_listeners()
+            loop.close()
 
     async def _resolve(self) -> None:
         """stunnel resolves `connect` names when it starts (before chroot), not per connection."""
@@ -576,6 +659,11 @@ class Runtime:
         log.ui(6, "Accepting new connections")
         self.ready = True
         systemd.ready(f"Accepting connections for {len(self.services)} service(s)")
+        if self.worker_control is not None:
+            from tunnel.workers import serve_control
+
+            serve_control(self, self.worker_control)
+            self.worker_control.sendall(b"ready\n")
         if self.stop_trigger is not None:
             self.stop_trigger(self)
         await self.stop_event.wait()
@@ -684,6 +772,7 @@ class Runtime:
                 if prev is not None:
                     await prev.stop_accepting()
                     self.retired.append(prev)
+                service.reuse_port = self.workers > 1
                 service.bind()
                 await service.start()
             errors = await service.resolve_all()

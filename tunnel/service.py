@@ -218,6 +218,7 @@ class Service:
         self.set_env: list[str] = []  # the global setEnv lines (runtime fills them in)
         self.foreground = True
         self._local_done: asyncio.Event | None = None
+        self.reuse_port = False  # --workers: every worker binds the same ports
         self.sockopts_l = socket_options(settings, "l")
         self.sockopts_r = socket_options(settings, "r")
         if not settings.client and self.secondaries:
@@ -313,6 +314,8 @@ class Service:
             sock = socket.socket(family, stype, proto)
             try:
                 apply_socket_options(sock, family, socket_options(self.settings, "a"))
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(addr)
                 sock.listen(1024)
             except OSError:
@@ -322,6 +325,27 @@ class Service:
         sock.setblocking(False)
         log.ui(6, f"Service [{self.name}] (FD={sock.fileno()}) bound to {display}")
         return Listener(sock=sock, display=display, endpoint=ep, owner=self)
+
+    def clone_listeners(self) -> list[Listener]:
+        """Another worker's sockets on the same addresses (SO_REUSEPORT; a Unix socket is shared)."""
+        out: list[Listener] = []
+        for lst in self.listeners:
+            if lst.endpoint.path is not None:
+                out.append(lst)
+                continue
+            addr = lst.sock.getsockname()
+            sock = socket.socket(lst.sock.family, socket.SOCK_STREAM)
+            try:
+                apply_socket_options(sock, lst.sock.family, socket_options(self.settings, "a"))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(addr)
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                raise
+            sock.setblocking(False)
+            out.append(Listener(sock=sock, display=lst.display, endpoint=lst.endpoint, owner=self))
+        return out
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

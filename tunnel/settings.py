@@ -593,6 +593,12 @@ class GlobalSettings(BaseModel):
         repeat=True,
     )
     taskbar: str | None = opt(None, "taskbar", "Windows taskbar icon", scope="global", unsupported=WIN)
+    workers: str | None = opt(
+        None,
+        "workers",
+        "pytunnel only: processes serving the same ports (N or auto); stunnel does not know it",
+        scope="global",
+    )
 
 
 ALIASES = {"curve": "curves", "session": "sessionCacheTimeout"}
