@@ -534,7 +534,9 @@ class Connection:
                 self.log(3 if where else 5, f"{where}{os.strerror(exc.errno or 104)} ({exc.errno or 104})")
                 if where:
                     self.service.counters.handshake_failed("peer_reset")
-                self.finish(CloseReason.PEER_RESET)
+                # a reset mid-stream is passed on as a reset (reset = yes): a clean EOF would
+                # tell the other end that a cut transfer was complete
+                self.finish(CloseReason.PEER_RESET, rst=self.service.settings.reset)
             elif exc is not None:
                 self.fail(CloseReason.ERROR, f"socket error: {exc}")
             elif not side.eof_in:
