@@ -306,6 +306,8 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         out.append(Problem(f"Service [{svc.name}]: {message}", file, line, text, hint))
 
     ends = [n for n in ("accept", "exec", "connect") if getattr(svc, n)]
+    if svc.protocol and protocols.decides_endpoint(svc.protocol, bool(svc.client)):
+        ends.append("protocol")  # stunnel: a socks server takes each destination from the request
     if inetd:
         if svc.accept:
             bad("accept is not valid in inetd mode", "put the options in a [service] section")
@@ -319,7 +321,9 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         if not (svc.connect or svc.exec):
             bad("Each service must define two endpoints", 'add "connect = [HOST:]PORT"')
     elif len(ends) != 2:
-        if len(ends) == 3:
+        if len(ends) == 3 and "protocol" in ends:
+            hint = "protocol = socks takes the destination from each request: remove connect"
+        elif len(ends) == 3:
             hint = "exec replaces one endpoint: remove accept (exec+connect) or connect (accept+exec)"
         elif not svc.accept and not svc.exec:
             hint = 'add "accept = [HOST:]PORT"'
@@ -344,23 +348,37 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         except ValueError as exc:
             bad(str(exc), f"protocol = one of {', '.join(protocols.names(bool(svc.client)))}", "protocol")
         else:
+            problem = protocols.check(svc)
+            if problem:
+                bad(problem, "add protocolHost = HOST:PORT (the destination behind the proxy)", "protocol")
             auth = (svc.protocolAuthentication or "").lower()
             allowed = protocols.AUTHENTICATION.get(svc.protocol.lower(), ())
             if auth and auth not in allowed:
+                why = protocols.AUTHENTICATION_UNAVAILABLE.get(auth)
                 bad(
                     f"protocolAuthentication = {svc.protocolAuthentication} is not valid "
                     f"with protocol = {svc.protocol}",
-                    f"use one of: {', '.join(allowed)}" if allowed else "remove the line",
+                    why or (f"use one of: {', '.join(allowed)}" if allowed else "remove the line"),
                     "protocolAuthentication",
                 )
-    elif svc.protocolAuthentication or svc.protocolHost or svc.protocolUsername or svc.protocolPassword:
+    elif (
+        svc.protocolAuthentication
+        or svc.protocolHost
+        or svc.protocolUsername
+        or svc.protocolPassword
+        or svc.protocolDomain
+        or svc.protocolHeader
+    ):
         bad(
-            "protocolHost/protocolUsername/protocolPassword/protocolAuthentication need protocol",
-            "add protocol = smtp (or remove them)",
+            "protocolHost/protocolUsername/protocolPassword/protocolAuthentication/protocolDomain/"
+            "protocolHeader need protocol",
+            "add protocol = smtp or connect (or remove them)",
             "protocolHost",
             "protocolUsername",
             "protocolPassword",
             "protocolAuthentication",
+            "protocolDomain",
+            "protocolHeader",
         )
     # a client left at verifyChain's default verifies under `pytunnel run`: runtime checks
     # this rule there, knowing the mode (names_need_verify)

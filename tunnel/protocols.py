@@ -321,33 +321,6 @@ async def _skip_headers(tap: Tap) -> None:
         pass
 
 
-def _graceful(phase: Phase) -> Phase:
-    """Run ``phase``; a ``ProtocolError(reset=False)`` closes the sockets instead of resetting.
-
-    The engine's guard ends a failed connection with ``fail()`` (a reset under ``reset =
-    yes``); an RST may destroy the reply just written (SOCKS, IMAP BYE, pgsql).  Until the
-    guard honours ``ProtocolError.reset`` itself, this logs the line and closes cleanly
-    first; the guard then finds the connection already ended and adds nothing.
-    """
-
-    async def run(ctx: Ctx) -> None:
-        try:
-            await phase(ctx)
-        except ProtocolError as exc:
-            conn = ctx.conn
-            if not exc.reset and conn.reason is None:
-                from tunnel.relay import CloseReason
-
-                conn.detail = str(exc)
-                conn.log(exc.level, str(exc))
-                conn.finish(CloseReason.PROTOCOL_FAILED if exc.level <= 3 else CloseReason.CLOSED)
-            raise
-
-    run.__name__ = run.__qualname__ = phase.__name__
-    run.__doc__ = phase.__doc__
-    return run
-
-
 async def _resolve(host: str, port: int, family: int = socket.AF_UNSPEC) -> list[tuple[int, Any, str | None]]:
     """All stream addresses of ``host`` (stunnel's hostport2addrlist); [] when it fails."""
     loop = asyncio.get_running_loop()
@@ -1034,15 +1007,15 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
     "imap": Protocol(
         "imap",
-        client=Mode(middle=_graceful(imap_client_middle)),
-        server=Mode(middle=_graceful(imap_server_middle), connect_before_tls=True),
+        client=Mode(middle=imap_client_middle),
+        server=Mode(middle=imap_server_middle, connect_before_tls=True),
     ),
     "nntp": Protocol("nntp", client=Mode(middle=nntp_client_middle)),
     "ldap": Protocol("ldap", client=Mode(middle=ldap_client_middle)),
     "pgsql": Protocol(
         "pgsql",
         client=Mode(middle=pgsql_client_middle),
-        server=Mode(early=_graceful(pgsql_server_early)),
+        server=Mode(early=pgsql_server_early),
     ),
     "cifs": Protocol("cifs", client=Mode(middle=cifs_client_middle), server=Mode(early=cifs_server_early)),
     "connect": Protocol(
@@ -1052,8 +1025,8 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
     "socks": Protocol(
         "socks",
-        client=Mode(late=_graceful(socks_client_late)),
-        server=Mode(middle=_graceful(socks_server_middle)),
+        client=Mode(late=socks_client_late),
+        server=Mode(middle=socks_server_middle),
     ),
     "proxy": Protocol("proxy", server=Mode(late=proxy_server_late)),
     "proxy-v2": Protocol("proxy-v2", server=Mode(late=proxy_v2_server_late)),

@@ -408,6 +408,7 @@ class Connection:
         "target",
         "target_host",
         "waiter",
+        "rst_sent",
         "__weakref__",
     )
 
@@ -432,6 +433,7 @@ class Connection:
         self.target = ""  # the upstream address actually connected
         self.target_host: str | None = None  # its name as configured
         self.waiter: asyncio.Future[BaseException | None] | None = None  # upstream handshake
+        self.rst_sent = False
 
     # ---- logging -----------------------------------------------------------
     def log(self, level: int, text: str, **fields: object) -> None:
@@ -502,18 +504,20 @@ class Connection:
             return
         self._arm_timer()
 
-    def fail(self, reason: CloseReason, detail: str) -> None:
-        """An error ends the whole connection (RST to the plain side with reset = yes)."""
+    def fail(self, reason: CloseReason, detail: str, *, rst: bool | None = None, level: int = 3) -> None:
+        """An error ends the whole connection (RST to the plain side with reset = yes, unless
+        ``rst`` is False: stunnel's "don't reset" ends, after a reply that must arrive)."""
         if self.reason is not None:
             return
         self.detail = detail
-        self.log(3, detail)
-        self.finish(reason, rst=self.service.settings.reset)
+        self.log(level, detail)
+        self.finish(reason, rst=self.service.settings.reset if rst is None else rst)
 
     def finish(self, reason: CloseReason, rst: bool = False) -> None:
         if self.reason is not None:
             return
         self.reason = reason
+        self.rst_sent = rst
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -495,7 +495,8 @@ class Service:
         try:
             await work
         except protocols.ProtocolError as exc:
-            conn.fail(CloseReason.PROTOCOL_FAILED, str(exc))
+            reason = CloseReason.PROTOCOL_FAILED if exc.level <= 3 else CloseReason.CLOSED
+            conn.fail(reason, str(exc), rst=None if exc.reset else False, level=exc.level)
         except Exception as exc:  # noqa: BLE001 - reported on the connection
             conn.fail(CloseReason.ERROR, f"Internal error: {exc!r}")
 
@@ -716,7 +717,10 @@ class Service:
         if conn.reason is not None:
             tls.close()
             return
-        if not self._handshake_ok(conn, tls, exc, tcfg, self.settings.sni or host):
+        # protocol = connect: TLS runs with the host behind the proxy (protocolHost)
+        via_proxy = (self.settings.protocol or "").lower() == "connect"
+        expected = self.settings.sni or (hostname if via_proxy else None) or host
+        if not self._handshake_ok(conn, tls, exc, tcfg, expected):
             return
         if ctx is not None and mode is not None:
             if mode.late is not None:
@@ -842,7 +846,7 @@ class Service:
                     reason=s["reason"], **({"peer_cn": conn.peer_cn} if conn.peer_cn else {}),
                 )  # fmt: skip
         elif self.level >= 5:
-            word = "closed" if reason in (CloseReason.CLOSED, CloseReason.SHUTDOWN) else "reset"
+            word = "reset" if conn.rst_sent else "closed"
             conn.log(
                 5,
                 f"Connection {word}: {conn.to_tls} byte(s) sent to TLS, "

@@ -393,9 +393,13 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
 
 
 def client_sni(svc: ServiceSettings, target_host: str | None) -> str | None:
-    """The name to send: ``sni``, else the connect host, else ``localhost``."""
+    """The name to send: ``sni``, else (``protocol = connect``) protocolHost's host, else the
+    connect host, else ``localhost``."""
     if svc.sni is not None:
         return svc.sni or None
+    if svc.protocolHost and (svc.protocol or "").lower() == "connect":  # TLS runs with protocolHost
+        host, colon, _port = svc.protocolHost.rpartition(":")
+        return host.strip("[]") if colon and host else "localhost"
     if target_host:
         return target_host
     return "localhost"
