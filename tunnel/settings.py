@@ -483,7 +483,9 @@ class ServiceSettings(BaseModel):
     TIMEOUTocsp: str | None = opt(None, "TIMEOUTocsp", "OCSP connect timeout", unsupported=NO_API + " (OCSP)")
     protocol: str | None = opt(None, "protocol", "protocol negotiation before TLS (STARTTLS, CONNECT, ...)")
     protocolAuthentication: str | None = opt(
-        None, "protocolAuthentication", "authentication for protocol negotiation (smtp: plain|login; connect: basic)"
+        None,
+        "protocolAuthentication",
+        "authentication for protocol negotiation (smtp: plain|login; connect: basic)",
     )
     protocolDomain: str | None = opt(
         None,
@@ -493,7 +495,9 @@ class ServiceSettings(BaseModel):
         "OpenSSL 3 (without its legacy provider) do not offer",
     )
     protocolHeader: list[str] = opt(None, "protocolHeader", "extra CONNECT request header line", repeat=True)
-    protocolHost: str | None = opt(None, "protocolHost", "SMTP EHLO name; CONNECT/SOCKS destination (HOST:PORT)")
+    protocolHost: str | None = opt(
+        None, "protocolHost", "SMTP EHLO name; CONNECT/SOCKS destination (HOST:PORT)"
+    )
     protocolPassword: str | None = opt(None, "protocolPassword", "password for protocol authentication")
     protocolUsername: str | None = opt(None, "protocolUsername", "user for protocol authentication")
     PSKidentity: str | None = opt(
