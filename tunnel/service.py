@@ -747,10 +747,8 @@ class Service:
             if conn.reason is not None:
                 return None
             shown = format_sockaddr(addr)
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as exc:  # EMFILE/ENFILE: this connection fails, the others go on
-                conn.log(3, f"s_connect: socket: {os.strerror(exc.errno or 0)} ({exc.errno})")
+            sock = await self._new_socket(conn, family)
+            if sock is None:
                 break
             sock.setblocking(False)
             try:
@@ -780,6 +778,25 @@ class Service:
             return sock
         conn.fail(CloseReason.CONNECT_FAILED, "No more addresses to connect")
         return None
+
+    async def _new_socket(self, conn: Connection, family: int) -> socket.socket | None:
+        """A socket for the upstream.  Out of descriptors: stop accepting and wait for one to
+        be freed (up to TIMEOUTconnect) rather than drop a client that is already in."""
+        loop = conn.loop
+        deadline = loop.time() + float(self.settings.TIMEOUTconnect)
+        delay = 0.02
+        while True:
+            try:
+                return socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES or loop.time() + delay > deadline or conn.reason:
+                    conn.log(3, f"s_connect: socket: {os.strerror(exc.errno or 0)} ({exc.errno})")
+                    return None
+                for lst in self.listeners:
+                    if lst.reading:
+                        lst._pause(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     async def _targets(self, conn: Connection) -> list[tuple[int, Any, str | None]] | None:
         eps = list(self.settings.connect)
