@@ -473,6 +473,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "sessionResume": ("no", False),
     "sni": ("mail.example.com", "mail.example.com"),
     "protocol": ("smtp", "smtp"),
+    "ident": ("nobody", "nobody"),
     "exec": ("/bin/cat", "/bin/cat"),
     "execArgs": ("cat -u", "cat -u"),
     "setEnv": ("LANG=C", ["LANG=C"]),

@@ -736,6 +736,8 @@ class Service:
 
         ``chosen``: the targets a protocol picked (SOCKS), instead of ``connect``; with
         ``exec`` and no ``connect`` the program is the remote end."""
+        if self.settings.ident and not await self._ident_ok(conn):
+            return None
         if self.exec_remote and not chosen:
             return await self._spawn(conn)
         loop = conn.loop
@@ -778,6 +780,43 @@ class Service:
             return sock
         conn.fail(CloseReason.CONNECT_FAILED, "No more addresses to connect")
         return None
+
+    async def _ident_ok(self, conn: Connection) -> bool:
+        """``ident = USER``: ask the client host's identd (RFC 1413) who owns the connection."""
+        want = self.settings.ident
+        side = conn.plain if self.settings.client else conn.tls
+        transport = side.transport if side is not None else None
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+            conn.fail(CloseReason.ERROR, "IDENT: the client is not on TCP")
+            return False
+        user = ""
+        try:
+            async with asyncio.timeout(float(self.settings.TIMEOUTconnect)):
+                reader, writer = await asyncio.open_connection(peer[0], 113)
+                try:
+                    writer.write(f"{peer[1]} , {local[1]}\r\n".encode())
+                    line = (await reader.readline()).decode("latin-1").strip()
+                finally:
+                    writer.close()
+            fields = [f.strip() for f in line.split(":")]
+            if len(fields) >= 4 and fields[1].upper() == "USERID":
+                user = ":".join(fields[3:]).strip()
+            else:
+                conn.fail(CloseReason.ERROR, f"Incorrect data from IDENT server: {line[:200]!r}")
+                return False
+        except (OSError, TimeoutError) as exc:
+            why = "timed out" if isinstance(exc, TimeoutError) and not exc.errno else exc.strerror or str(exc)
+            conn.fail(CloseReason.ERROR, f"IDENT: cannot ask {peer[0]}:113: {why}")
+            return False
+        conn.log(7, f"IDENT resolved remote user to {user}")
+        if user != want:
+            text = f'Connection from {conn.peer_addr} REFUSED by IDENT (user "{user}")'
+            conn.fail(CloseReason.ERROR, text, level=4)
+            return False
+        conn.log(6, "IDENT authentication passed")
+        return True
 
     async def _new_socket(self, conn: Connection, family: int) -> socket.socket | None:
         """A socket for the upstream.  Out of descriptors: stop accepting and wait for one to

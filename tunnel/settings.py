@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -335,6 +336,12 @@ GUI = "it configures stunnel's Windows GUI"
 ENGINE = "OpenSSL engines cannot be reached through Python's ssl module"
 LATER = "pytunnel does not implement it yet (planned: full stunnel parity issue)"
 NO_API = "Python's ssl module exposes no API for it"
+PSK_WHY = (
+    f"TLS-PSK needs Python 3.13 or newer (ssl.SSLContext.set_psk_server_callback); this is Python "
+    f"{sys.version.split()[0]}"
+    if sys.version_info < (3, 13)
+    else "TLS-PSK is not implemented yet: Python 3.13's PSK callbacks are not wired into pytunnel"
+)
 
 
 class ServiceSettings(BaseModel):
@@ -466,10 +473,15 @@ class ServiceSettings(BaseModel):
         None, "exec", "run a local program as one endpoint (instead of accept or of connect)"
     )
     execArgs: str | None = opt(None, "execArgs", "argv of the exec program ($0 $1 ...; no quoting)")
-    ident: str | None = opt(None, "ident", "IDENT (RFC 1413) user check", unsupported=LATER)
+    ident: str | None = opt(None, "ident", "IDENT (RFC 1413): the user the client's identd must name")
     include: str | None = opt(None, "include", "include every file of a directory (handled by the reader)")
     libwrap: str | None = opt(
-        None, "libwrap", "TCP Wrappers access control", unsupported=LATER, accepted=("no",)
+        None,
+        "libwrap",
+        "TCP Wrappers access control",
+        unsupported="TCP Wrappers (libwrap) has no Python binding and distributions are dropping it; "
+        "restrict clients with a firewall (nftables) or listen on a private address instead",
+        accepted=("no",),
     )
     OCSP: str | None = opt(None, "OCSP", "OCSP responder URL", unsupported=NO_API + " (OCSP)")
     OCSPaia: str | None = opt(
@@ -500,15 +512,23 @@ class ServiceSettings(BaseModel):
     )
     protocolPassword: str | None = opt(None, "protocolPassword", "password for protocol authentication")
     protocolUsername: str | None = opt(None, "protocolUsername", "user for protocol authentication")
-    PSKidentity: str | None = opt(
-        None, "PSKidentity", "PSK identity", unsupported=LATER + "; it will need Python >= 3.13"
+    PSKidentity: str | None = opt(None, "PSKidentity", "PSK identity", unsupported=PSK_WHY)
+    PSKsecrets: str | None = opt(None, "PSKsecrets", "PSK secrets file", unsupported=PSK_WHY)
+    pty: str | None = opt(
+        None,
+        "pty",
+        "pseudo-terminal for exec",
+        unsupported="pytunnel gives exec programs a socket, not a terminal; a program that needs a tty "
+        "can be wrapped (exec = /usr/bin/script, execArgs = script -qfc PROGRAM /dev/null)",
+        accepted=("no",),
     )
-    PSKsecrets: str | None = opt(
-        None, "PSKsecrets", "PSK secrets file", unsupported=LATER + "; it will need Python >= 3.13"
-    )
-    pty: str | None = opt(None, "pty", "pseudo-terminal for exec", unsupported=LATER, accepted=("no",))
     redirect: list[str] = opt(
-        None, "redirect", "redirect on failed verification", repeat=True, unsupported=LATER
+        None,
+        "redirect",
+        "redirect on failed verification",
+        repeat=True,
+        unsupported="Python's ssl module has no verify callback, so a handshake whose client "
+        "certificate fails verification is aborted by OpenSSL: no connection is left to redirect",
     )
     sessiond: str | None = opt(
         None, "sessiond", "external session cache", unsupported=NO_API + " (external session cache callbacks)"
@@ -520,7 +540,12 @@ class ServiceSettings(BaseModel):
         None, "ticketMacSecret", "session ticket HMAC key", unsupported=NO_API + " (session ticket keys)"
     )
     transparent: str | None = opt(
-        None, "transparent", "transparent proxy", unsupported=LATER, accepted=("none", "no")
+        None,
+        "transparent",
+        "transparent proxy",
+        unsupported="IP_TRANSPARENT needs TPROXY policy routing that pytunnel does not set up; to pass "
+        "the client's address to the server use protocol = proxy (or proxy-v2) instead",
+        accepted=("none", "no"),
     )
 
 
