@@ -21,7 +21,7 @@ from tunnel.envconf import EnvConfig
 from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, StartupError
 from tunnel.logs import log
 from tunnel.metrics import STATS
-from tunnel.service import Service
+from tunnel.service import BUDGET, Service
 from tunnel.settings import ServiceSettings, Settings
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
@@ -647,6 +647,7 @@ class Runtime:
         loop.set_exception_handler(_exception_handler)
         self.stop_event = asyncio.Event()
         await self._resolve()
+        BUDGET.configure()
         for service in self.services:
             await service.start()
         if self.status is not None:

@@ -93,7 +93,7 @@ def apply_socket_options(sock: Any, family: int, opts: list[SocketOption]) -> No
             log.ui(4, f"Failed to set socket option {opt.name}: {exc.strerror}")
 
 
-@dataclass
+@dataclass(eq=False)
 class Listener:
     """One listening socket and its accept loop.
 
@@ -125,6 +125,9 @@ class Listener:
     def _on_readable(self) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(ACCEPT_BATCH):
+            if BUDGET.full():
+                BUDGET.hold(self)
+                return
             try:
                 conn_sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -178,13 +181,63 @@ class Listener:
 
 ACCEPT_BATCH = 64
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+FD_RESERVE = 24  # listeners, logs, status server, resolver, exec pipes
+
+
+class _Budget:
+    """Connections the descriptor limit can carry (each needs two), as stunnel sizes its
+    client limit: at the limit, accepting stops and new clients wait in the kernel's backlog
+    (instead of being accepted with no descriptor left for their upstream)."""
+
+    def __init__(self) -> None:
+        self.limit = 0  # 0: no limit known
+        self.active = 0
+        self.pending = 0  # accepted sockets not yet connections
+        self.held: set[Listener] = set()
+        self.soft = 0
+
+    def configure(self) -> None:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.soft = soft
+        self.limit = 0 if soft == resource.RLIM_INFINITY else max(4, (soft - FD_RESERVE) // 2)
+
+    def full(self) -> bool:
+        return bool(self.limit) and self.active + self.pending >= self.limit
+
+    def hold(self, lst: Listener) -> None:
+        if lst.reading:
+            asyncio.get_running_loop().remove_reader(lst.sock.fileno())
+            lst.reading = False
+        if not self.held:
+            log.ui(
+                4,
+                f"Service [{lst.owner.name}]: {self.active + self.pending} connections use the descriptor limit "
+                f"(RLIMIT_NOFILE {self.soft} carries {self.limit}); new clients wait in the backlog",
+            )
+        self.held.add(lst)
+
+    def released(self, active: int = 1) -> None:
+        self.active -= active
+        if self.held and not self.full():
+            held, self.held = self.held, set()
+            for lst in held:
+                lst.resume()
+
+
+BUDGET = _Budget()
 
 
 async def _adopt(loop: asyncio.AbstractEventLoop, lst: Listener, sock: socket.socket) -> None:
+    BUDGET.pending += 1
     try:
         await loop.connect_accepted_socket(lst.factory, sock)
     except OSError:
         sock.close()  # reset before we got to it: nothing to serve
+    finally:
+        BUDGET.pending -= 1
+        BUDGET.released(0)
 
 
 class Service:
@@ -470,6 +523,7 @@ class Service:
         conn = side.conn
         assert side.transport is not None
         self.connections.add(conn)
+        BUDGET.active += 1
         side.pause_reading() if self.settings.client else None
         sock = side.transport.get_extra_info("socket")
         peer = side.transport.get_extra_info("peername")
@@ -880,6 +934,7 @@ class Service:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
+        BUDGET.released()
         reason = conn.reason or CloseReason.CLOSED
         self.counters.ended(reason.name.lower(), conn.to_tls, conn.to_sock)
         tls = conn.tls
