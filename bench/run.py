@@ -1,16 +1,25 @@
 """Side-by-side benchmark: the same generated stunnel.conf under two command templates.
 
-    python bench/run.py                 # full run (minutes)
+    python bench/run.py                 # full run (~10 minutes with the default --reps 3)
     python bench/run.py --quick         # seconds-long smoke: the harness works, bytes match
-    python bench/run.py --a 'stunnel4 {conf}' --b 'pytunnel run {conf}'
+    python bench/run.py --only rtt,server --reps 1     # a subset (handy for profiling)
+    python bench/run.py --a 'stunnel4 {conf}' --b 'pytunnel run {conf}' --json out.json
 
 Topologies (loopback, ports chosen at run time):
   client: load -> tunnel under test (client = yes) -> reference TLS server (stunnel4) -> backend
   server: load -> reference TLS client (stunnel4) -> tunnel under test (cert/key) -> backend
-The backend and the load generator run in their own processes.  Every figure is reported
-as B / A from the same run, systems interleaved A B B A over the repetitions; every bulk
-transfer is checked with SHA-256 so a fast wrong tunnel cannot win.  CPU seconds are read
-from /proc for the tunnel's whole process tree.
+The backend (one uvloop process: a SHA-256 sink, a 1-byte probe answer and a 64-byte echo) and
+the reference peers run in their own processes; the load generator is this process.  There are
+two reference peers per topology (the client-mode tunnel gets two services, one per reference
+server) so that the idle-connection ramp is spread over them: stunnel4 caps its clients at
+125/256 of RLIMIT_NOFILE.  Every run starts fresh processes (backend included), the systems in
+A B B A A B ... order; every figure is reported as B / A; every bulk transfer is checked with SHA-256
+and every echo byte-for-byte, so a fast wrong tunnel cannot win.  CPU seconds come from /proc
+for each process tree (tunnel, reference peers, backend), from getrusage for the load generator,
+and the rest of the machine's busy time (/proc/stat) is shown as "other".
+
+Metric groups for --only: startup, bulk, conn, rtt, idle; add client or server to restrict the
+topology (e.g. --only idle,server).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import hashlib
 import json
 import os
 import re
+import resource
+import selectors
 import shlex
 import shutil
 import signal
@@ -31,8 +42,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,19 +51,43 @@ ROOT = HERE.parent
 BOUND = re.compile(r"Service \[([^\]]+)\] \(FD=\d+\) bound to .+:(\d+)$", re.M)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+GROUPS = ("startup", "bulk", "conn", "rtt", "idle")
+TOPOLOGIES = ("client", "server")
+PARTS = ("tunnel", "reference", "backend", "load", "other")
+REFS = 2  # reference peers per topology (see the module docstring)
+CHUNK = 256 << 10  # bulk write size
+GIVE_UP = 100  # consecutive failed idle connects after which the rest of the ramp counts as failed
+EMPTY_REPLY = f"0 {hashlib.sha256().hexdigest()}".encode()  # the sink's answer to a stream without data
 
 # ---------------------------------------------------------------------------- processes
 
 
 def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (children of any of its threads)."""
     out = [pid]
+    children: list[str] = []
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return out
+    for task in tasks:
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            continue
     for child in children:
         out += tree_pids(int(child))
     return out
+
+
+def tree_tids(pid: int) -> list[int]:
+    tids: list[int] = []
+    for p in tree_pids(pid):
+        try:
+            tids += [int(t.name) for t in Path(f"/proc/{p}/task").iterdir()]
+        except OSError:
+            continue
+    return tids
 
 
 def cpu_seconds(pid: int) -> float:
@@ -62,7 +97,7 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
     return total
 
 
@@ -76,17 +111,92 @@ def rss_kib(pid: int) -> int:
     return total
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs; idle and iowait excluded)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / CLK_TCK
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def raise_nofile(want: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE as far as allowed (children inherit it); returns (soft, hard)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, hard), max(want, hard)))
+    except (ValueError, OSError):  # raising the hard limit needs CAP_SYS_RESOURCE
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+@contextmanager
+def pinned(pids: list[int], cpu: int) -> Iterator[None]:
+    """Every thread of every process tree in ``pids``, and this thread, on one CPU."""
+    mine = os.sched_getaffinity(0)
+    saved: dict[int, set[int]] = {}
+    for pid in pids:
+        for tid in tree_tids(pid):
+            try:
+                saved[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, {cpu})
+            except OSError:
+                continue
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
+        for pid in pids:
+            for tid in tree_tids(pid):
+                try:
+                    os.sched_setaffinity(tid, saved.get(tid, mine))
+                except OSError:
+                    continue
+
+
+VERBOSE = False
+
+
+def log(text: str) -> None:
+    """Progress on stderr with --verbose."""
+    if VERBOSE:
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def probe(port: int, timeout: float = 5.0) -> bool:
+    """A connection through ``port`` that gets the backend's answer to one byte."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"?")
+            return s.recv(1) == b"!"
+    except OSError:
+        return False
+
+
 @dataclass
 class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
     ports: dict[str, int]
     started: float
-    ready: float
+    bound: float  # when all its services were logged as bound
+    first: float  # when a connection through the probe port got its first echoed byte (= bound if none)
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    def count(self, text: str) -> int:
+        return self.log.read_text(errors="replace").count(text)
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -98,68 +208,109 @@ class Proc:
                 self.popen.wait()
 
 
-def start_tunnel(template: str, conf: Path, services: int, workdir: Path) -> Proc:
+def launch(template: str, conf: Path, services: int, probe_port: int | None = None) -> Proc:
+    """Start ``template`` on ``conf``; return once every service is bound and, with ``probe_port``,
+    a connection through that port has been answered (start-up to the first accepted connection).
+
+    A thread watches the log for the `bound to` lines (every millisecond) while this one probes."""
     cmd = [part.replace("{conf}", str(conf)) for part in shlex.split(template)]
-    log = workdir / f"{conf.stem}.{abs(hash(template)) % 10000}.log"
+    log = conf.with_suffix(".log")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    bound: list[float] = []
+    ports: dict[str, int] = {}
+    done = threading.Event()
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
         popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        found = BOUND.findall(text)
-        if len(found) >= services:
-            ports = {name: int(port) for name, port in found}
-            return Proc(popen, log, ports, t0, time.perf_counter())
-        if popen.poll() is not None:
-            raise SystemExit(f"{cmd} exited {popen.returncode}:\n{text}")
-        time.sleep(0.005)
-    popen.kill()
-    raise SystemExit(f"{cmd} did not bind in time:\n{log.read_text()}")
+
+    def watch() -> None:
+        while not done.is_set() and popen.poll() is None:
+            found = BOUND.findall(log.read_text(errors="replace"))
+            if len(found) >= services:
+                bound.append(time.perf_counter())
+                ports.update((name, int(port)) for name, port in found)
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    first: float | None = None
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            if probe_port is not None and first is None and probe(probe_port):
+                first = time.perf_counter()
+            if bound and (probe_port is None or first is not None):
+                watcher.join()
+                return Proc(popen, log, ports, t0, bound[0], bound[0] if first is None else first)
+            if popen.poll() is not None:
+                raise SystemExit(f"{cmd} exited {popen.returncode}:\n{log.read_text(errors='replace')}")
+            time.sleep(0.002)
+        popen.kill()
+        popen.wait()
+        raise SystemExit(f"{cmd} did not start in time:\n{log.read_text(errors='replace')}")
+    finally:
+        done.set()
 
 
 # ---------------------------------------------------------------------------- backend
 
 
 BACKEND = r"""
-import socket, sys, threading
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0)); srv.listen(4096)
-print(srv.getsockname()[1], flush=True)
-def handle(c):
-    # a sink that echoes a 1-byte greeting and, at EOF, the SHA-256 of what it got
-    import hashlib
-    h = hashlib.sha256(); n = 0
-    try:
-        while True:
-            d = c.recv(1 << 20)
-            if not d:
-                break
-            if n == 0 and d[:1] == b"?":
-                c.sendall(b"!")   # a round-trip probe: answer at once, keep the connection
-                d = d[1:]
-                if not d:
-                    continue
-            h.update(d); n += len(d)
-        c.sendall(f"{n} {h.hexdigest()}".encode())
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=handle, args=(c,), daemon=True).start()
+from __future__ import annotations
+import asyncio, hashlib
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+
+class Backend(asyncio.Protocol):
+    # The first byte picks the mode: '?' answers '!' at once (a round-trip probe) then sinks;
+    # 'E' echoes everything after it; anything else sinks.  A sink answers EOF with the byte
+    # count and SHA-256 of what it got (after a '?').
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.mode = b""
+        self.hash = hashlib.sha256()
+        self.n = 0
+
+    def data_received(self, data: bytes) -> None:
+        if not self.mode:
+            self.mode = data[:1] if data[:1] in (b"?", b"E") else b"s"
+            if self.mode == b"?":
+                self.transport.write(b"!")
+            if self.mode != b"s":
+                data = data[1:]
+        if self.mode == b"E":
+            if data:
+                self.transport.write(data)
+        else:
+            self.hash.update(data)
+            self.n += len(data)
+
+    def eof_received(self) -> bool:
+        if self.mode != b"E":
+            self.transport.write(f"{self.n} {self.hash.hexdigest()}".encode())
+        self.transport.close()
+        return True
+
+async def main() -> None:
+    server = await asyncio.get_running_loop().create_server(Backend, "127.0.0.1", 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+(uvloop.run if uvloop else asyncio.run)(main())
 """
 
 
 @contextmanager
-def backend() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def backend() -> Iterator[tuple[int, int]]:
+    """(port, pid) of a fresh backend."""
     popen = subprocess.Popen([sys.executable, "-c", BACKEND], stdout=subprocess.PIPE)
     assert popen.stdout is not None
     port = int(popen.stdout.readline())
     try:
-        yield port, popen
+        yield port, popen.pid
     finally:
         popen.kill()
         popen.wait()
@@ -171,70 +322,252 @@ def backend() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
 HEADER = "foreground = yes\nsyslog = no\npid =\ndebug = 6\n"
 
 
+def write(workdir: Path, name: str, text: str) -> Path:
+    path = workdir / name
+    path.write_text(text)
+    return path
+
+
 # ---------------------------------------------------------------------------- measurements
 
 
-def bulk(port: int, size: int, streams: int) -> tuple[float, bool]:
-    """MB/s through ``port`` and whether every stream's SHA-256 matched."""
-    payload = os.urandom(1 << 20)
+@dataclass
+class Parts:
+    """The processes whose CPU is accounted for (besides the load generator, this process)."""
+
+    tunnel: int
+    refs: list[int]
+    backend: int
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            "wall": time.perf_counter(),
+            "tunnel": cpu_seconds(self.tunnel),
+            "reference": sum(cpu_seconds(r) for r in self.refs),
+            "backend": cpu_seconds(self.backend),
+            "load": self_cpu(),
+            "machine": machine_busy(),
+        }
+
+
+def usage(s0: dict[str, float], s1: dict[str, float]) -> dict[str, float]:
+    """Cores busy between two snapshots, per part; "other" is the rest of the machine."""
+    wall = max(s1["wall"] - s0["wall"], 1e-9)
+    out = {k: (s1[k] - s0[k]) / wall for k in PARTS[:-1]}
+    out["other"] = max(0.0, (s1["machine"] - s0["machine"]) / wall - sum(out.values()))
+    return out
+
+
+_PAYLOAD = os.urandom(CHUNK)
+
+
+def bulk(port: int, per_stream: int, streams: int, parts: Parts) -> tuple[float, float, dict[str, float]]:
+    """(MB/s, tunnel CPU s/GiB, cores busy) for ``streams`` parallel uploads of ``per_stream`` bytes.
+
+    Every stream is established end to end first; the clock and the CPU counters start when all
+    are; each stream's SHA-256 is checked."""
+    chunks = max(1, per_stream // CHUNK)
     want = hashlib.sha256()
-    for _ in range(size // len(payload)):
-        want.update(payload)
-    expected = f"{(size // len(payload)) * len(payload)} {want.hexdigest()}".encode()
-    ok = [False] * streams
+    for _ in range(chunks):
+        want.update(_PAYLOAD)
+    expected = f"{chunks * CHUNK} {want.hexdigest()}".encode()
+    barrier = threading.Barrier(streams + 1, timeout=120)
+    problems: list[str] = []
 
-    def one(i: int) -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-            for _ in range(size // len(payload)):
-                s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            reply = b""
-            while chunk := s.recv(256):
-                reply += chunk
-            ok[i] = reply == expected
+    def one() -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+                s.sendall(b"?")
+                if s.recv(1) != b"!":
+                    raise ConnectionError("no answer to the probe byte")
+                barrier.wait()
+                for _ in range(chunks):
+                    s.sendall(_PAYLOAD)
+                s.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := s.recv(256):
+                    reply += chunk
+                if reply != expected:
+                    problems.append(f"got {reply[:80]!r}, want {expected!r}")
+        except (OSError, threading.BrokenBarrierError) as exc:
+            problems.append(repr(exc))
+            barrier.abort()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    threads = [threading.Thread(target=one) for _ in range(streams)]
     for t in threads:
         t.start()
+    with suppress(threading.BrokenBarrierError):
+        barrier.wait()
+    s0 = parts.snapshot()
     for t in threads:
         t.join()
-    dt = time.perf_counter() - t0
-    return streams * (size // len(payload)) * len(payload) / dt / 1e6, all(ok)
+    s1 = parts.snapshot()
+    if problems:
+        raise SystemExit(f"bulk through port {port}: {len(problems)} stream(s) failed: {problems[:3]}")
+    total = streams * chunks * CHUNK
+    dt = s1["wall"] - s0["wall"]
+    return total / dt / 1e6, (s1["tunnel"] - s0["tunnel"]) / (total / (1 << 30)), usage(s0, s1)
 
 
 def new_connections(port: int, count: int) -> float:
+    """Sequential connections per second, each carrying one byte and its checked answer."""
     t0 = time.perf_counter()
     for _ in range(count):
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(b"x")
             s.shutdown(socket.SHUT_WR)
-            s.recv(100)
+            reply = b""
+            while chunk := s.recv(256):
+                reply += chunk
+            if not reply.startswith(b"1 "):
+                raise SystemExit(f"new connection through port {port}: got {reply!r}")
     return count / (time.perf_counter() - t0)
 
 
-def idle_rss(port: int, pid: int, low: int, high: int) -> float:
-    """KiB of tunnel RSS per idle established connection (slope between low and high)."""
+def round_trips(port: int, iterations: int, warmup: int) -> list[float]:
+    """Microseconds per 64-byte ping-pong over one connection (after ``warmup`` of them)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"E")
+        buf = bytearray(64)
+        view = memoryview(buf)
+
+        def once(msg: bytes) -> None:
+            s.sendall(msg)
+            got = 0
+            while got < 64:
+                n = s.recv_into(view[got:])
+                if not n:
+                    raise SystemExit(f"echo through port {port}: connection closed")
+                got += n
+            if buf != msg:
+                raise SystemExit(f"echo through port {port}: bytes differ")
+
+        msgs = [os.urandom(64) for _ in range(16)]
+        for i in range(warmup):
+            once(msgs[i % 16])
+        times: list[float] = []
+        clock = time.perf_counter_ns
+        for i in range(iterations):
+            msg = msgs[i % 16]
+            t = clock()
+            once(msg)
+            times.append((clock() - t) / 1000)
+    return times
+
+
+def percentile(xs: list[float], q: float) -> float:
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Idle:
+    marks: dict[int, tuple[int, int]]  # connection attempts -> (connections held, tunnel RSS KiB)
+    opening: dict[int, float]  # connection attempts -> seconds spent opening up to there
+    failed: int  # connects that failed, were reset or got no answer (and skipped after GIVE_UP)
+    dead: int  # held connections that did not answer at the end
+    usage: dict[str, float]
+
+
+def idle(ports: list[int], parts: Parts, marks: list[int], openers: int, settle: float) -> Idle:
+    """Open idle connections (spread over ``ports``, ``openers`` in parallel, each answered end to
+    end) up to each number of attempts in ``marks`` and read the tunnel's RSS there; finally check
+    that every held connection still works (half-close, expect the sink's answer) and close them."""
     socks: list[socket.socket] = []
+    lock = threading.Lock()
+    state = {"next": 0, "failed": 0, "streak": 0}
+    result: dict[int, tuple[int, int]] = {}
 
-    def open_to(n: int) -> None:
-        while len(socks) < n:
-            s = socket.create_connection(("127.0.0.1", port), timeout=30)
-            s.sendall(b"?")
-            s.recv(1)  # through the tunnel and back: the connection is fully established
-            socks.append(s)
+    def opener(limit: int) -> None:
+        while True:
+            with lock:
+                if state["next"] >= limit:
+                    return
+                i = state["next"]
+                state["next"] += 1
+                if state["streak"] >= GIVE_UP:
+                    state["failed"] += 1
+                    continue
+            ok = False
+            try:
+                s = socket.create_connection(("127.0.0.1", ports[i % len(ports)]), timeout=10)
+                try:
+                    s.sendall(b"?")
+                    ok = s.recv(1) == b"!"
+                except OSError:
+                    pass
+                if not ok:
+                    s.close()
+            except OSError:
+                pass
+            with lock:
+                if ok:
+                    socks.append(s)
+                    state["streak"] = 0
+                else:
+                    state["failed"] += 1
+                    state["streak"] += 1
 
-    try:
-        open_to(low)
-        time.sleep(0.3)
-        r1 = rss_kib(pid)
-        open_to(high)
-        time.sleep(0.3)
-        r2 = rss_kib(pid)
-    finally:
-        for s in socks:
+    opening: dict[int, float] = {}
+    spent = 0.0
+    s0 = parts.snapshot()
+    for mark in marks:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=opener, args=(mark,)) for _ in range(openers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        spent += time.perf_counter() - t0
+        opening[mark] = spent
+        log(f"idle: {mark} attempts, {len(socks)} held, {state['failed']} failed")
+        time.sleep(settle)
+        result[mark] = (len(socks), rss_kib(parts.tunnel))
+    s1 = parts.snapshot()
+    dead = close_checked(socks)
+    log(f"idle: closed, {dead} dead")
+    return Idle(result, opening, state["failed"], dead, usage(s0, s1))
+
+
+def close_checked(socks: list[socket.socket], timeout: float = 60) -> int:
+    """Half-close every socket, expect the backend's answer to an empty stream; the number that fail."""
+    sel = selectors.DefaultSelector()
+    got: dict[socket.socket, bytes] = {}
+    dead = 0
+    for s in socks:
+        try:
+            s.setblocking(False)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            dead += 1
             s.close()
-    return (r2 - r1) / (high - low)
+            continue
+        got[s] = b""
+        sel.register(s, selectors.EVENT_READ)
+    pending = len(got)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for key, _ in sel.select(1.0):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(256)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                got[sock] += data
+                continue
+            sel.unregister(sock)
+            pending -= 1
+    for s, reply in got.items():
+        if reply != EMPTY_REPLY:
+            dead += 1
+        s.close()
+    sel.close()
+    return dead
 
 
 # ---------------------------------------------------------------------------- the run
@@ -246,10 +579,55 @@ class Result:
     unit: str
     a: list[float]
     b: list[float]
-    better: str  # "higher" or "lower"
+    better: str  # "higher", "lower" or "" (information)
+    group: str = "main"  # "main", "cpu" (cores busy during a measurement) or "check"
+    part: str = ""  # for "cpu": tunnel, reference, backend, load or other
 
-    def ratio(self) -> float:
-        return statistics.median(self.b) / statistics.median(self.a)
+    def ratio(self) -> float | None:
+        a, b = statistics.median(self.a), statistics.median(self.b)
+        return b / a if a else None
+
+
+@dataclass
+class Plan:
+    """What to run and how big, resolved from the command line."""
+
+    groups: set[str]
+    topologies: set[str]
+    reps: int
+    size: int  # bytes per bulk measurement (split over the streams in the multi-stream one)
+    streams: int
+    conns: int
+    rtt: int
+    warmup: int
+    idle: list[int]  # attempts at which RSS is read: [slope low, slope high, top]
+    openers: int
+    cpu: int  # the CPU every process is pinned to for round trips
+    strict: bool  # any error fails the run (--quick)
+
+
+@dataclass
+class Recorder:
+    results: dict[tuple[str, str, str], Result] = field(default_factory=dict)
+
+    def add(
+        self,
+        system: str,
+        metric: str,
+        unit: str,
+        value: float,
+        better: str,
+        group: str = "main",
+        part: str = "",
+    ) -> None:
+        res = self.results.setdefault(
+            (group, metric, part), Result(metric, unit, [], [], better, group, part)
+        )
+        (res.a if system == "a" else res.b).append(value)
+
+    def cpu(self, system: str, label: str, cores: dict[str, float]) -> None:
+        for part in PARTS:
+            self.add(system, label, "cores", cores[part], "", "cpu", part)
 
 
 def make_cert(workdir: Path) -> tuple[Path, Path]:
@@ -262,111 +640,213 @@ def make_cert(workdir: Path) -> tuple[Path, Path]:
     return path, workdir / "ca.pem"
 
 
-def run(args: argparse.Namespace) -> list[Result]:
+def measure(
+    plan: Plan,
+    rec: Recorder,
+    system: str,
+    topo: str,
+    tunnel: Proc,
+    refs: list[Proc],
+    ports: list[int],
+    bpid: int,
+) -> None:
+    """Every selected measurement through a running tunnel; ``ports`` are the load's entry points."""
+    parts = Parts(tunnel.pid, [r.pid for r in refs], bpid)
+    port = ports[0]
+
+    def add(metric: str, unit: str, value: float, better: str, group: str = "main") -> None:
+        log(f"  {metric}: {fmt(value)} {unit}")
+        rec.add(system, metric, unit, value, better, group)
+
+    if "startup" in plan.groups:
+        add(f"{topo} start-up to bound", "ms", (tunnel.bound - tunnel.started) * 1000, "lower")
+        add(f"{topo} start-up to first connection", "ms", (tunnel.first - tunnel.started) * 1000, "lower")
+        add(f"{topo} RSS after start-up", "MiB", rss_kib(tunnel.pid) / 1024, "lower")
+    if "bulk" in plan.groups:
+        for streams in (1, plan.streams):
+            label = f"{topo} bulk {streams} stream{'s' * (streams > 1)}"
+            mbps, per_gib, cores = bulk(port, plan.size // streams, streams, parts)
+            add(label, "MB/s", mbps, "higher")
+            add(f"{topo} CPU per GiB, {streams} stream{'s' * (streams > 1)}", "s", per_gib, "lower")
+            rec.cpu(system, label, cores)
+    if "conn" in plan.groups:
+        reused0 = sum(r.count("previous session reused") for r in refs)
+        new0 = sum(r.count("new session negotiated") for r in refs)
+        s0 = parts.snapshot()
+        rate = new_connections(port, plan.conns)
+        s1 = parts.snapshot()
+        time.sleep(0.1)  # let the reference peers' logs catch up
+        reused = sum(r.count("previous session reused") for r in refs) - reused0
+        new = sum(r.count("new session negotiated") for r in refs) - new0
+        label = f"{topo} new conn/s (sequential, {'resumption on' if topo == 'client' else 'full handshake'})"
+        add(label, "conn/s", rate, "higher")
+        rec.cpu(system, label, usage(s0, s1))
+        if reused + new:
+            add(f"{topo} new conn/s: handshakes resumed", "%", 100 * reused / (reused + new), "", "check")
+    if "rtt" in plan.groups:
+        with pinned([tunnel.pid, bpid, *(r.pid for r in refs)], plan.cpu):
+            s0 = parts.snapshot()
+            times = round_trips(port, plan.rtt, plan.warmup)
+            s1 = parts.snapshot()
+        add(f"{topo} 64 B round trip p50, pinned", "µs", statistics.median(times), "lower")
+        add(f"{topo} 64 B round trip p99, pinned", "µs", percentile(times, 0.99), "lower")
+        rec.cpu(system, f"{topo} 64 B round trips, pinned", usage(s0, s1))
+    if "idle" in plan.groups:
+        low, high, top = plan.idle
+        res = idle(ports, parts, plan.idle, plan.openers, 0.1 if plan.strict else 0.5)
+        (held_low, rss_low), (held_high, rss_high) = res.marks[low], res.marks[high]
+        held_top, rss_top = res.marks[top]
+        errors = res.failed + res.dead
+        rate = held_high / res.opening[high]
+        add(f"{topo} new conn/s ({plan.openers} parallel, held open, to {high})", "conn/s", rate, "higher")
+        if held_high > held_low:
+            slope = (rss_high - rss_low) / (held_high - held_low)
+            add(f"{topo} idle RSS per conn ({low}-{high})", "KiB", slope, "lower")
+        add(f"{topo} RSS at {top} idle", "MiB", rss_top / 1024, "lower")
+        add(f"{topo} errors at {top} idle", "conns", errors, "lower")
+        add(f"{topo} idle connections held at {top}", "conns", held_top, "", "check")
+        rec.cpu(system, f"{topo} idle ramp to {top}", res.usage)
+        if errors and plan.strict:
+            raise SystemExit(f"{topo} idle: {res.failed} connect(s) failed, {res.dead} died (of {top})")
+
+
+def run(plan: Plan, args: argparse.Namespace) -> list[Result]:
     workdir = Path(tempfile.mkdtemp(prefix="pytunnel-bench-"))
     cert, ca = make_cert(workdir)
     # both systems verify the upstream (so `pytunnel run`'s secure default is compared fairly)
     verify = f"verifyChain = yes\nCAfile = {ca}\ncheckHost = localhost\n"
-    quick = args.quick
-    size = (8 if quick else 256) << 20
-    reps = 1 if quick else args.reps
-    conns = 30 if quick else 500
-    results: dict[str, Result] = {}
+    rec = Recorder()
+    order = (["a", "b", "b", "a"] * plan.reps)[: 2 * plan.reps]  # A B B A A B ...
+    try:
+        for i, system in enumerate(order):
+            template = args.a if system == "a" else args.b
+            for topo in TOPOLOGIES:
+                if topo not in plan.topologies:
+                    continue
+                log(f"run {i + 1}/{len(order)}: {system.upper()} {topo}")
+                with ExitStack() as stack:
+                    bport, bpid = stack.enter_context(backend())
 
-    def record(metric: str, unit: str, system: str, value: float, better: str) -> None:
-        res = results.setdefault(metric, Result(metric, unit, [], [], better))
-        (res.a if system == "a" else res.b).append(value)
+                    def start(
+                        template: str, conf: Path, services: int, probe_port: int | None = None
+                    ) -> Proc:
+                        proc = launch(template, conf, services, probe_port)
+                        stack.callback(proc.stop)
+                        return proc
 
-    with backend() as (bport, _):
-        ref = start_tunnel(args.reference, write(workdir, "ref-server.conf",
-            f"{HEADER}[refsrv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{bport}\ncert = {cert}\n"), 1, workdir)  # fmt: skip
-        try:
-            order = ["a", "b", "b", "a"] * reps
-            for i, system in enumerate(order):
-                template = args.a if system == "a" else args.b
-                # client mode: load -> tunnel (client) -> reference TLS server -> backend
-                conf = write(workdir, f"client-{i}.conf",
-                    f"{HEADER}[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{ref.ports['refsrv']}\n{verify}")  # fmt: skip
-                t = start_tunnel(template, conf, 1, workdir)
-                try:
-                    record("start-up to bound", "ms", system, (t.ready - t.started) * 1000, "lower")
-                    port = t.ports["cli"]
-                    c0 = cpu_seconds(t.pid)
-                    mbps, ok = bulk(port, size, 1)
-                    if not ok:
-                        raise SystemExit(f"client-mode bulk through {template!r}: bytes did not match")
-                    record("client bulk 1 stream", "MB/s", system, mbps, "higher")
-                    record(
-                        "client CPU per GiB",
-                        "s",
-                        system,
-                        (cpu_seconds(t.pid) - c0) / (size / (1 << 30)),
-                        "lower",
-                    )
-                    if not quick:
-                        mbps, ok = bulk(port, size // 16, 16)
-                        assert ok
-                        record("client bulk 16 streams", "MB/s", system, mbps, "higher")
-                    record("client new conn/s", "conn/s", system, new_connections(port, conns), "higher")
-                    record("client idle RSS per conn", "KiB", system,
-                           idle_rss(port, t.pid, 50 if quick else 200, 150 if quick else 1200), "lower")  # fmt: skip
-                finally:
-                    t.stop()
-                # server mode: load -> reference TLS client -> tunnel (server) -> backend
-                conf = write(workdir, f"server-{i}.conf",
-                    f"{HEADER}[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{bport}\ncert = {cert}\n")  # fmt: skip
-                t = start_tunnel(template, conf, 1, workdir)
-                try:
-                    refc = start_tunnel(args.reference, write(workdir, f"ref-client-{i}.conf",
-                        f"{HEADER}[refcli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{t.ports['srv']}\n"),
-                        1, workdir)  # fmt: skip
-                    try:
-                        port = refc.ports["refcli"]
-                        c0 = cpu_seconds(t.pid)
-                        mbps, ok = bulk(port, size, 1)
-                        if not ok:
-                            raise SystemExit(f"server-mode bulk through {template!r}: bytes did not match")
-                        record("server bulk 1 stream", "MB/s", system, mbps, "higher")
-                        record(
-                            "server CPU per GiB",
-                            "s",
-                            system,
-                            (cpu_seconds(t.pid) - c0) / (size / (1 << 30)),
-                            "lower",
+                    if topo == "client":
+                        # load -> tunnel (client, two services) -> two reference TLS servers -> backend
+                        ref = f"{HEADER}[refsrv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{bport}\ncert = {cert}\n"
+                        refs = [
+                            start(args.reference, write(workdir, f"refsrv-{i}-{k}.conf", ref), 1)
+                            for k in range(REFS)
+                        ]
+                        ports = [free_port() for _ in range(REFS)]
+                        conf = "".join(
+                            f"[cli{k + 1}]\nclient = yes\naccept = 127.0.0.1:{ports[k]}\n"
+                            f"connect = 127.0.0.1:{refs[k].ports['refsrv']}\n{verify}"
+                            for k in range(REFS)
                         )
-                        record("server new conn/s", "conn/s", system, new_connections(port, conns), "higher")
-                    finally:
-                        refc.stop()
-                finally:
-                    t.stop()
-        finally:
-            ref.stop()
+                        services = REFS
+                    else:
+                        # load -> two reference TLS clients (no resumption) -> tunnel (server) -> backend
+                        port = free_port()
+                        ref = (
+                            f"{HEADER}[refcli]\nclient = yes\naccept = 127.0.0.1:0\n"
+                            f"connect = 127.0.0.1:{port}\nsessionResume = no\n"
+                        )
+                        refs = [
+                            start(args.reference, write(workdir, f"refcli-{i}-{k}.conf", ref), 1)
+                            for k in range(REFS)
+                        ]
+                        ports = [r.ports["refcli"] for r in refs]
+                        conf = (
+                            f"[srv]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{bport}\ncert = {cert}\n"
+                        )
+                        services = 1
+                    conf_path = write(workdir, f"{topo}-{i}-{system}.conf", HEADER + conf)
+                    tunnel = start(template, conf_path, services, ports[0])
+                    measure(plan, rec, system, topo, tunnel, refs, ports, bpid)
+    except BaseException:
+        print(f"bench: configurations and logs kept in {workdir}", file=sys.stderr)
+        raise
     shutil.rmtree(workdir, ignore_errors=True)
-    return list(results.values())
+    return list(rec.results.values())
 
 
-def write(workdir: Path, name: str, text: str) -> Path:
-    path = workdir / name
-    path.write_text(text)
-    return path
+# ---------------------------------------------------------------------------- report
 
 
-def report(results: list[Result], args: argparse.Namespace) -> str:
+def fmt(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 1000 or x == int(x) else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def report(results: list[Result], args: argparse.Namespace, plan: Plan, nofile: tuple[int, int]) -> str:
+    main = [r for r in results if r.group == "main"]
+    runs = max((len(r.a) for r in results), default=0)
     lines = [
-        f"A = `{args.a}`, B = `{args.b}`; median (min-max) over {len(results[0].a)} run(s) each, ABBA order",
+        f"A = `{args.a}`, B = `{args.b}`; median (min-max) over {runs} run(s) each in A B B A ... order; "
+        f"{plan.size >> 20} MiB per bulk measurement, {plan.conns} sequential connections, "
+        f"{plan.rtt} round trips on CPU {plan.cpu}, idle ramp {'/'.join(map(str, plan.idle))} "
+        f"({plan.openers} openers); RLIMIT_NOFILE {nofile[0]}; {os.cpu_count()} CPUs",
         "",
         "| metric | A | B | B / A | better |",
         "|---|---|---|---|---|",
     ]
 
-    def fmt(xs: list[float], unit: str) -> str:
-        return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f}) {unit}"
+    def cell(xs: list[float], unit: str) -> str:
+        if not xs:
+            return "-"
+        if len(xs) == 1:
+            return f"{fmt(xs[0])} {unit}"
+        return f"{fmt(statistics.median(xs))} ({fmt(min(xs))}-{fmt(max(xs))}) {unit}"
 
-    for r in results:
+    for r in main:
+        ratio = r.ratio() if r.a and r.b else None
         lines.append(
-            f"| {r.metric} | {fmt(r.a, r.unit)} | {fmt(r.b, r.unit)} | {r.ratio():.2f} | {r.better} |"
+            f"| {r.metric} | {cell(r.a, r.unit)} | {cell(r.b, r.unit)} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}'} | {r.better} |"
         )
+    checks = [r for r in results if r.group == "check"]
+    if checks:
+        lines += ["", "| check | A | B |", "|---|---|---|"]
+        lines += [f"| {r.metric} | {cell(r.a, r.unit)} | {cell(r.b, r.unit)} |" for r in checks]
+    cpu: dict[str, dict[str, Result]] = {}
+    for r in results:
+        if r.group == "cpu":
+            cpu.setdefault(r.metric, {})[r.part] = r
+    if cpu:
+        lines += [
+            "",
+            "CPU busy during each measurement, median cores (tunnel / reference peers / backend / load "
+            f"generator / rest of the machine), of {os.cpu_count()}:",
+            "",
+            "| measurement | A | B |",
+            "|---|---|---|",
+        ]
+        warnings: list[str] = []
+        for label, parts in cpu.items():
+            cells = []
+            for side in ("a", "b"):
+                values = {p: getattr(parts[p], side) for p in PARTS}
+                med = {p: statistics.median(xs) if xs else 0.0 for p, xs in values.items()}
+                cells.append(" / ".join(f"{med[p]:.2f}" for p in PARTS))
+                for p in ("reference", "backend", "load"):
+                    if med[p] >= 0.9:
+                        warnings.append(
+                            f"{label} ({side.upper()}): {p} busy {med[p]:.2f} cores: may be the bottleneck"
+                        )
+                if med["other"] >= 0.5:
+                    warnings.append(
+                        f"{label} ({side.upper()}): other work on the machine took {med['other']:.2f} cores"
+                    )
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        if warnings:
+            lines += ["", *(f"* {w}" for w in warnings)]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,17 +856,70 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--a", default=f"{stunnel} {{conf}}", help="command template A (default: stunnel4)")
     parser.add_argument("--b", default=f"{sys.executable} -m tunnel run {{conf}}", help="command template B")
-    parser.add_argument("--reference", default=f"{stunnel} {{conf}}", help="the reference TLS peer")
+    parser.add_argument("--reference", default=f"{stunnel} {{conf}}", help="the reference TLS peers")
     parser.add_argument(
-        "--reps", type=int, default=3, help="ABBA repetitions (each runs A twice and B twice)"
+        "--reps", type=int, help="runs of each system, in A B B A A B ... order (default 3, quick 1)"
     )
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run; asserts no speed")
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated subset of {', '.join(GROUPS + TOPOLOGIES)}"
+    )
+    parser.add_argument("--size", type=int, help="MiB per bulk measurement (default 256, quick 8)")
+    parser.add_argument("--streams", type=int, default=64, help="connections in the multi-stream bulk (64)")
+    parser.add_argument("--conns", type=int, help="sequential new connections (default 500, quick 30)")
+    parser.add_argument("--rtt", type=int, help="64-byte round trips timed (default 5000, quick 300)")
+    parser.add_argument(
+        "--idle", type=int, help="idle connections at the top of the ramp (default 10000, quick 200)"
+    )
+    parser.add_argument(
+        "--idle-slope", help="LOW,HIGH idle connections for the RSS slope (default 1000,5000)"
+    )
+    parser.add_argument("--openers", type=int, default=16, help="parallel connects in the idle ramp (16)")
+    parser.add_argument(
+        "--cpu", type=int, default=0, help="the CPU every process is pinned to for round trips"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="progress and phase times on stderr")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args(argv)
-    results = run(args)
-    print(report(results, args))
+    global VERBOSE
+    VERBOSE = args.verbose
+
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    if unknown := only - set(GROUPS) - set(TOPOLOGIES):
+        parser.error(
+            f"--only: unknown {', '.join(sorted(unknown))} (choose from {', '.join(GROUPS + TOPOLOGIES)})"
+        )
+    q = args.quick
+    top = args.idle or (200 if q else 10000)
+    if args.idle_slope:
+        low, high = (int(x) for x in args.idle_slope.split(","))
+    else:
+        low, high = (top // 4, 3 * top // 4) if q else (min(1000, top // 4), min(5000, top // 2))
+    if not 0 < low < high <= top:
+        parser.error("need 0 < slope LOW < slope HIGH <= --idle")
+    if args.cpu not in os.sched_getaffinity(0):
+        parser.error(f"--cpu {args.cpu} is not available to this process")
+    plan = Plan(
+        groups=only & set(GROUPS) or set(GROUPS),
+        topologies=only & set(TOPOLOGIES) or set(TOPOLOGIES),
+        reps=args.reps or (1 if q else 3),
+        size=(args.size or (8 if q else 256)) << 20,
+        streams=args.streams,
+        conns=args.conns or (30 if q else 500),
+        rtt=args.rtt or (300 if q else 5000),
+        warmup=50 if q else 500,
+        idle=[low, high, top],
+        openers=args.openers,
+        cpu=args.cpu,
+        strict=q,
+    )
+    nofile = raise_nofile(2 * top + 1000)
+    t0 = time.monotonic()
+    results = run(plan, args)
+    print(report(results, args, plan, nofile))
+    print(f"\nwall time {time.monotonic() - t0:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0
 
 
