@@ -584,6 +584,7 @@ class Runtime:
                 raise StartupError(f"Service [{service.name}]: cannot resolve its connect address")
 
     def _preload(self) -> None:
+        import difflib  # noqa: F401 - a reload's did-you-mean hints
         import encodings.idna  # noqa: F401 - getaddrinfo() of a host name needs it
         import grp  # noqa: F401
         import pwd  # noqa: F401

@@ -8,6 +8,7 @@ import errno
 import fnmatch
 import itertools
 import os
+import resource
 import socket
 import ssl
 import struct
@@ -197,8 +198,6 @@ class _Budget:
         self.soft = 0
 
     def configure(self) -> None:
-        import resource
-
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.soft = soft
         self.limit = 0 if soft == resource.RLIM_INFINITY else max(4, (soft - FD_RESERVE) // 2)
