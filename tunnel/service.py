@@ -590,13 +590,15 @@ class Service:
             )  # fmt: skip
         return True
 
+    def _busy_exceeded(self, conn: Connection) -> None:
+        """The TLS handshake (or a protocol step) outlived TIMEOUTbusy: stunnel's words."""
+        self.counters.handshake_failed("timeout")
+        conn.fail(CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset")
+
     def _handshake_timeout(self, conn: Connection) -> None:
         conn.timer = None
         if conn.reason is None and not conn.linked:
-            self.counters.handshake_failed("timeout")
-            conn.fail(
-                CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset"
-            )
+            self._busy_exceeded(conn)
 
     # ---- server mode: TLS accepted, connect plain upstream ----------------------------
     def _server_handshake_done(self, side: TlsSide, exc: BaseException | None) -> None:
@@ -613,17 +615,8 @@ class Service:
         conn.loop.create_task(self._guard(conn, target._open_plain_upstream(conn)))
 
     async def _open_plain_upstream(self, conn: Connection) -> None:
-        sock = await self._dial_any(conn)
-        if sock is None:
-            return
-        loop = conn.loop
-        plain = PlainSide(conn)
-        conn.plain = plain
-        try:
-            await loop.create_connection(lambda: plain, sock=sock)
-        except OSError as exc:
-            sock.close()
-            conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc}")
+        plain = await self._connect_plain(conn)
+        if plain is None:
             return
         if conn.reason is not None:
             plain.close()
@@ -631,8 +624,8 @@ class Service:
         conn.link()
 
     # ---- protocol negotiation (protocol = ...) -------------------------------------------
-    async def _connect_plain(self, conn: Connection, ctx: protocols.Ctx) -> PlainSide | None:
-        sock = await self._dial_any(conn, ctx.targets)
+    async def _connect_plain(self, conn: Connection, ctx: protocols.Ctx | None = None) -> PlainSide | None:
+        sock = await self._dial_any(conn, ctx.targets if ctx is not None else None)
         if sock is None:
             return None
         plain = PlainSide(conn)
@@ -675,10 +668,7 @@ class Service:
         try:
             exc = await asyncio.wait_for(fut, timeout=busy)
         except TimeoutError:
-            self.counters.handshake_failed("timeout")
-            conn.fail(
-                CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset"
-            )
+            self._busy_exceeded(conn)
             return
         conn.waiter = None
         if conn.reason is not None:
@@ -757,10 +747,7 @@ class Service:
             # stunnel bounds the TCP connect by TIMEOUTconnect, the handshake by TIMEOUTbusy
             exc = await asyncio.wait_for(fut, timeout=busy)
         except TimeoutError:
-            self.counters.handshake_failed("timeout")
-            conn.fail(
-                CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset"
-            )
+            self._busy_exceeded(conn)
             return
         except OSError as exc2:
             sock.close()
