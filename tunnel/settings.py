@@ -334,7 +334,6 @@ def opt(
 WIN = "it exists only in stunnel's Windows build"
 GUI = "it configures stunnel's Windows GUI"
 ENGINE = "OpenSSL engines cannot be reached through Python's ssl module"
-LATER = "pytunnel does not implement it yet (planned: full stunnel parity issue)"
 NO_API = "Python's ssl module exposes no API for it"
 PSK_WHY = (
     f"TLS-PSK needs Python 3.13 or newer (ssl.SSLContext.set_psk_server_callback); this is Python "
