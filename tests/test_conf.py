@@ -572,11 +572,14 @@ def test_global_only_option_inside_a_section_is_rejected(tmp_path: Path, line: s
         ("OCSPrequire = yes", False, "OCSP"),
         ("OCSPflag = NOCERTS", False, "OCSP"),
         ("TIMEOUTocsp = 5", False, "OCSP"),
-        ("libwrap = yes", False, "implement"),
+        ("libwrap = yes", False, "firewall"),
+        ("pty = yes", False, "terminal"),
+        ("redirect = 127.0.0.1:8443", False, "verify callback"),
+        ("PSKsecrets = /x/psk.txt", False, "TLS-PSK"),
         ("engineId = pkcs11", False, "engine"),
         ("CAengine = pkcs11", False, "engine"),
         ("ticketKeySecret = 00112233445566778899aabbccddeeff", False, "ticket"),
-        ("transparent = source", False, "implement"),
+        ("transparent = source", False, "TPROXY"),
     ],
 )
 def test_unsupported_options_are_rejected_with_their_reason(

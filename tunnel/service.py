@@ -143,6 +143,7 @@ class Listener:
                 return
             self.backoff = 0.0
             conn_sock.setblocking(False)
+            BUDGET.pending += 1  # counted now: the task that adopts it runs later
             loop.create_task(_adopt(loop, self, conn_sock))
 
     def _pause(self, exc: OSError) -> None:
@@ -229,7 +230,6 @@ BUDGET = _Budget()
 
 
 async def _adopt(loop: asyncio.AbstractEventLoop, lst: Listener, sock: socket.socket) -> None:
-    BUDGET.pending += 1
     try:
         await loop.connect_accepted_socket(lst.factory, sock)
     except OSError:
@@ -551,6 +551,10 @@ class Service:
             reason = CloseReason.PROTOCOL_FAILED if exc.level <= 3 else CloseReason.CLOSED
             conn.fail(reason, str(exc), rst=None if exc.reset else False, level=exc.level)
         except Exception as exc:  # noqa: BLE001 - reported on the connection
+            if self.level >= 7:
+                import traceback
+
+                conn.log(7, "".join(traceback.format_exception(exc)).rstrip())
             conn.fail(CloseReason.ERROR, f"Internal error: {exc!r}")
 
     def _handshake_ok(
