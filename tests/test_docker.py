@@ -599,36 +599,39 @@ def test_docker_stop_drains_in_flight_stream(
     stopped: dict[str, float] = {}
     stop_result: list[subprocess.CompletedProcess[str]] = []
 
+    def stopper() -> None:
+        stopped["at"] = time.monotonic()
+        stop_result.append(engine.docker("stop", "--time", "10", c.cid, check=False, timeout=60))
+        stopped["done"] = time.monotonic()
+
+    def read_for(s: ssl.SSLSocket, seconds: float) -> None:
+        """Collect what has come back for ``seconds`` (one thread uses the TLS socket: an
+        SSLSocket must not be read and written from two threads at once)."""
+        end = time.monotonic() + seconds
+        while len(received) < len(payload) and time.monotonic() < end:
+            s.settimeout(max(0.001, end - time.monotonic()))
+            try:
+                data = s.recv(262144)
+            except (TimeoutError, ssl.SSLWantReadError):
+                return
+            if not data:
+                return
+            received.extend(data)
+
+    st = threading.Thread(target=stopper, daemon=True)
     with tls_connect(certs, port) as s:
-
-        def reader() -> None:
-            while len(received) < len(payload):
-                try:
-                    data = s.recv(262144)
-                except OSError:
-                    return
-                if not data:
-                    return
-                received.extend(data)
-
-        def stopper() -> None:
-            stopped["at"] = time.monotonic()
-            stop_result.append(engine.docker("stop", "--time", "10", c.cid, check=False, timeout=60))
-            stopped["done"] = time.monotonic()
-
-        rt = threading.Thread(target=reader, daemon=True)
-        rt.start()
-        offsets = range(0, len(payload), chunk)
-        st = threading.Thread(target=stopper, daemon=True)
-        for i, off in enumerate(offsets):
+        for i, off in enumerate(range(0, len(payload), chunk)):
+            s.settimeout(30)
             s.sendall(payload[off : off + chunk])
             if i == 3:
                 st.start()
                 c.wait_for(r"Received signal 15; terminating", timeout=10)
                 stopped["signalled"] = time.monotonic()
-            time.sleep(0.05)
+            read_for(s, 0.05)
         stopped["sent"] = time.monotonic()
-        rt.join(30)
+        deadline = time.monotonic() + 30
+        while len(received) < len(payload) and time.monotonic() < deadline:
+            read_for(s, 1.0)
     st.join(30)
     logs = c.logs()
     assert len(received) == len(payload), f"{len(received)} of {len(payload)} bytes back\n{logs}"
