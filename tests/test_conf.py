@@ -573,7 +573,6 @@ def test_global_only_option_inside_a_section_is_rejected(tmp_path: Path, line: s
         ("OCSPflag = NOCERTS", False, "OCSP"),
         ("TIMEOUTocsp = 5", False, "OCSP"),
         ("libwrap = yes", False, "firewall"),
-        ("pty = yes", False, "terminal"),
         ("redirect = 127.0.0.1:8443", False, "verify callback"),
         ("PSKsecrets = /x/psk.txt", False, "TLS-PSK"),
         ("engineId = pkcs11", False, "engine"),

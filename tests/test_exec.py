@@ -225,3 +225,43 @@ def test_inetd_mode_client_connect(
     if impl == "pytunnel":
         assert "Service [moo] started" in (tmp_path / "inetd.log").read_text()
     assert server.stop() == 0
+
+
+# ------------------------------------------------------------------ pty = yes
+
+
+def test_pty_gives_the_program_a_terminal(tunnels: TunnelFactory, certs: Certs, impl: str) -> None:
+    conf = tunnels.conf(
+        f"[tty]\naccept = 127.0.0.1:0\nexec = /usr/bin/tty\npty = yes\ncert = {certs.server_pem}\n"
+    )
+    t = tunnels.start(conf, impl=impl)
+    with tls(t.port("tty"), certs) as s:
+        got = read_all(s)
+    assert re.fullmatch(rb"/dev/pts/\d+\r?\n", got), got  # a terminal, not a socket
+    assert t.stop() == 0
+
+
+def test_pty_is_raw_bytes_pass_unchanged(tunnels: TunnelFactory, certs: Certs) -> None:
+    """pytunnel puts the terminal in raw mode: no echo, no CR/LF rewriting, any byte value
+    (stunnel leaves the line discipline cooked)."""
+    conf = tunnels.conf(
+        f"[cat]\naccept = 127.0.0.1:0\nexec = /bin/cat\npty = yes\ncert = {certs.server_pem}\n"
+    )
+    t = tunnels.start(conf)
+    data = bytes(b for b in range(256) if b not in (3, 4, 17, 19, 26, 28)) * 8  # no signal chars
+    with tls(t.port("cat"), certs) as s:
+        s.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+    assert got == data
+    assert t.stop() == 0
+
+
+def test_pty_needs_exec_as_the_plaintext_end(tunnels: TunnelFactory) -> None:
+    conf = tunnels.conf("[x]\nclient = yes\naccept = 127.0.0.1:0\nexec = /bin/cat\npty = yes\n")
+    t = tunnels.start(conf, wait=False)
+    assert t.proc.wait(20) == 1
+    assert "pty = yes needs exec as the plaintext end" in t.log

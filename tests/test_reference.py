@@ -242,6 +242,7 @@ PREREQ: dict[str, dict[str, str | None]] = {  # None: drop that option of BASE
     "checkIP": {"CAfile": "/x/ca.pem", "verifyChain": "yes"},
     "checkEmail": {"CAfile": "/x/ca.pem", "verifyChain": "yes"},
     "exec": {"connect": None},
+    "pty": {"connect": None, "exec": "/bin/cat", "client": "no", "cert": "/x/cert.pem"},
     "execArgs": {"connect": None, "exec": "/bin/cat"},
     "protocolAuthentication": {"protocol": "smtp"},
     "protocolHeader": {"protocol": "connect", "protocolHost": "www.example:443"},
@@ -475,6 +476,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "protocol": ("smtp", "smtp"),
     "ident": ("nobody", "nobody"),
     "exec": ("/bin/cat", "/bin/cat"),
+    "pty": ("yes", True),
     "execArgs": ("cat -u", "cat -u"),
     "setEnv": ("LANG=C", ["LANG=C"]),
     "protocolAuthentication": ("login", "login"),
@@ -613,7 +615,6 @@ ON_VALUES: dict[str, str] = {
     "protocolUsername": "user",
     "PSKidentity": "client1",
     "PSKsecrets": "/x/psk.txt",
-    "pty": "yes",
     "redirect": "127.0.0.1:8443",
     "sessiond": "127.0.0.1:54321",
     "ticketKeySecret": "6c:39:4f:31:21:96:de:7c:c2:e6:6a:46:f8:4d:09:2a",
@@ -668,14 +669,14 @@ def test_off_value_of_an_unsupported_option_is_accepted(tmp_path: Path, name: st
 
 
 def test_documented_off_defaults_of_unsupported_options_are_accepted() -> None:
-    # fips = no, libwrap = no, OCSPaia = no, OCSPnonce = no, pty = no, transparent = none: a
+    # fips = no, libwrap = no, OCSPaia = no, OCSPnonce = no, transparent = none: a
     # config that spells out stunnel's default must not be refused
     wanted: set[tuple[str, str]] = set()
     for row in ROWS:
         alternatives = {a.strip("` ").split()[0].lower() for a in row.value.split("\\|") if a.strip()}
         if row.default in ("no", "none") and row.default in alternatives:
             wanted.update((n, row.default) for n in row.names if unsupported(n))
-    assert wanted >= {("fips", "no"), ("libwrap", "no"), ("OCSPaia", "no"), ("pty", "no")}
+    assert wanted >= {("fips", "no"), ("libwrap", "no"), ("OCSPaia", "no")}
     assert wanted <= set(ACCEPTED), wanted - set(ACCEPTED)
 
 

@@ -330,6 +330,14 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         else:
             hint = 'add "connect = [HOST:]PORT"'
         bad("Each service must define two endpoints", hint, "exec")
+    if svc.pty and not svc.exec:
+        bad("pty needs exec", "add exec = /path/to/program", "pty")
+    elif svc.pty and bool(svc.client) != bool(svc.connect):
+        bad(
+            "pty = yes needs exec as the plaintext end",
+            "use accept + exec in server mode or exec + connect in client mode",
+            "pty",
+        )
     if svc.execArgs and not svc.exec:
         bad("execArgs needs exec", "add exec = /path/to/program", "execArgs")
     if not svc.client and not svc.cert:

@@ -78,3 +78,158 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
         log.write(6, "ui", f"Child process {proc.pid} terminated on signal {-code}")
     else:
         log.write(6, "ui", f"Child process {proc.pid} finished with code {code}")
+
+
+# ---- pty = yes ------------------------------------------------------------------------------
+
+
+async def spawn_pty(
+    path: str, argv: list[str], env: dict[str, str], stderr_to_terminal: bool, ident: str
+) -> int:
+    """Start the program on a pseudo-terminal (raw mode: bytes pass unchanged); returns the
+    master descriptor, our end.  Raises OSError."""
+    import tty
+
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            executable=path,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave if stderr_to_terminal else None,
+            env=env,
+            close_fds=True,
+            start_new_session=True,  # the terminal becomes the child's session's own
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    log.write(6, ident, f"Local mode child started on a pty (PID={proc.pid})")
+    asyncio.get_running_loop().create_task(_reap(proc))
+    return master
+
+
+class PtyTransport(asyncio.Transport):
+    """The master side of a pty as one transport for a relay side: reads through a pipe
+    transport, writes straight to the descriptor (buffered, with flow control).  When the
+    child's side closes, the kernel answers reads with EIO: the end of the stream."""
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(self, side: asyncio.Protocol) -> None:
+        super().__init__()
+        self.side = side
+        self.reader: asyncio.ReadTransport | None = None
+        self.fd = -1
+        self.wbuf = bytearray()
+        self.paused = False
+        self.closed = False
+        self.eof_seen = False
+
+    async def attach(self, master: int) -> None:
+        loop = asyncio.get_running_loop()
+        os.set_blocking(master, False)
+        self.fd = os.dup(master)  # ours for writing; the read transport owns ``master``
+        self.reader, _ = await loop.connect_read_pipe(
+            lambda: _PtyReader(self), os.fdopen(master, "rb", buffering=0)
+        )
+        self.side.connection_made(self)
+
+    # Transport API used by the relay
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed:
+            return
+        if not self.wbuf:
+            try:
+                n = os.write(self.fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.close()
+                return
+            data = data[n:]
+            if not data:
+                return
+            asyncio.get_running_loop().add_writer(self.fd, self._flush)
+        self.wbuf += data
+        if not self.paused and len(self.wbuf) > self.HIGH_WATER:
+            self.paused = True
+            self.side.pause_writing()
+
+    def _flush(self) -> None:
+        try:
+            n = os.write(self.fd, self.wbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        del self.wbuf[:n]
+        if not self.wbuf:
+            asyncio.get_running_loop().remove_writer(self.fd)
+            if self.paused:
+                self.paused = False
+                self.side.resume_writing()
+
+    def can_write_eof(self) -> bool:
+        return False  # a terminal has no half-close; the program sees the end when we close
+
+    def pause_reading(self) -> None:
+        if self.reader is not None and not self.closed:
+            self.reader.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reader is not None and not self.closed:
+            self.reader.resume_reading()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.wbuf:
+            asyncio.get_running_loop().remove_writer(self.fd)
+        os.close(self.fd)
+        if self.reader is not None:
+            self.reader.close()  # its connection_lost tells the side
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def _eof(self) -> None:
+        if not self.eof_seen:
+            self.eof_seen = True
+            self.side.eof_received()
+
+    def _lost(self) -> None:
+        self._eof()
+        if not self.closed:
+            self.closed = True
+            if self.wbuf:
+                asyncio.get_running_loop().remove_writer(self.fd)
+            os.close(self.fd)
+        self.side.connection_lost(None)
+
+
+class _PtyReader(asyncio.Protocol):
+    def __init__(self, owner: PtyTransport) -> None:
+        self.owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self.owner.side.data_received(data)
+
+    def eof_received(self) -> bool:
+        self.owner._eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._lost()  # EIO once the child's side of the terminal is closed: the end

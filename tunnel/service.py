@@ -437,6 +437,29 @@ class Service:
                 log.ui(3, f"Service [{self.name}]: {text}")
             return None
 
+    async def _spawn_pty(self, conn: Connection | None) -> int | None:
+        assert self.settings.exec is not None
+        peer: tuple[str, int] | None = None
+        if conn is not None:
+            host, _, port = conn.peer_addr.rpartition(":")
+            if host and port.isdigit():
+                peer = (host, int(port))
+        try:
+            return await program.spawn_pty(
+                self.settings.exec,
+                program.argv_of(self.settings.exec, self.settings.execArgs),
+                program.child_env(self.set_env, peer),
+                stderr_to_terminal=not self.foreground,
+                ident=conn.id if conn is not None else self.name,
+            )
+        except OSError as exc:
+            text = f"execv {self.settings.exec}: {exc.strerror or exc} ({exc.errno})"
+            if conn is not None:
+                conn.fail(CloseReason.CONNECT_FAILED, text)
+            else:
+                log.ui(3, f"Service [{self.name}]: {text}")
+            return None
+
     async def _run_exec_local(self) -> None:
         """exec + connect: the program is the local end, started now and again on ``retry``."""
         loop = asyncio.get_running_loop()
@@ -445,7 +468,14 @@ class Service:
         log.ui(5, f"Starting exec+connect service [{self.name}]")
         while self.accepting:
             done.clear()
-            sock = await self._spawn(None)
+            if self.settings.pty:
+                master = await self._spawn_pty(None)
+                if master is not None:
+                    await program.PtyTransport(self._factory()).attach(master)
+                    await done.wait()
+                sock = None
+            else:
+                sock = await self._spawn(None)
             if sock is not None:
                 try:
                     await loop.connect_accepted_socket(self._factory, sock)
@@ -629,6 +659,16 @@ class Service:
 
     # ---- protocol negotiation (protocol = ...) -------------------------------------------
     async def _connect_plain(self, conn: Connection, ctx: protocols.Ctx | None = None) -> PlainSide | None:
+        if self.exec_remote and self.settings.pty and not (ctx is not None and ctx.targets):
+            if self.settings.ident and not await self._ident_ok(conn):
+                return None
+            master = await self._spawn_pty(conn)
+            if master is None:
+                return None
+            plain = PlainSide(conn)
+            conn.plain = plain
+            await program.PtyTransport(plain).attach(master)
+            return plain
         sock = await self._dial_any(conn, ctx.targets if ctx is not None else None)
         if sock is None:
             return None

@@ -513,14 +513,7 @@ class ServiceSettings(BaseModel):
     protocolUsername: str | None = opt(None, "protocolUsername", "user for protocol authentication")
     PSKidentity: str | None = opt(None, "PSKidentity", "PSK identity", unsupported=PSK_WHY)
     PSKsecrets: str | None = opt(None, "PSKsecrets", "PSK secrets file", unsupported=PSK_WHY)
-    pty: str | None = opt(
-        None,
-        "pty",
-        "pseudo-terminal for exec",
-        unsupported="pytunnel gives exec programs a socket, not a terminal; a program that needs a tty "
-        "can be wrapped (exec = /usr/bin/script, execArgs = script -qfc PROGRAM /dev/null)",
-        accepted=("no",),
-    )
+    pty: YesNo = opt(False, "pty", "run exec on a pseudo-terminal (raw mode) instead of a socket pair")
     redirect: list[str] = opt(
         None,
         "redirect",
