@@ -109,12 +109,9 @@ class StatusServer:
                 await writer.wait_closed()
 
     async def _answer(self, request: bytes) -> tuple[str, str, bytes]:
-        parts = request.decode("latin-1").split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return "400 Bad Request", "text/plain", b"bad request\n"
-        method, target = parts[0], parts[1].split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", "text/plain", b"GET or HEAD\n"
+        target = request_target(request)
+        if isinstance(target, tuple):
+            return target
         if target == "/livez":
             return "200 OK", "text/plain", b"ok\n"
         if target == "/readyz":
@@ -122,7 +119,7 @@ class StatusServer:
         if target == "/metrics":
             prom = await self._prometheus()
             return metrics(prom, snapshot(self.runtime))
-        return "404 Not Found", "text/plain", b"try /livez, /readyz or /metrics\n"
+        return NOT_FOUND
 
     # ---- metrics --------------------------------------------------------------------
     async def _prometheus(self) -> Any:
@@ -149,6 +146,20 @@ def _load_prometheus() -> _Prom:
 load_prometheus = _load_prometheus
 
 
+Answer = tuple[str, str, bytes]  # status line, content type, body
+NOT_FOUND: Answer = ("404 Not Found", "text/plain", b"try /livez, /readyz or /metrics\n")
+
+
+def request_target(request: bytes) -> str | Answer:
+    """The path of a GET or HEAD request line (query dropped), or the error to answer."""
+    parts = request.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return "400 Bad Request", "text/plain", b"bad request\n"
+    if parts[0] not in ("GET", "HEAD"):
+        return "405 Method Not Allowed", "text/plain", b"GET or HEAD\n"
+    return parts[1].split("?", 1)[0]
+
+
 def http_response(request: bytes, status: str, ctype: str, body: bytes) -> bytes:
     head = request.split(b" ", 1)[0] == b"HEAD"
     return (
@@ -158,30 +169,32 @@ def http_response(request: bytes, status: str, ctype: str, body: bytes) -> bytes
 
 
 # ---- snapshots: one process's figures, mergeable across workers ------------------------
+def _row(
+    closed: dict[str, int] | None = None,
+    to_tls: int = 0,
+    to_plain: int = 0,
+    failures: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """One service's figures in a snapshot (ended connections' counts; live ones added later)."""
+    return {
+        "closed": closed or {},
+        "to_tls": to_tls,
+        "to_plain": to_plain,
+        "active": 0,
+        "handshake_failures": failures or {},
+        "listening": [],
+    }
+
+
 def snapshot(runtime: Runtime) -> dict[str, Any]:
     """Everything /readyz and /metrics show, as plain data (JSON-able, summable)."""
     services: dict[str, dict[str, Any]] = {}
     for name, stats in STATS.services.items():
-        services[name] = {
-            "closed": dict(stats.closed),
-            "to_tls": stats.to_tls,
-            "to_plain": stats.to_plain,
-            "active": 0,
-            "handshake_failures": dict(stats.handshake_failures),
-            "listening": [],
-        }
-    for service in runtime.all_services():
-        row = services.setdefault(
-            service.name,
-            {
-                "closed": {},
-                "to_tls": 0,
-                "to_plain": 0,
-                "active": 0,
-                "handshake_failures": {},
-                "listening": [],
-            },
+        services[name] = _row(
+            dict(stats.closed), stats.to_tls, stats.to_plain, dict(stats.handshake_failures)
         )
+    for service in runtime.all_services():
+        row = services.setdefault(service.name, _row())
         for conn in service.connections:
             row["active"] += 1
             row["to_tls"] += conn.to_tls
@@ -215,17 +228,7 @@ def merge(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for snap in snaps:
         for name, row in snap["services"].items():
-            acc = out["services"].setdefault(
-                name,
-                {
-                    "closed": {},
-                    "to_tls": 0,
-                    "to_plain": 0,
-                    "active": 0,
-                    "handshake_failures": {},
-                    "listening": [],
-                },
-            )
+            acc = out["services"].setdefault(name, _row())
             for key in ("to_tls", "to_plain", "active"):
                 acc[key] += row[key]
             for key in ("closed", "handshake_failures"):

@@ -13,7 +13,7 @@ import socket
 import ssl
 import struct
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -218,8 +218,13 @@ class _Budget:
             )
         self.held.add(lst)
 
-    def released(self, active: int = 1) -> None:
-        self.active -= active
+    def released(self) -> None:
+        """A connection ended."""
+        self.active -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Room again under the limit: the held listeners accept once more."""
         if self.held and not self.full():
             held, self.held = self.held, set()
             for lst in held:
@@ -236,7 +241,7 @@ async def _adopt(loop: asyncio.AbstractEventLoop, lst: Listener, sock: socket.so
         sock.close()  # reset before we got to it: nothing to serve
     finally:
         BUDGET.pending -= 1
-        BUDGET.released(0)
+        BUDGET.wake()
 
 
 class Service:
@@ -408,9 +413,8 @@ class Service:
             loop.create_task(self._run_exec_local())
 
     # ---- exec ------------------------------------------------------------------------
-    async def _spawn(self, conn: Connection | None) -> socket.socket | None:
-        """Start ``exec`` for one connection; None (and the connection failed) when it cannot."""
-        assert self.settings.exec is not None
+    def _exec_env(self, conn: Connection | None) -> dict[str, str]:
+        """The child's environment: ours, setEnv, REMOTE_HOST/PORT and the client's DNs."""
         peer: tuple[str, int] | None = None
         dn: tuple[str, str] | None = None
         if conn is not None:
@@ -419,45 +423,43 @@ class Service:
                 peer = (host, int(port))
             if conn.tls is not None and not self.settings.client and not conn.tls.handshaking:
                 dn = client_dn(conn.tls.sslobj.getpeercert(binary_form=True))
-        env = program.child_env(self.set_env, peer, dn)
-        ident = conn.id if conn is not None else self.name
+        return program.child_env(self.set_env, peer, dn)
+
+    def _exec_failed(self, conn: Connection | None, exc: OSError) -> None:
+        text = f"execv {self.settings.exec}: {exc.strerror or exc} ({exc.errno})"
+        if conn is not None:
+            conn.fail(CloseReason.CONNECT_FAILED, text)
+        else:
+            log.ui(3, f"Service [{self.name}]: {text}")
+
+    async def _spawn(self, conn: Connection | None) -> socket.socket | None:
+        """Start ``exec`` on a socket pair; None (and the connection failed) when it cannot."""
+        assert self.settings.exec is not None
         try:
             return await program.spawn(
                 self.settings.exec,
                 program.argv_of(self.settings.exec, self.settings.execArgs),
-                env,
+                self._exec_env(conn),
                 stderr_to_socket=not self.foreground,
-                ident=ident,
+                ident=conn.id if conn is not None else self.name,
             )
         except OSError as exc:
-            text = f"execv {self.settings.exec}: {exc.strerror or exc} ({exc.errno})"
-            if conn is not None:
-                conn.fail(CloseReason.CONNECT_FAILED, text)
-            else:
-                log.ui(3, f"Service [{self.name}]: {text}")
+            self._exec_failed(conn, exc)
             return None
 
     async def _spawn_pty(self, conn: Connection | None) -> int | None:
+        """Start ``exec`` on a pseudo-terminal (``pty = yes``); its master descriptor, or None."""
         assert self.settings.exec is not None
-        peer: tuple[str, int] | None = None
-        if conn is not None:
-            host, _, port = conn.peer_addr.rpartition(":")
-            if host and port.isdigit():
-                peer = (host, int(port))
         try:
             return await program.spawn_pty(
                 self.settings.exec,
                 program.argv_of(self.settings.exec, self.settings.execArgs),
-                program.child_env(self.set_env, peer),
+                self._exec_env(conn),
                 stderr_to_terminal=not self.foreground,
                 ident=conn.id if conn is not None else self.name,
             )
         except OSError as exc:
-            text = f"execv {self.settings.exec}: {exc.strerror or exc} ({exc.errno})"
-            if conn is not None:
-                conn.fail(CloseReason.CONNECT_FAILED, text)
-            else:
-                log.ui(3, f"Service [{self.name}]: {text}")
+            self._exec_failed(conn, exc)
             return None
 
     async def _run_exec_local(self) -> None:
@@ -688,12 +690,7 @@ class Service:
         assert tls is not None
         loop = conn.loop
         busy = float(self.settings.TIMEOUTbusy)
-        fut: asyncio.Future[BaseException | None] = loop.create_future()
-
-        def done(_side: TlsSide, exc: BaseException | None) -> None:
-            if not fut.done():
-                fut.set_result(exc)
-
+        fut, done = _handshake_waiter(loop)
         tls.on_handshake = done
         conn.waiter = fut
         ctx: protocols.Ctx | None = None
@@ -765,13 +762,8 @@ class Service:
         hostname = client_sni(self.settings, host)
         cached = self.sessions.get(target) if self.settings.sessionResume else None
         session = cached[0] if cached and cached[2] == tcfg.generation else None
-        fut: asyncio.Future[BaseException | None] = loop.create_future()
+        fut, done = _handshake_waiter(loop)
         conn.waiter = fut
-
-        def done(_side: TlsSide, exc: BaseException | None) -> None:
-            if not fut.done():
-                fut.set_result(exc)
-
         tls = TlsSide(
             conn,
             tcfg.context,
@@ -1046,6 +1038,19 @@ class Service:
 
 
 _SNI_CHOICE: dict[int, Service] = {}
+
+
+def _handshake_waiter(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[asyncio.Future[BaseException | None], Callable[[TlsSide, BaseException | None], None]]:
+    """A future for a TLS side's handshake, and the ``on_handshake`` callback that sets it."""
+    fut: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def done(_side: TlsSide, exc: BaseException | None) -> None:
+        if not fut.done():
+            fut.set_result(exc)
+
+    return fut, done
 
 
 async def resolve(ep: Endpoint) -> list[tuple[int, Any]]:

@@ -209,17 +209,18 @@ class Supervisor:
         if not data:
             return
         w.buffer += data
-        while b"\n" in w.buffer:
-            line, w.buffer = w.buffer.split(b"\n", 1)
-            if line == b"ready":
-                w.ready = True
-                if not self.announced and all(x.ready for x in self.workers):
-                    self.announced = True
-                    log.ui(6, f"All {self.count} workers accept connections")
-                    systemd.ready(f"Accepting connections with {self.count} worker(s)")
+        self._take_lines(w)
+        self._maybe_announce()
+
+    def _maybe_announce(self) -> None:
+        if not self.announced and all(x.ready for x in self.workers):
+            self.announced = True
+            log.ui(6, f"All {self.count} workers accept connections")
+            systemd.ready(f"Accepting connections with {self.count} worker(s)")
 
     # ---- status ------------------------------------------------------------------------
     def _snapshots(self) -> list[dict[str, Any]]:
+        """Ask every live worker for its snapshot; wait up to STATS_TIMEOUT for the answers."""
         live = [w for w in self.workers if w.pid and w.control is not None]
         for w in live:
             assert w.control is not None
@@ -230,33 +231,39 @@ class Supervisor:
         for w in live:
             assert w.control is not None
             w.control.setblocking(True)
+            snap: dict[str, Any] | None = None
             try:
-                while b"\n{" not in b"\n" + w.buffer or not w.buffer.rstrip(b"\n").endswith(b"}"):
+                while snap is None:
+                    snap = self._take_lines(w)
                     left = deadline - time.monotonic()
-                    if left <= 0:
+                    if snap is not None or left <= 0:
                         break
                     w.control.settimeout(left)
                     chunk = w.control.recv(1 << 20)
                     if not chunk:
                         break
                     w.buffer += chunk
-                    if b"}\n" in w.buffer:
-                        break
             except OSError:
                 pass
             finally:
                 w.control.setblocking(False)
-            keep = b""
-            for line in w.buffer.split(b"\n"):
-                if line.startswith(b"{"):
-                    with contextlib.suppress(ValueError):
-                        out.append(json.loads(line))
-                elif line == b"ready":
-                    w.ready = True
-                elif line:
-                    keep += line + b"\n"
-            w.buffer = keep
+            if snap is not None:
+                out.append(snap)
+        self._maybe_announce()
         return out
+
+    @staticmethod
+    def _take_lines(w: Worker) -> dict[str, Any] | None:
+        """Consume the complete lines a worker sent: ``ready``, and its snapshot (JSON) if there."""
+        *lines, w.buffer = w.buffer.split(b"\n")
+        snap = None
+        for line in lines:
+            if line == b"ready":
+                w.ready = True
+            elif line.startswith(b"{"):
+                with contextlib.suppress(ValueError):
+                    snap = json.loads(line)
+        return snap
 
     def _status(self) -> None:
         status = self.rt.status
@@ -274,16 +281,13 @@ class Supervisor:
             except OSError:
                 return
 
-    def _answer(self, request: bytes) -> tuple[str, str, bytes]:
-        parts = request.decode("latin-1").split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return "400 Bad Request", "text/plain", b"bad request\n"
-        if parts[0] not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", "text/plain", b"GET or HEAD\n"
-        target = parts[1].split("?", 1)[0]
+    def _answer(self, request: bytes) -> health.Answer:
+        target = health.request_target(request)
+        if isinstance(target, tuple):
+            return target
         if target == "/livez":
             alive = sum(1 for w in self.workers if w.pid)
-            ok = alive > 0 and not (self.stopping and alive == 0)
+            ok = alive > 0
             body = f"ok: {alive} of {self.count} workers\n".encode()
             return ("200 OK" if ok else "503 Service Unavailable"), "text/plain", body
         if target == "/readyz":
@@ -297,7 +301,7 @@ class Supervisor:
             if self._prom is None:
                 self._prom = health.load_prometheus()
             return health.metrics(self._prom, health.merge(self._snapshots()))
-        return "404 Not Found", "text/plain", b"try /livez, /readyz or /metrics\n"
+        return health.NOT_FOUND
 
 
 def serve_control(runtime: Runtime, sock: socket.socket) -> None:
