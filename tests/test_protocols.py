@@ -175,15 +175,18 @@ def test_smtp_client_upstream_without_starttls_fails_one_connection(
     assert t.stop() == 0
 
 
+def smtp_server_conf(tunnels: TunnelFactory, certs: Certs, port: int) -> Any:
+    return tunnels.conf(
+        f"[smtps]\nprotocol = smtp\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{port}\ncert = {certs.server_pem}\n"
+    )
+
+
 def test_smtp_server_starttls(
     tunnels: TunnelFactory, certs: Certs, plain_smtp: tuple[int, Recorder], impl: str
 ) -> None:
     """A STARTTLS client meets the tunnel; the plaintext server behind it gets the mail."""
     port, rec = plain_smtp
-    conf = tunnels.conf(
-        f"[smtps]\nprotocol = smtp\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{port}\ncert = {certs.server_pem}\n"
-    )
-    t = tunnels.start(conf, impl=impl)
+    t = tunnels.start(smtp_server_conf(tunnels, certs, port), impl=impl)
     ctx = ssl.create_default_context(cafile=str(certs.ca_pem))
     with smtplib.SMTP("localhost", t.port("smtps"), timeout=30) as client:
         code, _ = client.ehlo("app.local")
@@ -200,10 +203,7 @@ def test_smtp_server_without_starttls_is_implicit_tls(
 ) -> None:
     """RFC 2487 detection: a client that speaks first (a TLS ClientHello) gets plain TLS."""
     port, rec = plain_smtp
-    conf = tunnels.conf(
-        f"[smtps]\nprotocol = smtp\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{port}\ncert = {certs.server_pem}\n"
-    )
-    t = tunnels.start(conf, impl=impl)
+    t = tunnels.start(smtp_server_conf(tunnels, certs, port), impl=impl)
     ctx = ssl.create_default_context(cafile=str(certs.ca_pem))
     with smtplib.SMTP_SSL("localhost", t.port("smtps"), timeout=30, context=ctx) as client:
         client.ehlo("app.local")
