@@ -27,6 +27,26 @@ STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
 BOUND = re.compile(r"Service \[([^\]]+)\] \(FD=\d+\) bound to (.+):(\d+)$", re.M)
 
 
+def find_py313() -> str | None:
+    """A Python >= 3.13 with pytunnel's dependencies: this one, $PYTUNNEL_PY313 or .venv313."""
+    if sys.version_info >= (3, 13):
+        return sys.executable
+    for cand in (os.environ.get("PYTUNNEL_PY313"), str(ROOT / ".venv313" / "bin" / "python")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def need_py313() -> str:
+    py = find_py313()
+    if py is None:
+        pytest.skip(
+            "TLS-PSK needs Python >= 3.13 and none is set up: .ci/run builds .venv313 from "
+            "python3.13 (or pyenv's 3.13); or set PYTUNNEL_PY313=/path/to/python3.13"
+        )
+    return py
+
+
 def need_stunnel() -> str:
     if STUNNEL is None:
         pytest.skip("stunnel4 is not installed (apt-get install stunnel4; .ci/run installs it)")
@@ -183,8 +203,8 @@ class Tunnel:
             ) from None
 
 
-def pytunnel_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tunnel", *args]
+def pytunnel_cmd(*args: str, python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", "tunnel", *args]
 
 
 class TunnelFactory:
@@ -209,14 +229,16 @@ class TunnelFactory:
         mode: str = "compat",
         wait: bool = True,
         extra_env: dict[str, str] | None = None,
+        python: str | None = None,
     ) -> Tunnel:
-        """impl: pytunnel | stunnel4; mode: compat (`pytunnel CONF`) or run (`pytunnel run CONF`)."""
+        """impl: pytunnel | stunnel4; mode: compat (`pytunnel CONF`) or run (`pytunnel run CONF`).
+        python: the interpreter that runs pytunnel (default: this one)."""
         if impl == "stunnel4":
             cmd = [need_stunnel(), str(conf)]
         elif mode == "run":
-            cmd = pytunnel_cmd("run", str(conf))
+            cmd = pytunnel_cmd("run", str(conf), python=python)
         else:
-            cmd = pytunnel_cmd(str(conf))
+            cmd = pytunnel_cmd(str(conf), python=python)
         self.count += 1
         log_path = self.tmp_path / f"{impl}-{self.count}.log"
         env = dict(os.environ)

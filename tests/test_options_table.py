@@ -61,7 +61,9 @@ def test_table_lists_every_option_with_its_scope_default_and_support() -> None:
         option, row_scope, _default, supported, description = rows[name]
         assert option == f"`{name}`" and row_scope == scope, rows[name]
         why = field_meta(name).get("unsupported")
-        if why:
+        if field_meta(name).get("python"):  # supported from that Python on, whatever runs the tests
+            assert supported.startswith(f"yes, on Python ≥ {field_meta(name)['python']}"), rows[name]
+        elif why:
             assert supported.startswith(f"no: {why}".replace("|", "\\|")), rows[name]
         else:
             assert supported == "yes", rows[name]

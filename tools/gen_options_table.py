@@ -56,6 +56,8 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         meta = field_meta(name)
         why = meta.get("unsupported")
         supported = "yes" if not why else f"no: {why}"
+        if meta.get("python"):
+            supported = f"yes, on Python ≥ {meta['python']} (older: rejected, saying so)"
         if why and meta.get("accepted"):
             supported += f" (accepted: {', '.join(meta['accepted'])})"
         desc = info.description or ""

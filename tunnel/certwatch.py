@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tunnel.service import Service
     from tunnel.settings import ServiceSettings
 
-FILE_OPTIONS = ("cert", "key", "CAfile", "CRLfile")
+FILE_OPTIONS = ("cert", "key", "CAfile", "CRLfile", "PSKsecrets")
 DIR_OPTIONS = ("CApath", "CRLpath")
 
 

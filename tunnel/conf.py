@@ -340,8 +340,11 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         )
     if svc.execArgs and not svc.exec:
         bad("execArgs needs exec", "add exec = /path/to/program", "execArgs")
-    if not svc.client and not svc.cert:
-        bad("TLS server needs a certificate", "add cert = /path/to/cert.pem, or set client = yes")
+    if not svc.client and not svc.cert and not svc.PSKsecrets:
+        bad(
+            "TLS server needs a certificate",
+            "add cert = /path/to/cert.pem (or PSKsecrets = FILE), or set client = yes",
+        )
     # legacy verify = 1..4 turns on verifyChain (1-3) and/or verifyPeer (3-4), as in stunnel
     verifies = [n for n in ("verifyChain", "verifyPeer", "verify") if getattr(svc, n)]
     if verifies and not (svc.CAfile or svc.CApath):

@@ -52,6 +52,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tunnel.tls import SLOT, Notes
+
 if TYPE_CHECKING:
     from tunnel.protocols import Tap
     from tunnel.service import Service
@@ -227,6 +229,7 @@ class TlsSide(Side):
         self.failed = False
         self.started = conn.loop.time()  # for pytunnel_handshake_seconds
         self.deferred = False  # plaintext first (STARTTLS): start_tls() begins the handshake
+        self.notes = Notes()  # filled by OpenSSL's callbacks (PSK identity, ...)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -246,9 +249,16 @@ class TlsSide(Side):
         if self.outgoing.pending and self.transport is not None and not self.closed:
             self.transport.write(self.outgoing.read())
 
-    def _handshake(self) -> None:
+    def _do_handshake(self) -> None:
+        SLOT.notes = self.notes
         try:
             self.sslobj.do_handshake()
+        finally:
+            SLOT.notes = None
+
+    def _handshake(self) -> None:
+        try:
+            self._do_handshake()
         except ssl.SSLWantReadError:
             self._flush()
             return

@@ -96,7 +96,8 @@ def banner() -> list[str]:
     return [
         f"stunnel {STUNNEL_COMPAT_VERSION} (pytunnel {__version__}) on {machine}-{system} platform",
         f"Compiled/running with OpenSSL {ver}",
-        "Threading:ASYNCIO Sockets:UVLOOP,IPv6 TLS:SNI",
+        "Threading:ASYNCIO Sockets:UVLOOP,IPv6 TLS:"
+        + ("PSK,SNI" if hasattr(ssl.SSLContext, "set_psk_client_callback") else "SNI"),
     ]
 
 
@@ -174,7 +175,7 @@ def warn_services(services: list[Service], secure: bool) -> None:
     for service in services:
         svc = service.settings
         pol = service.tls.policy
-        if svc.client and not (pol.verify_chain or pol.verify_peer):
+        if svc.client and not (pol.verify_chain or pol.verify_peer or svc.PSKsecrets):
             log.ui(4, f"Service [{svc.name}] needs authentication to prevent MITM attacks")
             if secure:
                 log.ui(
@@ -191,6 +192,11 @@ def warn_services(services: list[Service], secure: bool) -> None:
         if svc.cert:
             _warn_cert(svc.name, svc.cert)
             _warn_key_mode(svc.key or svc.cert)
+        if svc.PSKsecrets:
+            _warn_key_mode(svc.PSKsecrets)
+        if svc.PSKidentity and not (svc.client and svc.PSKsecrets):
+            why = "in server mode (the client chooses)" if not svc.client else "without PSKsecrets"
+            log.ui(4, f"Service [{svc.name}]: PSKidentity has no effect {why}")
         if svc.retry and not (svc.exec and svc.connect):
             log.ui(4, f"Service [{svc.name}]: retry has no effect without exec and connect")
         if svc.stack != 65536:

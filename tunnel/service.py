@@ -599,6 +599,14 @@ class Service:
     ) -> bool:
         """After a handshake: fail the connection with one reason, or log stunnel's line."""
         verb = "SSL_accept" if side.sslobj.server_side else "SSL_connect"
+        notes = side.notes
+        if notes.psk_identity is not None:
+            if not side.sslobj.server_side:
+                conn.log(6, f'PSK client configured for identity "{notes.psk_identity}"')
+            elif notes.psk_known:
+                conn.log(5, f'Key configured for PSK identity "{notes.psk_identity}"')
+            else:
+                conn.log(6, "PSK identity not found (session resumption?)")
         if exc is not None:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 reason, label = CloseReason.VERIFY_FAILED, "verify_failed"
@@ -619,10 +627,12 @@ class Service:
         if der and side.sslobj.server_side:
             conn.peer_cn = peer_subject(der)
         if self.level >= 6:
-            reused = "previous session reused" if side.sslobj.session_reused else "new session negotiated"
+            # a TLS 1.3 external PSK counts as "reused" to OpenSSL: it is a new session
+            resumed = side.sslobj.session_reused and notes.psk_identity is None
+            reused = "previous session reused" if resumed else "new session negotiated"
             conn.log(
                 6, f"TLS {'accepted' if side.sslobj.server_side else 'connected'}: {reused}",
-                event="tls", resumed=bool(side.sslobj.session_reused), version=side.sslobj.version(),
+                event="tls", resumed=resumed, version=side.sslobj.version(),
             )  # fmt: skip
         return True
 

@@ -315,13 +315,22 @@ def opt(
     repeat: bool = False,
     unsupported: str | None = None,
     accepted: tuple[str, ...] = (),
+    python: tuple[int, int] | None = None,
 ) -> Any:
     """Declare one stunnel option.
 
     ``unsupported``: why pytunnel rejects it.  ``accepted``: values that change
     nothing (the option switched off), which are accepted even when unsupported.
+    ``python``: the oldest Python that supports it; older ones reject it, saying so.
     """
     extra: dict[str, Any] = {"scope": scope, "repeat": repeat}
+    if python is not None:
+        extra["python"] = ".".join(map(str, python))
+        unsupported = (
+            f"it needs Python {extra['python']} or newer ({unsupported}); this is Python {sys.version.split()[0]}"
+            if sys.version_info < python
+            else None
+        )
     if unsupported:
         extra["unsupported"] = unsupported
         extra["accepted"] = list(accepted)
@@ -335,12 +344,7 @@ WIN = "it exists only in stunnel's Windows build"
 GUI = "it configures stunnel's Windows GUI"
 ENGINE = "OpenSSL engines cannot be reached through Python's ssl module"
 NO_API = "Python's ssl module exposes no API for it"
-PSK_WHY = (
-    f"TLS-PSK needs Python 3.13 or newer (ssl.SSLContext.set_psk_server_callback); this is Python "
-    f"{sys.version.split()[0]}"
-    if sys.version_info < (3, 13)
-    else "TLS-PSK is not implemented yet: Python 3.13's PSK callbacks are not wired into pytunnel"
-)
+PSK_API = "ssl.SSLContext.set_psk_server_callback"
 
 
 class ServiceSettings(BaseModel):
@@ -511,8 +515,14 @@ class ServiceSettings(BaseModel):
     )
     protocolPassword: str | None = opt(None, "protocolPassword", "password for protocol authentication")
     protocolUsername: str | None = opt(None, "protocolUsername", "user for protocol authentication")
-    PSKidentity: str | None = opt(None, "PSKidentity", "PSK identity", unsupported=PSK_WHY)
-    PSKsecrets: str | None = opt(None, "PSKsecrets", "PSK secrets file", unsupported=PSK_WHY)
+    PSKidentity: str | None = opt(
+        None, "PSKidentity", "client mode: the identity to use from PSKsecrets (default: the first)",
+        unsupported=PSK_API, python=(3, 13),
+    )  # fmt: skip
+    PSKsecrets: str | None = opt(
+        None, "PSKsecrets", "TLS-PSK: file of IDENTITY:KEY lines (hex keys decoded; 16 to 512 bytes)",
+        unsupported=PSK_API, python=(3, 13),
+    )  # fmt: skip
     pty: YesNo = opt(False, "pty", "run exec on a pseudo-terminal (raw mode) instead of a socket pair")
     redirect: list[str] = opt(
         None,

@@ -48,6 +48,27 @@ class TlsConfigError(Exception):
         self.option = option
 
 
+@dataclass
+class Notes:
+    """What OpenSSL's callbacks learn during one connection's handshake."""
+
+    psk_identity: str | None = None  # the PSK identity offered (server) or sent (client)
+    psk_known: bool = False  # server: the identity was found in PSKsecrets
+
+
+class _Slot:
+    """The notes of the connection whose ``do_handshake()`` is running right now.
+
+    OpenSSL's callbacks receive no Python object of ours; a handshake step runs to its
+    end on the event loop's thread, so this one slot is enough (each worker is a process).
+    """
+
+    notes: Notes | None = None
+
+
+SLOT = _Slot()
+
+
 @dataclass(frozen=True)
 class Policy:
     """What a service verifies, after the legacy ``verify`` level and mode defaults."""
@@ -69,7 +90,14 @@ def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
     request = level is not None or chain or peer or svc.requireCert
     require = svc.requireCert or (level or 0) >= 2 or bool(svc.verifyChain) or bool(svc.verifyPeer)
     default_check = False
-    if secure and svc.client and svc.verifyChain is None and svc.verifyPeer is None and level is None:
+    if (
+        secure
+        and svc.client
+        and svc.verifyChain is None
+        and svc.verifyPeer is None
+        and level is None
+        and not svc.PSKsecrets  # the key authenticates the server
+    ):
         chain = request = require = True
         default_check = not (svc.checkHost or svc.checkIP or svc.checkEmail)
     return Policy(
@@ -370,6 +398,8 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
 
     if pol.verify_peer:
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if svc.PSKsecrets:
+        _set_psk(ctx, svc)
     if server:
         if pol.request_cert and not (pol.verify_chain or pol.verify_peer):
             raise TlsConfigError(
@@ -390,6 +420,85 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         pinned=_pinned(svc) if pol.verify_peer else frozenset(),
         generation=generation,
     )
+
+
+PSK_MAX_IDENTITY = 256  # OpenSSL's PSK_MAX_IDENTITY_LEN; stunnel's limit and wording
+PSK_MAX_KEY = 512  # OpenSSL's PSK_MAX_PSK_LEN
+PSK_MIN_KEY = 16
+
+
+def read_psk_secrets(path: str) -> dict[str, bytes]:
+    """stunnel's ``PSKsecrets`` file: ``IDENTITY:KEY`` lines, in order, first identity first.
+
+    As stunnel 5.68 reads it: empty lines are skipped, there are no comments, the
+    identity ends at the first colon, a key of an even number of hex digits is decoded
+    (``00ff…``), any other key is taken as its bytes, and a key must be 16 to 512 bytes.
+    An identity given twice keeps its first key, as stunnel's lookup does.
+    """
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise TlsConfigError("PSKsecrets", f"cannot read {path}: {exc.strerror or exc}") from None
+    keys: dict[str, bytes] = {}
+    for number, raw in enumerate(lines, 1):
+        if not raw:
+            continue
+        ident, colon, text = raw.partition(b":")
+        where = f"{path} line {number}"
+        if not colon:
+            raise TlsConfigError("PSKsecrets", f"{where}: Not in identity:key format")
+        if len(ident) >= PSK_MAX_IDENTITY:
+            raise TlsConfigError("PSKsecrets", f"{where}: Identity longer than {PSK_MAX_IDENTITY} characters")
+        key = text
+        if text and len(text) % 2 == 0:
+            try:
+                key = bytes.fromhex(text.decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                key = text
+        if len(key) < PSK_MIN_KEY:
+            raise TlsConfigError("PSKsecrets", f"{where}: Key shorter than {PSK_MIN_KEY} bytes")
+        if len(key) > PSK_MAX_KEY:
+            raise TlsConfigError("PSKsecrets", f"{where}: Key longer than {PSK_MAX_KEY} bytes")
+        keys.setdefault(ident.decode("utf-8", "surrogateescape"), key)
+    if not keys:
+        raise TlsConfigError("PSKsecrets", f"{path} holds no IDENTITY:KEY line")
+    return keys
+
+
+def _set_psk(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """TLS-PSK through Python 3.13's callbacks (TLS 1.2 PSK ciphers and TLS 1.3 external PSKs)."""
+    keys = read_psk_secrets(svc.PSKsecrets or "")
+    # Python 3.13's API, reached by name: the type stubs of Python 3.11 do not know it
+    set_server = getattr(ctx, "set_psk_server_callback", None)
+    set_client = getattr(ctx, "set_psk_client_callback", None)
+    if not getattr(ssl, "HAS_PSK", False) or set_server is None or set_client is None:
+        raise TlsConfigError("PSKsecrets", "this Python's ssl module has no TLS-PSK support")
+    if not svc.client:
+
+        def server_key(identity: str | None) -> bytes:
+            # an unknown identity gets no key: OpenSSL ends the handshake with an alert
+            key = keys.get(identity or "", b"")
+            notes = SLOT.notes
+            if notes is not None:
+                notes.psk_identity, notes.psk_known = identity, bool(key)
+            return key
+
+        set_server(server_key)
+        return
+    identity = svc.PSKidentity or next(iter(keys))
+    if identity not in keys:
+        raise TlsConfigError(
+            "PSKidentity", f"No key found for the specified PSK identity {identity!r} in {svc.PSKsecrets}"
+        )
+    chosen = (identity, keys[identity])
+
+    def client_key(_hint: str | None) -> tuple[str, bytes]:
+        if SLOT.notes is not None:
+            SLOT.notes.psk_identity = identity
+        return chosen
+
+    set_client(client_key)
 
 
 def client_sni(svc: ServiceSettings, target_host: str | None) -> str | None:
