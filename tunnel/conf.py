@@ -419,31 +419,13 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
                 "use TLSv1.2 or later",
                 option if option in svc.locations else "sslVersion",
             )
-    default_ct = ServiceSettings.model_fields["ciphersuites"].default
-    if svc.ciphersuites != default_ct:
+    if svc.redirect and svc.client:
+        bad('"redirect" is unsupported in client sections', "remove the line, or set client = no", "redirect")
+    if bool(svc.ticketKeySecret) != bool(svc.ticketMacSecret):
         bad(
-            "ciphersuites other than the default cannot be set: Python's ssl module has no API for TLS 1.3 ciphersuites",
-            "remove the line, or disable TLS 1.3 with sslVersionMax = TLSv1.2 and use ciphers",
-            "ciphersuites",
-        )
-    curves = svc.curves.split(":")
-    if svc.curves != ServiceSettings.model_fields["curves"].default and len(curves) > 1:
-        bad(
-            "a curves list other than the default cannot be set: Python's ssl module sets one group only",
-            "name a single group (e.g. curves = prime256v1) or remove the line",
-            "curves",
-        )
-    if svc.sessionCacheSize != 1000 or svc.sessionCacheTimeout != 300:
-        bad(
-            "sessionCacheSize/sessionCacheTimeout cannot be changed: Python's ssl module has no API to size the session cache",
-            "remove the line",
-            *(["sessionCacheSize"] if svc.sessionCacheSize != 1000 else ["sessionCacheTimeout"]),
-        )
-    if not svc.sessionResume and not svc.client:
-        bad(
-            "sessionResume = no is only supported in client mode: Python's ssl module cannot switch off a server's session cache",
-            "remove the line",
-            "sessionResume",
+            '"ticketKeySecret" and "ticketMacSecret" must be set together',
+            "add the other one (16 or 32 bytes in hex)",
+            "ticketKeySecret" if svc.ticketKeySecret else "ticketMacSecret",
         )
     if svc.sni and not svc.client and ":" not in svc.sni:
         bad("server-mode sni needs SERVICE:PATTERN", "e.g. sni = primary:*.example.com", "sni")

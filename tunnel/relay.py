@@ -419,6 +419,7 @@ class Connection:
         "target_host",
         "waiter",
         "rst_sent",
+        "redirected",
         "__weakref__",
     )
 
@@ -440,6 +441,7 @@ class Connection:
         self.peer_addr = ""
         self.ended = False
         self.peer_cn = ""
+        self.redirected = False  # redirect: the client failed verification, goes to `redirect`
         self.target = ""  # the upstream address actually connected
         self.target_host: str | None = None  # its name as configured
         self.waiter: asyncio.Future[BaseException | None] | None = None  # upstream handshake

@@ -618,6 +618,9 @@ class Service:
             return False
         der = side.sslobj.getpeercert(binary_form=True)
         problem = tcfg.check_peer(der, expected_name)
+        redirect = tcfg.redirect and (problem is not None or bool(notes.verify_errors))
+        if redirect:
+            problem, why = None, problem
         if problem is not None:
             self.counters.handshake_failed("verify_failed")
             conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
@@ -634,7 +637,23 @@ class Service:
                 6, f"TLS {'accepted' if side.sslobj.server_side else 'connected'}: {reused}",
                 event="tls", resumed=resumed, version=side.sslobj.version(),
             )  # fmt: skip
+        if redirect:
+            self._redirect(conn, der, why, notes.verify_errors or [])
         return True
+
+    def _redirect(
+        self, conn: Connection, der: bytes | None, problem: str | None, errors: list[tuple[str, int]]
+    ) -> None:
+        """``redirect``: stunnel's lines for each verification failure, then the other target."""
+        for reason, depth in errors:
+            conn.log(4, f"CERT: Pre-verification error: {reason}")
+            if depth == 0 and der:
+                conn.log(4, f"Rejected by CERT at depth=0: {peer_subject(der)}")
+        if problem is not None:
+            conn.log(4, f"CERT: {problem}")
+        self.counters.handshake_failed("redirected")
+        conn.log(5, "Redirecting connection")
+        conn.redirected = True
 
     def _busy_exceeded(self, conn: Connection) -> None:
         """The TLS handshake (or a protocol step) outlived TIMEOUTbusy: stunnel's words."""
@@ -824,7 +843,7 @@ class Service:
         ``exec`` and no ``connect`` the program is the remote end."""
         if self.settings.ident and not await self._ident_ok(conn):
             return None
-        if self.exec_remote and not chosen:
+        if self.exec_remote and not chosen and not conn.redirected:
             return await self._spawn(conn)
         loop = conn.loop
         targets = chosen or await self._targets(conn)
@@ -924,7 +943,7 @@ class Service:
                 delay = min(delay * 2, 0.5)
 
     async def _targets(self, conn: Connection) -> list[tuple[int, Any, str | None]] | None:
-        eps = list(self.settings.connect)
+        eps = list(self.settings.redirect if conn.redirected else self.settings.connect)
         if self.settings.failover == "rr" and not self.settings.delay and len(eps) > 1:
             start = self._rr % len(eps)
             self._rr += 1
@@ -952,7 +971,7 @@ class Service:
         errors: list[str] = []
         if self.settings.delay:
             return errors
-        for ep in self.settings.connect:
+        for ep in [*self.settings.connect, *self.settings.redirect]:
             if ep.path is not None:
                 continue
             try:

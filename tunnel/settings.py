@@ -73,6 +73,21 @@ Seconds = Annotated[int, BeforeValidator(_to_int), Field(ge=0)]
 Count = Annotated[int, BeforeValidator(_to_int), Field(ge=0)]
 Addr = Annotated[Endpoint, BeforeValidator(_endpoint)]
 
+
+def _ticket_secret(value: object) -> object:
+    """stunnel's ticket secrets: hex digits, ':' or '-' allowed between bytes, 16 or 32 bytes."""
+    text = str(value).replace(":", "").replace("-", "")
+    try:
+        data = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("not a hex string (e.g. 00112233445566778899aabbccddeeff)") from None
+    if len(data) not in (16, 32):
+        raise ValueError(f"value has {len(data)} bytes instead of required 16 or 32 bytes")
+    return data
+
+
+TicketSecret = Annotated[bytes, BeforeValidator(_ticket_secret)]
+
 LOG_LEVELS = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
 SYSLOG_FACILITIES = [
     "auth", "cron", "daemon", "kern", "lpr", "mail", "news", "syslog", "user", "uucp",
@@ -298,6 +313,7 @@ def _retry(value: object) -> object:
 
 Retry = Annotated[int, BeforeValidator(_retry), Field(ge=0)]
 
+
 TLS_VERSIONS = ("all", "SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 TlsVersion = Annotated[str, _enum(*TLS_VERSIONS)]
 
@@ -390,12 +406,12 @@ class ServiceSettings(BaseModel):
     ciphersuites: str = opt(
         "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256",
         "ciphersuites",
-        "TLS 1.3 ciphersuites (only the default: Python cannot set them)",
+        "TLS 1.3 ciphersuites (OpenSSL syntax)",
     )
     curves: str = opt(
         "X25519:P-256:X448:P-521:P-384",
         "curves",
-        "ECDH groups, ':'-separated (the default list or a single group)",
+        "ECDH groups, ':'-separated, in order of preference",
     )
     debug: Debug = opt(("daemon", 5), "debug", "log level 0-7 or emerg..debug, with optional syslog facility")
     delay: YesNo = opt(False, "delay", "resolve connect names at connection time (implies failover = prio)")
@@ -416,12 +432,8 @@ class ServiceSettings(BaseModel):
     securityLevel: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=5)] = opt(
         2, "securityLevel", "OpenSSL security level 0-5"
     )
-    sessionCacheSize: Count = opt(
-        1000, "sessionCacheSize", "session cache entries (only the default: Python cannot size it)"
-    )
-    sessionCacheTimeout: Seconds = opt(
-        300, "sessionCacheTimeout", "session cache lifetime in seconds (only the default)"
-    )
+    sessionCacheSize: Count = opt(1000, "sessionCacheSize", "server session cache entries (0 = unlimited)")
+    sessionCacheTimeout: Seconds = opt(300, "sessionCacheTimeout", "session lifetime in seconds")
     sessionResume: YesNo = opt(True, "sessionResume", "allow TLS session resumption")
     sni: str | None = opt(
         None, "sni", "client: server name to send; server: SERVICE:PATTERN for a virtual service"
@@ -524,22 +536,20 @@ class ServiceSettings(BaseModel):
         unsupported=PSK_API, python=(3, 13),
     )  # fmt: skip
     pty: YesNo = opt(False, "pty", "run exec on a pseudo-terminal (raw mode) instead of a socket pair")
-    redirect: list[str] = opt(
+    redirect: list[Addr] = opt(
         None,
         "redirect",
-        "redirect on failed verification",
+        "server mode: connect a client whose certificate fails verification to [HOST:]PORT instead",
         repeat=True,
-        unsupported="Python's ssl module has no verify callback, so a handshake whose client "
-        "certificate fails verification is aborted by OpenSSL: no connection is left to redirect",
     )
     sessiond: str | None = opt(
         None, "sessiond", "external session cache", unsupported=NO_API + " (external session cache callbacks)"
     )
-    ticketKeySecret: str | None = opt(
-        None, "ticketKeySecret", "session ticket key", unsupported=NO_API + " (session ticket keys)"
+    ticketKeySecret: TicketSecret | None = opt(
+        None, "ticketKeySecret", "server: session ticket encryption key, 16 or 32 bytes in hex"
     )
-    ticketMacSecret: str | None = opt(
-        None, "ticketMacSecret", "session ticket HMAC key", unsupported=NO_API + " (session ticket keys)"
+    ticketMacSecret: TicketSecret | None = opt(
+        None, "ticketMacSecret", "server: session ticket HMAC key, 16 or 32 bytes in hex"
     )
     transparent: str | None = opt(
         None,

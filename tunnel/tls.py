@@ -20,9 +20,11 @@ import ipaddress
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tunnel import ossl
 from tunnel.settings import SSL_OPTIONS, ServiceSettings
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ class Notes:
 
     psk_identity: str | None = None  # the PSK identity offered (server) or sent (client)
     psk_known: bool = False  # server: the identity was found in PSKsecrets
+    verify_errors: list[tuple[str, int]] | None = None  # redirect: (reason, depth) OpenSSL let pass
 
 
 class _Slot:
@@ -120,6 +123,7 @@ class TlsConfig:
     policy: Policy
     pinned: frozenset[bytes] = field(default_factory=frozenset)
     generation: int = 0
+    redirect: bool = False  # server: a client failing verification goes to `redirect`
     _names_cache: dict[tuple[bytes, tuple[str, ...], tuple[str, ...]], str | None] = field(
         default_factory=dict, repr=False
     )
@@ -359,12 +363,20 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     except ssl.SSLError:
         raise TlsConfigError("ciphers", f"no usable cipher in {svc.ciphers!r}") from None
     default_curves = ServiceSettings.model_fields["curves"].default
-    if svc.curves != default_curves:
+    if svc.curves != default_curves and ":" not in svc.curves:
         name = _CURVE_NAMES.get(svc.curves, svc.curves)
         try:
             ctx.set_ecdh_curve(name)
         except (ValueError, ssl.SSLError):
             raise TlsConfigError("curves", f"unknown group {svc.curves!r}") from None
+    elif svc.curves != default_curves:
+        _ossl("curves", lambda: ossl.groups(ctx, svc.curves), f"invalid groups list {svc.curves!r}")
+    if svc.ciphersuites != ServiceSettings.model_fields["ciphersuites"].default:
+        _ossl(
+            "ciphersuites",
+            lambda: ossl.ciphersuites(ctx, svc.ciphersuites),
+            f"no usable TLS 1.3 ciphersuite in {svc.ciphersuites!r}",
+        )
 
     if svc.cert:
         _load_cert_chain(ctx, svc.cert, svc.key)
@@ -409,17 +421,73 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
                 "add verifyChain = yes or verifyPeer = yes with CAfile",
             )
         if pol.request_cert:
-            ctx.verify_mode = ssl.CERT_REQUIRED if pol.require_cert else ssl.CERT_OPTIONAL
+            # redirect: a client without a certificate completes the handshake and is redirected
+            ctx.verify_mode = (
+                ssl.CERT_REQUIRED if pol.require_cert and not svc.redirect else ssl.CERT_OPTIONAL
+            )
         else:
             ctx.verify_mode = ssl.CERT_NONE
     else:
         ctx.verify_mode = ssl.CERT_REQUIRED if (pol.verify_chain or pol.verify_peer) else ssl.CERT_NONE
+    _sessions(ctx, svc)
+    if svc.redirect and server:
+        _ossl("redirect", lambda: ossl.verify_errors(ctx, _note_verify_error), "")
     return TlsConfig(
         context=ctx,
         policy=pol,
         pinned=_pinned(svc) if pol.verify_peer else frozenset(),
         generation=generation,
+        redirect=bool(svc.redirect) and server,
     )
+
+
+def _ossl(option: str, call: Callable[[], bool], failure: str) -> None:
+    """Run one of tunnel.ossl's calls; its refusal or failure becomes this option's error."""
+    try:
+        ok = call()
+    except ossl.Unavailable as exc:
+        raise TlsConfigError(option, f"not available with this Python: {exc}") from None
+    if not ok:
+        raise TlsConfigError(option, failure)
+
+
+def _note_verify_error(reason: str, depth: int) -> None:
+    notes = SLOT.notes
+    if notes is None:  # not inside one of our handshakes: refuse, never let it pass
+        raise RuntimeError("verify callback outside a handshake")
+    if notes.verify_errors is None:
+        notes.verify_errors = []
+    notes.verify_errors.append((reason, depth))
+
+
+def _sessions(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """sessionCacheSize/-Timeout, sessionResume = no and ticket keys on the SSL_CTX.
+
+    A service with ``redirect`` resumes no sessions: a resumed session skips certificate
+    verification, so a redirected client could come back on it (stunnel removes such
+    sessions from its cache; pytunnel cannot reach a session it did not make the key of).
+    """
+    server = not svc.client
+    resume = bool(svc.sessionResume) and not (server and svc.redirect)
+    sized = svc.sessionCacheSize != 1000 or svc.sessionCacheTimeout != 300
+    if sized or (server and not resume):
+        option = "sessionCacheSize" if sized else "sessionResume"
+        _ossl(
+            option,
+            lambda: ossl.session_cache(ctx, svc.sessionCacheSize, svc.sessionCacheTimeout, resume) or True,
+            "",
+        )
+    if server and not resume:
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
+    if server and svc.ticketKeySecret and svc.ticketMacSecret and resume:
+        import hashlib
+
+        aes, mac = svc.ticketKeySecret, svc.ticketMacSecret
+        name = hashlib.sha256(b"pytunnel ticket key name" + aes + mac).digest()[:16]
+        aes32 = aes if len(aes) == 32 else hashlib.sha256(aes).digest()
+        mac32 = mac if len(mac) == 32 else hashlib.sha256(mac).digest()
+        _ossl("ticketKeySecret", lambda: ossl.ticket_keys(ctx, name, mac32, aes32), "")
 
 
 PSK_MAX_IDENTITY = 256  # OpenSSL's PSK_MAX_IDENTITY_LEN; stunnel's limit and wording

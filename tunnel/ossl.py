@@ -1,0 +1,168 @@
+"""OpenSSL calls on a Python ``SSLContext`` where the ``ssl`` module has no API.
+
+stunnel sets a few things on its ``SSL_CTX`` that Python never exposes: a verify callback
+(``redirect`` needs a handshake to *succeed* when the client certificate fails, and to be
+told why), the server session cache size, timeout and mode (``sessionCacheSize``,
+``sessionCacheTimeout``, ``sessionResume = no``) and fixed session ticket keys
+(``ticketKeySecret``/``ticketMacSecret``).  This module reaches the context's ``SSL_CTX``
+through ctypes and calls the same libssl the ``_ssl`` module is linked with.
+
+The ``SSL_CTX *`` is the first field after the object header of CPython's ``PySSLContext``
+(unchanged from Python 2.7 to 3.14).  Before any call, :func:`handle` checks that pointer
+against two values the ``ssl`` module reports itself (the options and the verify mode);
+if they disagree the option is refused with a reason instead of guessing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+SSL_VERIFY_PEER = 0x01
+SSL_VERIFY_FAIL_IF_NO_PEER_CERT = 0x02
+SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+SSL_CTRL_SET_SESS_CACHE_MODE = 44
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+SSL_CTRL_SET_GROUPS_LIST = 92
+SSL_SESS_CACHE_OFF = 0x0000
+SSL_SESS_CACHE_SERVER = 0x0002
+
+VerifyCallback = Callable[[int, int], int]
+_VERIFY_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+
+
+class Unavailable(Exception):
+    """This Python's ssl module cannot be reached this way; the message says why."""
+
+
+class _Lib:
+    """libssl/libcrypto as loaded by the ``_ssl`` module, with the prototypes we use."""
+
+    def __init__(self) -> None:
+        import _ssl
+
+        path = getattr(_ssl, "__file__", None)
+        try:
+            lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
+            self.get_options = lib.SSL_CTX_get_options
+            self.get_verify_mode = lib.SSL_CTX_get_verify_mode
+            self.set_verify = lib.SSL_CTX_set_verify
+            self.ctrl = lib.SSL_CTX_ctrl
+            self.set_timeout = lib.SSL_CTX_set_timeout
+            self.store_error = lib.X509_STORE_CTX_get_error
+            self.store_depth = lib.X509_STORE_CTX_get_error_depth
+            self.error_string = lib.X509_verify_cert_error_string
+            self.set_ciphersuites = lib.SSL_CTX_set_ciphersuites
+        except (OSError, AttributeError) as exc:
+            raise Unavailable(f"cannot reach the OpenSSL library of Python's ssl module ({exc})") from None
+        self.get_options.argtypes = [ctypes.c_void_p]
+        self.get_options.restype = ctypes.c_uint64
+        self.get_verify_mode.argtypes = [ctypes.c_void_p]
+        self.get_verify_mode.restype = ctypes.c_int
+        self.set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, _VERIFY_CB]
+        self.set_verify.restype = None
+        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        self.ctrl.restype = ctypes.c_long
+        self.set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
+        self.set_timeout.restype = ctypes.c_long
+        self.store_error.argtypes = [ctypes.c_void_p]
+        self.store_error.restype = ctypes.c_int
+        self.store_depth.argtypes = [ctypes.c_void_p]
+        self.store_depth.restype = ctypes.c_int
+        self.error_string.argtypes = [ctypes.c_long]
+        self.error_string.restype = ctypes.c_char_p
+        self.set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.set_ciphersuites.restype = ctypes.c_int
+
+
+_LIB: _Lib | None = None
+# callbacks must outlive their contexts: kept here, keyed by the SSL_CTX they are set on
+_KEEP: dict[int, Any] = {}
+
+
+def _lib() -> _Lib:
+    global _LIB
+    if _LIB is None:
+        _LIB = _Lib()
+    return _LIB
+
+
+def handle(ctx: ssl.SSLContext) -> int:
+    """The context's ``SSL_CTX *``, checked against what the ssl module reports."""
+    lib = _lib()
+    ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ptr:
+        raise Unavailable("this Python's SSLContext layout is not CPython's")
+    expected = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: SSL_VERIFY_PEER}.get(
+        ctx.verify_mode, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+    )
+    if lib.get_options(ptr) != int(ctx.options) or lib.get_verify_mode(ptr) & 0x3 != expected:
+        raise Unavailable("this Python's SSLContext layout is not CPython's")
+    return ptr
+
+
+def verify_errors(ctx: ssl.SSLContext, on_error: Callable[[str, int], None]) -> bool:
+    """Let handshakes whose peer certificate fails verification complete.
+
+    OpenSSL still verifies; each failure is passed to ``on_error(reason, depth)``
+    (stunnel's "CERT: Pre-verification error") and then accepted.  The caller must act
+    on every reported failure: this is what ``redirect`` is made of.
+    """
+    ptr = handle(ctx)
+    lib = _lib()
+
+    def callback(preverify_ok: int, store: int | None) -> int:
+        if preverify_ok:
+            return 1
+        try:
+            err = lib.store_error(store)
+            text = (lib.error_string(err) or b"certificate verify failed").decode("ascii", "replace")
+            on_error(text, lib.store_depth(store))
+        except BaseException:  # noqa: BLE001 - never unwind through OpenSSL: refuse instead
+            return 0
+        return 1
+
+    c_callback = _VERIFY_CB(callback)
+    _KEEP[ptr] = c_callback
+    lib.set_verify(ptr, lib.get_verify_mode(ptr), c_callback)
+    return True
+
+
+def session_cache(ctx: ssl.SSLContext, size: int, timeout: int, enabled: bool) -> bool:
+    """stunnel's ``sessionCacheSize`` (0 = unlimited), ``sessionCacheTimeout`` and
+    ``sessionResume = no`` (no session cache and no TLS 1.2 tickets; TLS 1.3 tickets are
+    switched off through ``num_tickets``)."""
+    ptr = handle(ctx)
+    lib = _lib()
+    lib.ctrl(ptr, SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
+    lib.set_timeout(ptr, timeout)
+    if not enabled:
+        lib.ctrl(ptr, SSL_CTRL_SET_SESS_CACHE_MODE, SSL_SESS_CACHE_OFF, None)
+    return True
+
+
+def ticket_keys(ctx: ssl.SSLContext, name: bytes, hmac_key: bytes, aes_key: bytes) -> bool:
+    """Fixed session ticket keys (16-byte name, 32-byte HMAC key, 32-byte AES key): tickets
+    stay valid across a reload and between processes that share the secrets."""
+    if len(name) != 16 or len(hmac_key) != 32 or len(aes_key) != 32:
+        raise ValueError("ticket keys: 16-byte name, 32-byte HMAC and AES keys")
+    ptr = handle(ctx)
+    keys = ctypes.create_string_buffer(name + hmac_key + aes_key, 80)
+    if _lib().ctrl(ptr, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, 80, ctypes.cast(keys, ctypes.c_void_p)) != 1:
+        raise Unavailable("OpenSSL refused the session ticket keys")
+    return True
+
+
+def ciphersuites(ctx: ssl.SSLContext, text: str) -> bool:
+    """``SSL_CTX_set_ciphersuites``: the TLS 1.3 ciphersuites; False when none is valid."""
+    return bool(_lib().set_ciphersuites(handle(ctx), text.encode()))
+
+
+def groups(ctx: ssl.SSLContext, text: str) -> bool:
+    """``SSL_CTX_set1_groups_list``: the key exchange groups in order; False when invalid."""
+    ptr = handle(ctx)
+    names = ctypes.c_char_p(text.encode())
+    result: int = _lib().ctrl(ptr, SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.cast(names, ctypes.c_void_p))
+    return result == 1
