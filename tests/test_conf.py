@@ -565,12 +565,6 @@ def test_global_only_option_inside_a_section_is_rejected(tmp_path: Path, line: s
         ("iconIdle = idle.ico", True, "Windows"),
         ("compression = zlib", True, "compression"),
         ("provider = legacy", True, "provider"),
-        ("OCSP = http://ocsp.example", False, "OCSP"),
-        ("OCSPaia = yes", False, "OCSP"),
-        ("OCSPnonce = yes", False, "OCSP"),
-        ("OCSPrequire = yes", False, "OCSP"),
-        ("OCSPflag = NOCERTS", False, "OCSP"),
-        ("TIMEOUTocsp = 5", False, "OCSP"),
         ("libwrap = yes", False, "firewall"),
         pytest.param(
             "PSKsecrets = /x/psk.txt",
@@ -580,7 +574,6 @@ def test_global_only_option_inside_a_section_is_rejected(tmp_path: Path, line: s
         ),
         ("engineId = pkcs11", False, "engine"),
         ("CAengine = pkcs11", False, "engine"),
-        ("transparent = source", False, "TPROXY"),
     ],
 )
 def test_unsupported_options_are_rejected_with_their_reason(

@@ -478,6 +478,12 @@ SAMPLES: dict[str, tuple[str, object]] = {
     ),
     "ticketMacSecret": ("ff" * 32, b"\xff" * 32),
     "PSKsecrets": ("/x/psk.txt", "/x/psk.txt"),
+    "OCSP": ("http://ocsp.example/", "http://ocsp.example/"),
+    "OCSPaia": ("yes", True),
+    "OCSPflag": ("NOINTERN", ["NOINTERN"]),
+    "OCSPnonce": ("yes", True),
+    "OCSPrequire": ("no", False),
+    "TIMEOUTocsp": ("9", 9),
     "PSKidentity": ("alice", "alice"),
     "sessionResume": ("no", False),
     "sni": ("mail.example.com", "mail.example.com"),
@@ -504,6 +510,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "verify": ("2", 2),
     "verifyChain": ("yes", True),
     "verifyPeer": ("yes", True),
+    "transparent": ("source", "source"),
 }
 #: handled by the reader, not stored in the model (tested below)
 STRUCTURAL = {"include"}
@@ -659,14 +666,13 @@ def test_off_value_of_an_unsupported_option_is_accepted(tmp_path: Path, name: st
 
 
 def test_documented_off_defaults_of_unsupported_options_are_accepted() -> None:
-    # fips = no, libwrap = no, OCSPaia = no, OCSPnonce = no, transparent = none: a
-    # config that spells out stunnel's default must not be refused
+    # fips = no, libwrap = no: a config that spells out stunnel's default must not be refused
     wanted: set[tuple[str, str]] = set()
     for row in ROWS:
         alternatives = {a.strip("` ").split()[0].lower() for a in row.value.split("\\|") if a.strip()}
         if row.default in ("no", "none") and row.default in alternatives:
             wanted.update((n, row.default) for n in row.names if unsupported(n))
-    assert wanted >= {("fips", "no"), ("libwrap", "no"), ("OCSPaia", "no")}
+    assert wanted >= {("fips", "no"), ("libwrap", "no")}
     assert wanted <= set(ACCEPTED), wanted - set(ACCEPTED)
 
 

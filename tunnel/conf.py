@@ -419,6 +419,15 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
                 "use TLSv1.2 or later",
                 option if option in svc.locations else "sslVersion",
             )
+    if svc.OCSPflag or svc.OCSP:
+        from tunnel import ocsp  # imports cryptography: only for a service that asks for OCSP
+
+        flag_problem = ocsp.check_flags(svc.OCSPflag)
+        if flag_problem:
+            bad(flag_problem, "remove the line", "OCSPflag")
+        url_problem = ocsp.check_url(svc.OCSP) if svc.OCSP else None
+        if url_problem:
+            bad(url_problem, "use the responder's http:// URL", "OCSP")
     if svc.redirect and svc.client:
         bad('"redirect" is unsupported in client sections', "remove the line, or set client = no", "redirect")
     if bool(svc.ticketKeySecret) != bool(svc.ticketMacSecret):

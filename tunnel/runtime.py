@@ -192,6 +192,13 @@ def warn_services(services: list[Service], secure: bool) -> None:
         if svc.cert:
             _warn_cert(svc.name, svc.cert)
             _warn_key_mode(svc.key or svc.cert)
+        if (svc.OCSP or svc.OCSPaia) and not pol.verify_chain:
+            log.ui(4, f"Service [{svc.name}]: OCSP has no effect without verifyChain = yes")
+        elif svc.OCSPflag:
+            from tunnel import ocsp
+
+            for note in ocsp.flag_notes(svc.OCSPflag):
+                log.ui(4 if "forged" in note else 5, f"Service [{svc.name}]: {note}")
         if svc.PSKsecrets:
             _warn_key_mode(svc.PSKsecrets)
         if svc.PSKidentity and not (svc.client and svc.PSKsecrets):

@@ -679,7 +679,28 @@ class Service:
         side.pause_reading()
         conn.loop.create_task(self._guard(conn, target._open_plain_upstream(conn)))
 
+    async def _ocsp_ok(self, conn: Connection, side: TlsSide, tcfg: TlsConfig) -> bool:
+        """OCSP / OCSPaia: the verified chain checked with its responders before any byte moves.
+
+        stunnel checks inside the handshake (the peer gets an alert); Python's ssl has no
+        hook there, so pytunnel checks right after it and closes.  A resumed session is not
+        checked again, as in stunnel (its verify callback does not run on resumption).
+        """
+        policy = tcfg.ocsp
+        if policy is None or side.sslobj.session_reused:
+            return True
+        from tunnel import ocsp
+
+        reason = await ocsp.check_chain(ocsp.verified_chain(side.sslobj, policy.trust), policy, log=conn.log)
+        if reason is None:
+            return True
+        self.counters.handshake_failed("ocsp")
+        conn.fail(CloseReason.VERIFY_FAILED, reason)
+        return False
+
     async def _open_plain_upstream(self, conn: Connection) -> None:
+        if conn.tls is not None and not await self._ocsp_ok(conn, conn.tls, self.tls):
+            return
         plain = await self._connect_plain(conn)
         if plain is None:
             return
@@ -745,6 +766,8 @@ class Service:
             return
         target = _SNI_CHOICE.pop(id(tls.sslobj), self)
         if not self._handshake_ok(conn, tls, exc, target.tls, None):
+            return
+        if not await target._ocsp_ok(conn, tls, target.tls):
             return
         local = protocols.Tap(tls, raw=False, timeout=busy)
         if ctx is None:
@@ -826,6 +849,8 @@ class Service:
         via_proxy = (self.settings.protocol or "").lower() == "connect"
         expected = self.settings.sni or (hostname if via_proxy else None) or host
         if not self._handshake_ok(conn, tls, exc, tcfg, expected):
+            return
+        if not await self._ocsp_ok(conn, tls, tcfg):
             return
         if ctx is not None and mode is not None:
             if mode.late is not None:

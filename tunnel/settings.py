@@ -498,16 +498,12 @@ class ServiceSettings(BaseModel):
         "restrict clients with a firewall (nftables) or listen on a private address instead",
         accepted=("no",),
     )
-    OCSP: str | None = opt(None, "OCSP", "OCSP responder URL", unsupported=NO_API + " (OCSP)")
-    OCSPaia: str | None = opt(
-        None, "OCSPaia", "use AIA OCSP URLs", unsupported=NO_API + " (OCSP)", accepted=("no",)
-    )
-    OCSPflag: list[str] = opt(None, "OCSPflag", "OCSP flag", repeat=True, unsupported=NO_API + " (OCSP)")
-    OCSPnonce: str | None = opt(
-        None, "OCSPnonce", "OCSP nonce", unsupported=NO_API + " (OCSP)", accepted=("no",)
-    )
-    OCSPrequire: str | None = opt(None, "OCSPrequire", "require OCSP answer", unsupported=NO_API + " (OCSP)")
-    TIMEOUTocsp: str | None = opt(None, "TIMEOUTocsp", "OCSP connect timeout", unsupported=NO_API + " (OCSP)")
+    OCSP: str | None = opt(None, "OCSP", "OCSP responder URL (http://) for the peer's leaf certificate")
+    OCSPaia: YesNo = opt(False, "OCSPaia", "check each chain certificate with its AIA OCSP responder URLs")
+    OCSPflag: list[str] = opt(None, "OCSPflag", "OCSP verification flag (OpenSSL OCSP_* name)", repeat=True)
+    OCSPnonce: YesNo = opt(False, "OCSPnonce", "send an OCSP nonce and require it in the answer")
+    OCSPrequire: YesNo = opt(True, "OCSPrequire", "reject when no conclusive OCSP answer is obtained")
+    TIMEOUTocsp: Seconds = opt(5, "TIMEOUTocsp", "seconds for one OCSP request (connect, send, answer)")
     protocol: str | None = opt(None, "protocol", "protocol negotiation before TLS (STARTTLS, CONNECT, ...)")
     protocolAuthentication: str | None = opt(
         None,

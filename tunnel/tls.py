@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     # that only verifies with OpenSSL never loads it before it accepts a connection
     from cryptography import x509
 
+    from tunnel.ocsp import OcspPolicy
+
 _MISSING = object()
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -124,6 +126,7 @@ class TlsConfig:
     pinned: frozenset[bytes] = field(default_factory=frozenset)
     generation: int = 0
     redirect: bool = False  # server: a client failing verification goes to `redirect`
+    ocsp: OcspPolicy | None = None  # OCSP / OCSPaia with verifyChain: checked after the handshake
     _names_cache: dict[tuple[bytes, tuple[str, ...], tuple[str, ...]], str | None] = field(
         default_factory=dict, repr=False
     )
@@ -438,6 +441,31 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         pinned=_pinned(svc) if pol.verify_peer else frozenset(),
         generation=generation,
         redirect=bool(svc.redirect) and server,
+        ocsp=_ocsp_policy(svc) if (svc.OCSP or svc.OCSPaia) and pol.verify_chain else None,
+    )
+
+
+def _ocsp_policy(svc: ServiceSettings) -> OcspPolicy:
+    """stunnel's OCSP options, once per (re)load; CAfile's certificates find the chain's root."""
+    from cryptography import x509
+
+    from tunnel.ocsp import OcspPolicy
+
+    trust: tuple[x509.Certificate, ...] = ()
+    if svc.CAfile:
+        try:
+            with open(svc.CAfile, "rb") as fh:
+                trust = tuple(x509.load_pem_x509_certificates(fh.read()))
+        except (OSError, ValueError) as exc:
+            raise TlsConfigError("CAfile", f"cannot read {svc.CAfile} for OCSP: {exc}") from None
+    return OcspPolicy(
+        url=svc.OCSP,
+        aia=bool(svc.OCSPaia),
+        flags=frozenset(svc.OCSPflag),
+        nonce=bool(svc.OCSPnonce),
+        require=bool(svc.OCSPrequire),
+        timeout=float(svc.TIMEOUTocsp),
+        trust=trust,
     )
 
 
