@@ -323,3 +323,35 @@ def test_relay_still_works_through_a_redirect_service(
     payload = bytes(range(256)) * 8192
     assert roundtrip(client.port("c"), payload) == payload
     assert "Redirecting" not in server.log
+
+
+# ------------------------------------------------------------------ config = COMMAND:VALUE
+
+
+def test_openssl_config_commands(
+    tunnels: TunnelFactory, certs: Certs, backends: tuple[TagServer, TagServer], impl: str
+) -> None:
+    """config = MinProtocol:TLSv1.3 refuses a TLS 1.2 client; Options:-SessionTicket and
+    the TLS 1.3 client still work (SSL_CONF commands in the order given)."""
+    conf = server_conf(
+        tunnels,
+        certs,
+        backends,
+        free_port(),
+        "config = MinProtocol:TLSv1.3\nconfig = Options:-SessionTicket\n",
+    )
+    t = tunnels.start(conf, impl=impl)
+    assert tls_client(certs, t.port("s"), max_version=ssl.TLSVersion.TLSv1_3)[0] == b"GOOD:hi"
+    with pytest.raises(ssl.SSLError):
+        tls_client(certs, t.port("s"), max_version=ssl.TLSVersion.TLSv1_2)
+
+
+def test_unknown_openssl_config_command_is_stunnels_error(
+    tunnels: TunnelFactory, certs: Certs, impl: str
+) -> None:
+    conf = tunnels.conf(
+        f"[s]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\ncert = {certs.server_pem}\nconfig = Bogus:1\n"
+    )
+    t = tunnels.start(conf, impl=impl, wait=False)
+    assert t.proc.wait(30) != 0
+    assert 'OpenSSL config command "Bogus" was not recognised' in t.log

@@ -479,6 +479,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "ticketMacSecret": ("ff" * 32, b"\xff" * 32),
     "PSKsecrets": ("/x/psk.txt", "/x/psk.txt"),
     "OCSP": ("http://ocsp.example/", "http://ocsp.example/"),
+    "config": ("MinProtocol:TLSv1.3", ["MinProtocol:TLSv1.3"]),
     "OCSPaia": ("yes", True),
     "OCSPflag": ("NOINTERN", ["NOINTERN"]),
     "OCSPnonce": ("yes", True),

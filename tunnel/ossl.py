@@ -26,6 +26,10 @@ SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 SSL_CTRL_SET_GROUPS_LIST = 92
+SSL_CONF_FLAG_FILE = 0x2
+SSL_CONF_FLAG_CLIENT = 0x4
+SSL_CONF_FLAG_SERVER = 0x8
+SSL_CONF_FLAG_CERTIFICATE = 0x20
 SSL_SESS_CACHE_OFF = 0x0000
 SSL_SESS_CACHE_SERVER = 0x0002
 
@@ -55,6 +59,12 @@ class _Lib:
             self.store_depth = lib.X509_STORE_CTX_get_error_depth
             self.error_string = lib.X509_verify_cert_error_string
             self.set_ciphersuites = lib.SSL_CTX_set_ciphersuites
+            self.conf_new = lib.SSL_CONF_CTX_new
+            self.conf_flags = lib.SSL_CONF_CTX_set_flags
+            self.conf_ctx = lib.SSL_CONF_CTX_set_ssl_ctx
+            self.conf_cmd = lib.SSL_CONF_cmd
+            self.conf_finish = lib.SSL_CONF_CTX_finish
+            self.conf_free = lib.SSL_CONF_CTX_free
         except (OSError, AttributeError) as exc:
             raise Unavailable(f"cannot reach the OpenSSL library of Python's ssl module ({exc})") from None
         self.get_options.argtypes = [ctypes.c_void_p]
@@ -75,6 +85,18 @@ class _Lib:
         self.error_string.restype = ctypes.c_char_p
         self.set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         self.set_ciphersuites.restype = ctypes.c_int
+        self.conf_new.argtypes = []
+        self.conf_new.restype = ctypes.c_void_p
+        self.conf_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        self.conf_flags.restype = ctypes.c_uint
+        self.conf_ctx.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.conf_ctx.restype = None
+        self.conf_cmd.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p]
+        self.conf_cmd.restype = ctypes.c_int
+        self.conf_finish.argtypes = [ctypes.c_void_p]
+        self.conf_finish.restype = ctypes.c_int
+        self.conf_free.argtypes = [ctypes.c_void_p]
+        self.conf_free.restype = None
 
 
 _LIB: _Lib | None = None
@@ -166,3 +188,30 @@ def groups(ctx: ssl.SSLContext, text: str) -> bool:
     names = ctypes.c_char_p(text.encode())
     result: int = _lib().ctrl(ptr, SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.cast(names, ctypes.c_void_p))
     return result == 1
+
+
+def conf_commands(ctx: ssl.SSLContext, commands: list[tuple[str, str]], server: bool) -> None:
+    """stunnel's ``config = COMMAND:VALUE``: OpenSSL's SSL_CONF commands, as in a config
+    file section (``MinProtocol``, ``Options``, ``SignatureAlgorithms``, ...), in order.
+    Raises ValueError with stunnel's wording for a command OpenSSL does not take."""
+    ptr = handle(ctx)
+    lib = _lib()
+    cctx = lib.conf_new()
+    if not cctx:
+        raise Unavailable("SSL_CONF_CTX_new failed")
+    try:
+        side = SSL_CONF_FLAG_SERVER if server else SSL_CONF_FLAG_CLIENT
+        lib.conf_flags(cctx, SSL_CONF_FLAG_FILE | side | SSL_CONF_FLAG_CERTIFICATE)
+        lib.conf_ctx(cctx, ptr)
+        for command, value in commands:
+            result = lib.conf_cmd(cctx, command.encode(), value.encode())
+            if result == -2:
+                raise ValueError(f'OpenSSL config command "{command}" was not recognised')
+            if result <= 0:
+                raise ValueError(
+                    f'OpenSSL config command "{command}" returned error: "{value}" is not a valid value'
+                )
+        if lib.conf_finish(cctx) != 1:
+            raise ValueError("OpenSSL config commands could not be applied (SSL_CONF_CTX_finish)")
+    finally:
+        lib.conf_free(cctx)

@@ -478,9 +478,8 @@ class ServiceSettings(BaseModel):
     config: list[str] = opt(
         None,
         "config",
-        "raw SSL_CONF_cmd command",
+        "OpenSSL SSL_CONF command COMMAND:VALUE (as in openssl.cnf, e.g. MinProtocol:TLSv1.3)",
         repeat=True,
-        unsupported="raw OpenSSL SSL_CONF commands cannot be passed through Python's ssl module",
     )
     engineId: str | None = opt(None, "engineId", "engine for this service", unsupported=ENGINE)
     engineNum: str | None = opt(None, "engineNum", "engine number for this service", unsupported=ENGINE)

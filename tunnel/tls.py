@@ -433,6 +433,14 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     else:
         ctx.verify_mode = ssl.CERT_REQUIRED if (pol.verify_chain or pol.verify_peer) else ssl.CERT_NONE
     _sessions(ctx, svc)
+    if svc.config:
+        commands = [(c.partition(":")[0].strip(), c.partition(":")[2].strip()) for c in svc.config]
+        try:
+            ossl.conf_commands(ctx, commands, server)
+        except ValueError as exc:
+            raise TlsConfigError("config", str(exc)) from None
+        except ossl.Unavailable as exc:
+            raise TlsConfigError("config", f"not available with this Python: {exc}") from None
     if svc.redirect and server:
         _ossl("redirect", lambda: ossl.verify_errors(ctx, _note_verify_error), "")
     return TlsConfig(
