@@ -355,3 +355,30 @@ def test_unknown_openssl_config_command_is_stunnels_error(
     t = tunnels.start(conf, impl=impl, wait=False)
     assert t.proc.wait(30) != 0
     assert 'OpenSSL config command "Bogus" was not recognised' in t.log
+
+
+@pytest.mark.parametrize("store", ["ca", "other"])
+def test_castore_uri_is_the_trust_store(
+    tunnels: TunnelFactory, certs: Certs, backends: tuple[TagServer, TagServer], store: str
+) -> None:
+    """CAstore = file:PATH (OSSL_STORE, stunnel 5.75+; Debian's 5.68 lacks it): the
+    upstream certificate verifies against that store only."""
+    server = tunnels.start(server_conf(tunnels, certs, backends, free_port()))
+    pem = certs.ca_pem if store == "ca" else certs.other_ca_pem
+    client = tunnels.start(
+        tunnels.conf(
+            f"[c]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{server.port('s')}\n"
+            f"verifyChain = yes\nCAstore = file:{pem}\ncheckHost = localhost\n"
+        )
+    )
+    if store == "ca":
+        assert roundtrip(client.port("c"), b"hi") == b"GOOD:hi"
+    else:
+        with socket.create_connection(("127.0.0.1", client.port("c")), timeout=10) as s:
+            s.sendall(b"hi")
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:
+                got = b""
+        assert got == b""
+        client.wait_for(r"certificate verify failed")

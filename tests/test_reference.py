@@ -480,6 +480,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "PSKsecrets": ("/x/psk.txt", "/x/psk.txt"),
     "OCSP": ("http://ocsp.example/", "http://ocsp.example/"),
     "config": ("MinProtocol:TLSv1.3", ["MinProtocol:TLSv1.3"]),
+    "CAstore": ("file:/etc/ssl/certs", "file:/etc/ssl/certs"),
     "OCSPaia": ("yes", True),
     "OCSPflag": ("NOINTERN", ["NOINTERN"]),
     "OCSPnonce": ("yes", True),

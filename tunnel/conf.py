@@ -347,7 +347,7 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         )
     # legacy verify = 1..4 turns on verifyChain (1-3) and/or verifyPeer (3-4), as in stunnel
     verifies = [n for n in ("verifyChain", "verifyPeer", "verify") if getattr(svc, n)]
-    if verifies and not (svc.CAfile or svc.CApath):
+    if verifies and not (svc.CAfile or svc.CApath or svc.CAstore):
         bad(
             'Either "CAengine", "CAfile" or "CApath" has to be configured',
             "add CAfile = /path/to/ca.pem",

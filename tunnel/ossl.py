@@ -60,6 +60,7 @@ class _Lib:
             self.error_string = lib.X509_verify_cert_error_string
             self.set_ciphersuites = lib.SSL_CTX_set_ciphersuites
             self.conf_new = lib.SSL_CONF_CTX_new
+            self.load_store = lib.SSL_CTX_load_verify_store
             self.conf_flags = lib.SSL_CONF_CTX_set_flags
             self.conf_ctx = lib.SSL_CONF_CTX_set_ssl_ctx
             self.conf_cmd = lib.SSL_CONF_cmd
@@ -85,6 +86,8 @@ class _Lib:
         self.error_string.restype = ctypes.c_char_p
         self.set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         self.set_ciphersuites.restype = ctypes.c_int
+        self.load_store.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.load_store.restype = ctypes.c_int
         self.conf_new.argtypes = []
         self.conf_new.restype = ctypes.c_void_p
         self.conf_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
@@ -215,3 +218,8 @@ def conf_commands(ctx: ssl.SSLContext, commands: list[tuple[str, str]], server: 
             raise ValueError("OpenSSL config commands could not be applied (SSL_CONF_CTX_finish)")
     finally:
         lib.conf_free(cctx)
+
+
+def verify_store(ctx: ssl.SSLContext, uri: str) -> bool:
+    """``SSL_CTX_load_verify_store``: trusted certificates from an OSSL_STORE URI (OpenSSL 3)."""
+    return bool(_lib().load_store(handle(ctx), uri.encode()))

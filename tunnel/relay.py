@@ -542,6 +542,10 @@ class Connection:
         self._maybe_done()
 
     def side_lost(self, side: Side, exc: Exception | None) -> None:
+        if isinstance(side, TlsSide) and side.failed and self.waiter is not None and self.reason is None:
+            # the handshake failed and the peer hung up (it sends a reset after its alert)
+            # before the waiting coroutine ran: that coroutine logs the handshake's reason
+            return
         if self.reason is None:
             if exc is not None and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
                 where = ""

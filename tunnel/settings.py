@@ -472,8 +472,7 @@ class ServiceSettings(BaseModel):
     CAstore: str | None = opt(
         None,
         "CAstore",
-        "CA store URI (OSSL_STORE)",
-        unsupported="OSSL_STORE URIs cannot be reached through Python's ssl module; use CAfile or CApath",
+        "trusted certificates from an OSSL_STORE URI (OpenSSL 3: file:PATH, or a provider's scheme)",
     )
     config: list[str] = opt(
         None,
@@ -538,7 +537,11 @@ class ServiceSettings(BaseModel):
         repeat=True,
     )
     sessiond: str | None = opt(
-        None, "sessiond", "external session cache", unsupported=NO_API + " (external session cache callbacks)"
+        None,
+        "sessiond",
+        "external session cache",
+        unsupported="stunnel's sessiond UDP cache protocol is not implemented; to resume sessions across "
+        "processes or restarts set ticketKeySecret and ticketMacSecret (shared ticket keys)",
     )
     ticketKeySecret: TicketSecret | None = opt(
         None, "ticketKeySecret", "server: session ticket encryption key, 16 or 32 bytes in hex"

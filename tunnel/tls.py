@@ -397,7 +397,9 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         raise TlsConfigError(
             "CAfile" if svc.CAfile else "CApath", f"cannot load {svc.CAfile or svc.CApath}: {exc}"
         ) from None
-    if pol.verify_chain and not (svc.CAfile or svc.CApath):
+    if svc.CAstore:
+        _ossl("CAstore", lambda: ossl.verify_store(ctx, svc.CAstore or ""), f"cannot load {svc.CAstore}")
+    if pol.verify_chain and not (svc.CAfile or svc.CApath or svc.CAstore):
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH if svc.client else ssl.Purpose.CLIENT_AUTH)
     if svc.CRLfile or svc.CRLpath:
         try:
