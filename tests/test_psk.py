@@ -139,7 +139,9 @@ def pair(
         f"[psk-server]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\n"
         f"PSKsecrets = {server_psk}\n{server_extra}"
     )
-    server = tunnels.start(server_conf, impl=server_impl, python=py)
+    server = tunnels.start(
+        server_conf, impl=server_impl, python=py, extra_env={"PYTUNNEL_CERT_RELOAD_INTERVAL": "1"}
+    )
     client_conf = tunnels.conf(
         f"[psk-client]\nclient = yes\naccept = 127.0.0.1:0\n"
         f"connect = 127.0.0.1:{server.port('psk-server')}\nPSKsecrets = {client_psk}\n{client_extra}"
@@ -274,3 +276,25 @@ def test_psk_client_in_secure_mode_needs_no_certificate(
     )
     assert roundtrip(client.port("c"), b"secure") == b"secure"
     assert "needs authentication to prevent MITM" not in client.log
+
+
+def test_changed_psk_file_is_reloaded_without_a_restart(
+    tmp_path: Path, tunnels: TunnelFactory, echo: EchoServer
+) -> None:
+    """PSKsecrets is watched like a certificate (--cert-reload-interval): a rotated key is
+    used by new connections without SIGHUP."""
+    need_py313()
+    server_psk = secrets(tmp_path, f"alice:{HEX_KEY}\n", "server.txt")
+    new_key = "0f" * 16
+    client_psk = secrets(tmp_path, f"alice:{new_key}\n", "client.txt")
+    port, _client, server = pair(tunnels, echo, "pytunnel", "pytunnel", client_psk, server_psk)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"x")
+        try:
+            got = s.recv(10)
+        except ConnectionResetError:
+            got = b""
+        assert got == b""  # the old key on the server: refused
+    server_psk.write_text(f"alice:{new_key}\n")
+    server.wait_for(r"certificates reloaded", timeout=20)  # type: ignore[attr-defined]
+    assert roundtrip(port, b"rotated") == b"rotated"
