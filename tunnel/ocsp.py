@@ -436,6 +436,12 @@ async def _check_depth(
     return answer
 
 
+def _inconclusive(say: Log, reason: str) -> Answer:
+    """An answer that is neither good nor revoked: logged, and UNKNOWN with its reason."""
+    say(3, f"OCSP: {reason}")
+    return Answer(Status.UNKNOWN, reason)
+
+
 async def _query(
     url: str,
     cert: x509.Certificate,
@@ -447,14 +453,10 @@ async def _query(
 ) -> Answer:
     """One request to one responder, validated: GOOD, REVOKED or UNKNOWN with a reason."""
 
-    def fail(reason: str) -> Answer:
-        say(3, f"OCSP: {reason}")
-        return Answer(Status.UNKNOWN, reason)
-
     try:
         host, port, path, host_header = _parse_url(url)
     except ValueError as exc:
-        return fail(f"bad responder URL {url!r}: {exc}")
+        return _inconclusive(say, f"bad responder URL {url!r}: {exc}")
     builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
     nonce = os.urandom(16) if policy.nonce else None
     if nonce is not None:
@@ -465,11 +467,13 @@ async def _query(
         async with asyncio.timeout(policy.timeout):
             der = await _http_post(host, port, path, host_header, body, say)
     except TimeoutError:
-        return fail(f"responder timed out: {url}: no answer within {policy.timeout:g} s (TIMEOUTocsp)")
+        return _inconclusive(
+            say, f"responder timed out: {url}: no answer within {policy.timeout:g} s (TIMEOUTocsp)"
+        )
     except _HttpError as exc:
-        return fail(f"bad HTTP response from {url}: {exc}")
+        return _inconclusive(say, f"bad HTTP response from {url}: {exc}")
     except OSError as exc:
-        return fail(f"responder unreachable: {url}: {exc.strerror or exc}")
+        return _inconclusive(say, f"responder unreachable: {url}: {exc.strerror or exc}")
     say(7, "OCSP: Response received")
     return _validate(der, request, nonce, cert, chain, anchors, policy, say)
 
@@ -484,28 +488,26 @@ def _validate(
     policy: OcspPolicy,
     say: Log,
 ) -> Answer:
-    def fail(reason: str) -> Answer:
-        say(3, f"OCSP: {reason}")
-        return Answer(Status.UNKNOWN, reason)
-
     try:
         resp = ocsp.load_der_ocsp_response(der)
     except ValueError as exc:
-        return fail(f"bad response: not a DER-encoded OCSP response ({exc})")
+        return _inconclusive(say, f"bad response: not a DER-encoded OCSP response ({exc})")
     outcome = resp.response_status
     if outcome is not ocsp.OCSPResponseStatus.SUCCESSFUL:
-        return fail(f"responder error: {outcome.value}: {_RESPONSE_STATUS_NAMES.get(outcome, outcome.name)}")
+        return _inconclusive(
+            say, f"responder error: {outcome.value}: {_RESPONSE_STATUS_NAMES.get(outcome, outcome.name)}"
+        )
     try:
         if nonce is not None:
             try:
                 echoed = resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
             except x509.ExtensionNotFound:
-                return fail("nonce missing from the response (OCSPnonce = yes)")
+                return _inconclusive(say, "nonce missing from the response (OCSPnonce = yes)")
             if echoed != nonce:
-                return fail("nonce mismatch")
+                return _inconclusive(say, "nonce mismatch")
         problem = _verify_response(resp, chain, anchors, policy.flags)
         if problem:
-            return fail(problem)
+            return _inconclusive(say, problem)
         single = next(
             (
                 s
@@ -518,24 +520,24 @@ def _validate(
             None,
         )
         if single is None:
-            return fail("no status for this certificate in the response")
+            return _inconclusive(say, "no status for this certificate in the response")
         this_update, next_update = single.this_update_utc, single.next_update_utc
         status = single.certificate_status
         reason = single.revocation_reason
         revoked_at = single.revocation_time_utc
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:  # malformed inside
-        return fail(f"bad response: {exc}")
+        return _inconclusive(say, f"bad response: {exc}")
     say(6, f"OCSP: Status: {status.name.lower()}")
     say(6, f"OCSP: This update: {_local(this_update)}")
     if next_update is not None:
         say(6, f"OCSP: Next update: {_local(next_update)}")
     now = datetime.datetime.now(datetime.UTC)
     if this_update > now + LEEWAY:
-        return fail("response not yet valid (thisUpdate in the future)")
+        return _inconclusive(say, "response not yet valid (thisUpdate in the future)")
     if next_update is not None and next_update < now - LEEWAY:
-        return fail("response expired (nextUpdate in the past)")
+        return _inconclusive(say, "response expired (nextUpdate in the past)")
     if next_update is not None and next_update < this_update:
-        return fail("bad response: nextUpdate before thisUpdate")
+        return _inconclusive(say, "bad response: nextUpdate before thisUpdate")
     ttl = None if next_update is None else (next_update - now).total_seconds()
     if status is ocsp.OCSPCertStatus.GOOD:
         say(5, "OCSP: Certificate accepted")
