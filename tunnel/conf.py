@@ -308,6 +308,8 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
     ends = [n for n in ("accept", "exec", "connect") if getattr(svc, n)]
     if svc.protocol and protocols.decides_endpoint(svc.protocol, bool(svc.client)):
         ends.append("protocol")  # stunnel: a socks server takes each destination from the request
+    if svc.transparent in ("destination", "both"):
+        ends.append("transparent")  # stunnel: each connection's original destination
     if inetd:
         if svc.accept:
             bad("accept is not valid in inetd mode", "put the options in a [service] section")
@@ -318,10 +320,12 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
                 "exec",
             )
     elif is_secondary(svc):
-        if not (svc.connect or svc.exec):
+        if not (svc.connect or svc.exec or "transparent" in ends):
             bad("Each service must define two endpoints", 'add "connect = [HOST:]PORT"')
     elif len(ends) != 2:
-        if len(ends) == 3 and "protocol" in ends:
+        if len(ends) == 3 and "transparent" in ends:
+            hint = f"transparent = {svc.transparent} connects to each client's original destination: remove connect"
+        elif len(ends) == 3 and "protocol" in ends:
             hint = "protocol = socks takes the destination from each request: remove connect"
         elif len(ends) == 3:
             hint = "exec replaces one endpoint: remove accept (exec+connect) or connect (accept+exec)"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tunnel import program, protocols
+from tunnel import program, protocols, transparent
 from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.logs import log
 from tunnel.metrics import STATS
@@ -371,6 +371,7 @@ class Service:
             sock = socket.socket(family, stype, proto)
             try:
                 apply_socket_options(sock, family, socket_options(self.settings, "a"))
+                transparent.prepare_listener(sock, family, self.settings.transparent, self.name)
                 if self.reuse_port:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(addr)
@@ -394,6 +395,7 @@ class Service:
             sock = socket.socket(lst.sock.family, socket.SOCK_STREAM)
             try:
                 apply_socket_options(sock, lst.sock.family, socket_options(self.settings, "a"))
+                transparent.prepare_listener(sock, lst.sock.family, self.settings.transparent, self.name)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(addr)
                 sock.listen(1024)
@@ -882,6 +884,10 @@ class Service:
             sock = await self._new_socket(conn, family)
             if sock is None:
                 break
+            source = transparent.uses_source(self.settings.transparent) and not self.settings.local
+            if source and not transparent.bind_source(conn, sock, family, addr):  # client's address
+                sock.close()
+                continue
             sock.setblocking(False)
             try:
                 if family != socket.AF_UNIX:
@@ -968,6 +974,8 @@ class Service:
                 delay = min(delay * 2, 0.5)
 
     async def _targets(self, conn: Connection) -> list[tuple[int, Any, str | None]] | None:
+        if transparent.uses_destination(self.settings.transparent):
+            return transparent.destination_targets(conn)  # the client's original destination
         eps = list(self.settings.redirect if conn.redirected else self.settings.connect)
         if self.settings.failover == "rr" and not self.settings.delay and len(eps) > 1:
             start = self._rr % len(eps)

@@ -314,6 +314,12 @@ def _retry(value: object) -> object:
 Retry = Annotated[int, BeforeValidator(_retry), Field(ge=0)]
 
 
+def _transparent(value: object) -> object:
+    from tunnel.transparent import parse_mode  # here: the reader need not import the data path
+
+    return parse_mode(value)
+
+
 TLS_VERSIONS = ("all", "SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 TlsVersion = Annotated[str, _enum(*TLS_VERSIONS)]
 
@@ -549,13 +555,12 @@ class ServiceSettings(BaseModel):
     ticketMacSecret: TicketSecret | None = opt(
         None, "ticketMacSecret", "server: session ticket HMAC key, 16 or 32 bytes in hex"
     )
-    transparent: str | None = opt(
-        None,
+    transparent: Annotated[str, BeforeValidator(_transparent)] = opt(
+        "none",
         "transparent",
-        "transparent proxy",
-        unsupported="IP_TRANSPARENT needs TPROXY policy routing that pytunnel does not set up; to pass "
-        "the client's address to the server use protocol = proxy (or proxy-v2) instead",
-        accepted=("none", "no"),
+        "transparent proxy (Linux): none, source (upstream from the client's address), destination "
+        "(upstream to the client's original destination, no connect) or both; yes = source, no = none "
+        "(routing: docs/transparent.md)",
     )
 
 
