@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+from reliability_support import Listener
 
 from tunnel.ocsp import (
     OcspPolicy,
@@ -311,29 +313,19 @@ def http_ok(body: bytes) -> bytes:
     return head.encode() + body
 
 
-class FakeResponder:
+class FakeResponder(Listener):
     """A threaded HTTP server on 127.0.0.1: ``respond(request DER)`` gives the raw bytes to
     send back, or ``None`` to say nothing and hold the connection open."""
 
     def __init__(self, respond: Callable[[bytes], bytes | None], delay: float = 0.0) -> None:
         self.respond = respond
         self.delay = delay
-        self.connections = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/ocsp"
         self._closed = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(backlog=64)
+        self.url = f"http://127.0.0.1:{self.port}/ocsp"
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+    def handle(self, conn: Any) -> None:
+        self._handle(conn)
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:
@@ -360,7 +352,7 @@ class FakeResponder:
 
     def close(self) -> None:
         self._closed.set()
-        self.sock.close()
+        super().close()
 
 
 @pytest.fixture

@@ -11,44 +11,34 @@ import signal
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Certs, EchoServer, Tunnel, TunnelFactory, pytunnel_cmd, roundtrip
+from reliability_support import Listener
 
 TICKET_KEY = "00112233445566778899aabbccddeeff"
 TICKET_MAC = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100"
 
 
-class TagServer:
+class TagServer(Listener):
     """A backend that answers every connection with its tag, then what it received."""
 
     def __init__(self, tag: bytes) -> None:
         self.tag = tag
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.count = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.count += 1
-            with conn:
-                conn.sendall(self.tag)
-                with contextlib.suppress(OSError):
-                    conn.sendall(conn.recv(1000))
+    def handle(self, s: Any) -> None:
+        s.sendall(self.tag)
+        with contextlib.suppress(OSError):
+            s.sendall(s.recv(1000))
 
-    def close(self) -> None:
-        self.sock.close()
+    @property
+    def count(self) -> int:
+        return self.connections
 
 
 @pytest.fixture
