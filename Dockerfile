@@ -1,12 +1,12 @@
 # pytunnel: a TLS tunnel that reads stunnel.conf, as a small non-root container.
 #
 #   docker build -t pytunnel .
-#   docker build -t pytunnel --build-arg BASE=python:3.13-slim .   # another base
+#   docker build -t pytunnel --build-arg BASE=python:3.12-slim .   # another base (no TLS-PSK below 3.13)
 #
 # BASE must be a Debian-like image with python3 (>= 3.11) and its venv module; both
 # stages use it, so the virtual environment's python links to the same interpreter.
 # Usage and configuration: docs/docker.md.
-ARG BASE=python:3.12-slim
+ARG BASE=python:3.13-slim
 
 # ---------------------------------------------------------------- build: a venv in /opt/pytunnel
 FROM ${BASE} AS build

@@ -3,10 +3,10 @@
 No registry is needed.  Where no engine answers (``docker info`` fails) and we are root, the
 session starts a private ``dockerd`` in a temporary directory (its own data root, exec root
 and socket; no iptables, no bridge: every container uses ``--network host``) and stops it
-at the end.  The base image is a local stand-in for python:3.12-slim: Debian bookworm with
+at the end.  The base image is a local stand-in for the default python:3.13-slim: Debian bookworm with
 python3, python3-venv and ca-certificates made by ``mmdebstrap`` and ``docker import``ed
 (with this machine's CA bundle and pip index settings, so pip can reach the index from
-``docker build --network host``).  PYTUNNEL_DOCKER_BASE=python:3.12-slim uses a real base.
+``docker build --network host``).  PYTUNNEL_DOCKER_BASE=python:3.13-slim uses a real base.
 
 The image is built once per session; every scenario runs its own container on free
 loopback ports (the status port too: containers share the host's network).
