@@ -49,7 +49,10 @@ def run(
 
 
 def console_script() -> str:
-    script = shutil.which("pytunnel") or str(Path(sys.executable).parent / "pytunnel")
+    # the script of the interpreter running the tests first: PATH may lead to another venv's
+    script = str(Path(sys.executable).parent / "pytunnel")
+    if not os.path.exists(script):
+        script = shutil.which("pytunnel") or script
     if not os.path.exists(script):
         pytest.fail("the pytunnel console script is not installed (pip install -e .)")
     return script
