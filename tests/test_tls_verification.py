@@ -7,8 +7,10 @@ After every refusal the same process still serves a good connection."""
 from __future__ import annotations
 
 import datetime
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
@@ -326,3 +328,85 @@ def test_key_readable_by_others_is_warned_like_stunnel(
     t = tunnels.start(conf, impl=impl)
     assert (f"Insecure file permissions on {key}" in t.log) is warned
     assert t.stop() == 0
+
+
+def test_check_email(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, tmp_path: Path, impl: str
+) -> None:
+    """checkEmail matches an rfc822Name in the peer's subjectAltName; another address is refused
+    with stunnel's CERT line and the upstream never sees the app's bytes."""
+    mail_pem = tmp_path / "mail-server.pem"
+    certs.ca.issue_cert(
+        "localhost", "127.0.0.1", "ops@example.com"
+    ).private_key_and_cert_chain_pem.write_to_path(str(mail_pem))
+    server = tls_server(tunnels, echo, mail_pem)
+    verify = f"verifyChain = yes\nCAfile = {certs.ca_pem}\n"
+    t = client_tunnel(
+        tunnels, impl, server, verify + "checkEmail = nobody@example.com\ncheckEmail = ops@example.com\n"
+    )
+    good(t.port("cli"))
+    t2 = client_tunnel(tunnels, impl, server, verify + "checkEmail = root@example.com\n")
+    refused(t2.port("cli"))
+    t2.wait_for(r"CERT: Subject checks failed")
+    t2.wait_for(r"certificate verify failed")
+    if impl == "pytunnel":
+        t2.wait_for(r"Email address mismatch \(expected root@example\.com\)")
+    good(t.port("cli"))
+    assert echo.received == 2 * len(b"still serving")
+
+
+def test_check_email_on_client_certificates(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    """Server mode: the client certificate's address is checked the same way."""
+
+    def server(address: str) -> Tunnel:
+        return tunnels.start(
+            tunnels.conf(
+                f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+                f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckEmail = {address}\n"
+            ),
+            impl=impl,
+        )
+
+    def client(port: int) -> Tunnel:
+        return tunnels.start(
+            tunnels.conf(
+                f"[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{port}\n"
+                f"cert = {certs.client_pem}\nverifyChain = yes\nCAfile = {certs.ca_pem}\ncheckHost = localhost\n"
+            ),
+            impl="stunnel4",
+        )
+
+    ok = server("client@example.com")
+    good(client(ok.port("srv")).port("cli"))
+    bad = server("admin@example.com")
+    refused(client(bad.port("srv")).port("cli"))
+    bad.wait_for(r"CERT: Subject checks failed")
+    assert echo.received == len(b"still serving")
+
+
+def test_crl_path(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, extra: Extra, tmp_path: Path, impl: str
+) -> None:
+    """CRLpath: a directory of hashed CRLs (`openssl rehash`'s HASH.r0 names) revokes like CRLfile."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed (it names the CRLpath entries by hash)")
+    crl_dir = tmp_path / "crl.d"
+    crl_dir.mkdir()
+    name_hash = subprocess.run(
+        [openssl, "crl", "-hash", "-noout", "-in", str(extra.crl_pem)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    shutil.copy(extra.crl_pem, crl_dir / f"{name_hash}.r0")
+    verify = f"verifyChain = yes\nCAfile = {certs.ca_pem}\nCRLpath = {crl_dir}\n"
+    revoked = tls_server(tunnels, echo, extra.revoked_pem)
+    t = client_tunnel(tunnels, impl, revoked, verify)
+    refused(t.port("cli"))
+    t.wait_for(r"certificate revoked")
+    fine = tls_server(tunnels, echo, certs.server_pem)
+    good(client_tunnel(tunnels, impl, fine, verify).port("cli"))
+    assert echo.received == len(b"still serving")

@@ -9,10 +9,12 @@ import fnmatch
 import itertools
 import os
 import resource
+import secrets
 import socket
 import ssl
+import string
 import struct
-import uuid
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from tunnel.systemd import Activation
 
 _counter = itertools.count()
+_BASE62 = string.ascii_letters + string.digits
 
 SESSION_REFRESH = 30.0  # seconds a cached client session is kept before refreshing
 
@@ -289,13 +292,16 @@ class Service:
             log.write(level, conn_id, text, threshold=self.level, fields=fields)
 
     def next_id(self) -> str:
+        """stunnel's ``logId``: a global sequence number; 22 random base62 characters (as
+        5.68 prints them); the id of the thread serving the connection (one event-loop thread
+        here, so every connection of a process shares it); the process id."""
         mode = self.settings.logId
         if mode == "unique":
-            return uuid.uuid4().hex[:16]
+            return "".join(secrets.choice(_BASE62) for _ in range(22))
         if mode == "process":
             return str(os.getpid())
         if mode == "thread":
-            return str(os.getpid())
+            return str(threading.get_native_id())
         return str(next(_counter))
 
     def swap_tls(self, tls: TlsConfig) -> None:

@@ -173,7 +173,9 @@ class TlsConfig:
         if emails and any(match_email(cert, e) for e in emails):
             return None
         wanted = ", ".join([*hosts, *ips, *emails])
-        return f"certificate verify failed: Hostname mismatch (expected {wanted})"
+        kinds = [k for k, v in (("Hostname", hosts), ("IP address", ips), ("Email address", emails)) if v]
+        what = kinds[0] if len(kinds) == 1 else "Hostname, IP address and email"
+        return f"certificate verify failed: {what} mismatch (expected {wanted})"
 
 
 def _is_ip(text: str) -> bool:
