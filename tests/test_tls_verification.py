@@ -278,7 +278,11 @@ def test_tls_1_1_is_refused(tunnels: TunnelFactory, certs: Certs, echo: EchoServ
     assert tls_exchange(t.port("srv"), certs, None) == b"hello"
 
 
-def test_sni_routes_to_the_secondary_service(tunnels: TunnelFactory, certs: Certs) -> None:
+def test_sni_routes_to_the_secondary_service(tunnels: TunnelFactory, certs: Certs, impl: str) -> None:
+    """`sni = PRIMARY:PATTERN`: stunnel's patterns, where only a leading `*` is special (it takes
+    any prefix, dots included) and `?`, `[` or an inner `*` are literal; names compare without
+    case; no match stays on the primary service with stunnel's LOG3 line."""
+
     def tagged(tag: bytes) -> int:
         srv = socket.socket()
         srv.bind(("127.0.0.1", 0))
@@ -298,20 +302,43 @@ def test_sni_routes_to_the_secondary_service(tunnels: TunnelFactory, certs: Cert
 
     sec_cert = certs.dir / "sec.pem"
     certs.ca.issue_cert("sec.example").private_key_and_cert_chain_pem.write_to_path(str(sec_cert))
-    t = tunnels.start(
-        tunnels.conf(
-            f"[primary]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{tagged(b'PRIMARY')}\ncert = {certs.server_pem}\n"
-            f"[sec]\nsni = primary:sec.example\nconnect = 127.0.0.1:{tagged(b'SECONDARY')}\ncert = {sec_cert}\n"
-        )
-    )
+    patterns = {
+        "sec": "sec.example",
+        "deep": "*.wild.example",
+        "bare": "*wild.example",
+        "mark": "s?c.example",
+        "inner": "s*c.example",
+        "bracket": "[x].example",
+    }
+    body = f"[primary]\ndebug = 7\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{tagged(b'PRIMARY')}\ncert = {certs.server_pem}\n"
+    for name, pattern in patterns.items():
+        body += f"[{name}]\nsni = primary:{pattern}\nconnect = 127.0.0.1:{tagged(name.encode())}\ncert = {sec_cert}\n"
+    t = tunnels.start(tunnels.conf(body), impl=impl)
     ctx = ssl.create_default_context(cafile=str(certs.ca_pem))
-    for name, tag in (("sec.example", b"SECONDARY"), ("localhost", b"PRIMARY")):
+    ctx.check_hostname = False  # the routing is under test here, not the name check
+    expected = {
+        "sec.example": b"sec",
+        "SEC.Example": b"sec",
+        "a.wild.example": b"deep",
+        "a.b.wild.example": b"deep",
+        "wild.example": b"bare",
+        "xwild.example": b"bare",
+        "sxc.example": b"PRIMARY",
+        "sxyc.example": b"PRIMARY",
+        "x.example": b"PRIMARY",
+        "[x].example": b"bracket",
+        "localhost": b"PRIMARY",
+    }
+    for server_name, tag in expected.items():
         with (
             socket.create_connection(("127.0.0.1", t.port("primary")), timeout=15) as raw,
-            ctx.wrap_socket(raw, server_hostname=name) as s,
+            ctx.wrap_socket(raw, server_hostname=server_name) as s,
         ):
-            assert s.recv(20) == tag
-    t.wait_for(r"SNI: switched to secondary service \[sec\]")
+            assert s.recv(20) == tag, server_name
+    t.wait_for(r"SNI: requested servername: a\.b\.wild\.example")
+    t.wait_for(r"LOG7\[\d+\]: SNI: matched pattern: \*\.wild\.example")
+    t.wait_for(r"LOG5\[\d+\]: SNI: switched to service \[deep\]")
+    t.wait_for(r"LOG3\[\d+\]: SNI: no pattern matched servername: sxyc\.example")
 
 
 # ------------------------------------------------------------------ key file permissions

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fnmatch
 import itertools
 import os
 import resource
@@ -15,6 +14,7 @@ import ssl
 import string
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -320,13 +320,29 @@ class Service:
         def pick(sslobj: object, name: str | None, _ctx: ssl.SSLContext) -> None:
             if not name:
                 return
+            lowered = name.lower()
             for pattern, sec in patterns:
-                if fnmatch.fnmatchcase(name.lower(), pattern):
+                if sni_matches(lowered, pattern):
                     sslobj.context = sec.tls.context  # type: ignore[attr-defined]
-                    _SNI_CHOICE[id(sslobj)] = sec
+                    _SNI_CHOICE[sslobj] = (sec, name, pattern)
                     return
+            _SNI_CHOICE[sslobj] = (None, name, "")
 
         self.tls.context.sni_callback = pick
+
+    def _sni_target(self, conn: Connection, sslobj: object) -> Service:
+        """The service an SNI name chose during the handshake, logged with stunnel's lines."""
+        choice = _SNI_CHOICE.pop(sslobj, None)
+        if choice is None:
+            return self
+        target, name, pattern = choice
+        conn.log(6, f"SNI: requested servername: {name}")
+        if target is None:
+            conn.log(3, f"SNI: no pattern matched servername: {name}")
+            return self
+        conn.log(7, f"SNI: matched pattern: {pattern}")
+        conn.log(5, f"SNI: switched to service [{target.name}]")
+        return target
 
     # ---- listening ---------------------------------------------------------------
     def bind(self, activation: Activation | None = None) -> list[str]:
@@ -679,11 +695,9 @@ class Service:
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
-        target = _SNI_CHOICE.pop(id(side.sslobj), self)
+        target = self._sni_target(conn, side.sslobj)
         if not self._handshake_ok(conn, side, exc, target.tls, None):
             return
-        if target is not self:
-            conn.log(6, f"SNI: switched to secondary service [{target.name}]")
         side.pause_reading()
         conn.loop.create_task(self._guard(conn, target._open_plain_upstream(conn)))
 
@@ -772,7 +786,7 @@ class Service:
         conn.waiter = None
         if conn.reason is not None:
             return
-        target = _SNI_CHOICE.pop(id(tls.sslobj), self)
+        target = self._sni_target(conn, tls.sslobj)
         if not self._handshake_ok(conn, tls, exc, target.tls, None):
             return
         if not await target._ocsp_ok(conn, tls, target.tls):
@@ -1105,7 +1119,9 @@ class Service:
         ]
 
 
-_SNI_CHOICE: dict[int, Service] = {}
+# The SNI callback's choice, per SSLObject until its handshake ends; weak, so a connection that
+# dies mid-handshake leaves nothing behind for a later object to inherit.
+_SNI_CHOICE: weakref.WeakKeyDictionary[object, tuple[Service | None, str, str]] = weakref.WeakKeyDictionary()
 
 
 def _handshake_waiter(
@@ -1140,3 +1156,12 @@ def _chown(path: str, user: str | None, group: str | None) -> None:
     uid = pwd.getpwnam(user).pw_uid if user and not user.isdigit() else int(user) if user else -1
     gid = grp.getgrnam(group).gr_gid if group and not group.isdigit() else int(group) if group else -1
     os.chown(path, uid, gid)
+
+
+def sni_matches(name: str, pattern: str) -> bool:
+    """stunnel's SNI pattern (both lower-case): a leading ``*`` matches any prefix, dots
+    included (``*.example.com`` takes ``a.b.example.com``); every other character, ``*``, ``?``
+    and ``[`` included, is literal."""
+    if pattern.startswith("*"):
+        return name.endswith(pattern[1:])
+    return name == pattern
