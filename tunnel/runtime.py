@@ -426,14 +426,30 @@ class Runtime:
     def bind(self) -> int:
         failed = False
         activation = systemd.Activation()
+        if activation.sockets:
+            activation.plan(
+                [(s.name, ep.host, ep.port, ep.path) for s in self.services for ep in s.settings.accept]
+            )
+            for (name, host, port, path), sock in activation.by_order:
+                wanted = path or f"{host or '*'}:{port}"
+                log.ui(
+                    4,
+                    f"Service [{name}]: socket passed by systemd at fd {sock.fileno()} is bound to "
+                    f"{systemd.sockname(sock)}, not {wanted}; used by order, as stunnel does",
+                )
+            if activation.sockets:
+                log.ui(
+                    3, f"Too many listening file descriptors received from systemd, got {activation.count}"
+                )
+                for extra in activation.leftovers():
+                    log.ui(3, f"Socket passed by systemd matches no accept line: {extra}")
+                return STARTUP_FAILURE
         for service in self.services:
             service.reuse_port = self.workers > 1
             errors = service.bind(activation)
             if service.settings.accept and not service.listeners:
                 failed = True
             del errors
-        for extra in activation.leftovers():
-            log.ui(4, f"Socket passed by systemd matches no accept address, ignored: {extra}")
         if self.ops.status and not failed:
             from tunnel.health import StatusServer
 

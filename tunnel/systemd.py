@@ -6,8 +6,13 @@ wants) then ``READY=1`` around a SIGHUP reload, ``STOPPING=1`` when it starts dr
 and a ``STATUS=`` line with each.
 
 Socket activation: when ``LISTEN_PID`` is this process, the ``LISTEN_FDS`` sockets
-starting at fd 3 are used instead of binding; each is matched to the service whose
-``accept`` address it is bound to (``LISTEN_FDNAMES`` may name the service instead).
+starting at fd 3 are used instead of binding.  stunnel 5.68 hands them out by order (the
+n-th ``accept`` line of the file takes fd 3+n, whatever it is bound to) and refuses to
+start with more sockets than ``accept`` lines.  pytunnel gives the same answer for every
+unit where the order and the addresses agree, and a better one where they do not: a socket
+goes first to the service ``LISTEN_FDNAMES`` names (``FileDescriptorName=``), then to the
+accept line whose address it is bound to, and only then, by order, to an accept line left
+without one (logged, since the addresses differ).
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class Activation:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         self.sockets: list[tuple[socket.socket, str]] = []
+        self._plan: dict[Claim, list[socket.socket]] = {}
+        self.by_order: list[tuple[Claim, socket.socket]] = []
+        self.count = 0
         if env.get("LISTEN_PID") != str(os.getpid()):
             return
         try:
@@ -76,23 +84,54 @@ class Activation:
             with contextlib.suppress(KeyError):
                 del os.environ[var]
 
+        self.count = len(self.sockets)
+
+    def plan(self, claims: list[Claim]) -> None:
+        """Assign the passed sockets to the accept lines ``claims`` (service, host, port, path),
+        given in configuration order: by name, then by address, then by order."""
+        free = list(self.sockets)
+        open_claims = list(claims)
+        services = {c[0] for c in claims}
+
+        def give(claim: Claim, pick: tuple[socket.socket, str]) -> None:
+            free.remove(pick)
+            open_claims.remove(claim)
+            self._plan.setdefault(claim, []).append(pick[0])
+
+        for claim in list(open_claims):
+            named = next((f for f in free if f[1] and f[1] == claim[0]), None)
+            if named is not None:
+                give(claim, named)
+        for claim in list(open_claims):
+            bound = next((f for f in free if f[1] not in services and _matches(f[0], *claim[1:])), None)
+            if bound is not None:
+                give(claim, bound)
+        for claim in list(open_claims):
+            spare = next((f for f in free if f[1] not in services), None)
+            if spare is None:
+                break
+            give(claim, spare)
+            self.by_order.append((claim, spare[0]))
+        self.sockets = free
+
     def take(self, service: str, host: str | None, port: int, path: str | None) -> socket.socket | None:
-        """The passed socket for this accept address (or named after the service), if any."""
-        for i, (sock, name) in enumerate(self.sockets):
-            if _matches(sock, name, service, host, port, path):
-                del self.sockets[i]
-                return sock
-        return None
+        """The passed socket :meth:`plan` gave this accept line, if any."""
+        got = self._plan.get((service, host, port, path))
+        return got.pop(0) if got else None
 
     def leftovers(self) -> list[str]:
+        """Passed sockets no accept line took (stunnel refuses to start with any)."""
         out = []
         for sock, name in self.sockets:
             with contextlib.suppress(OSError):
-                out.append(f"fd {sock.fileno()} ({name or _sockname(sock)})")
+                out.append(f"fd {sock.fileno()} ({name or sockname(sock)})")
         return out
 
 
-def _sockname(sock: socket.socket) -> str:
+Claim = tuple[str, str | None, int, str | None]
+
+
+def sockname(sock: socket.socket) -> str:
     try:
         addr = sock.getsockname()
     except OSError:
@@ -102,9 +141,8 @@ def _sockname(sock: socket.socket) -> str:
     return str(addr)
 
 
-def _matches(
-    sock: socket.socket, name: str, service: str, host: str | None, port: int, path: str | None
-) -> bool:
+def _matches(sock: socket.socket, host: str | None, port: int, path: str | None) -> bool:
+    """Is ``sock`` bound to this accept address?"""
     try:
         addr = sock.getsockname()
     except OSError:
@@ -113,8 +151,6 @@ def _matches(
         return sock.family == socket.AF_UNIX and addr == path
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(addr, tuple):
         return False
-    if name and name == service and (port == 0 or addr[1] == port):
-        return True
     if addr[1] != port:
         return False
     if host in (None, "", "0.0.0.0", "::"):  # noqa: S104 - any-address accept
