@@ -10,12 +10,23 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import BOUND, Certs, EchoServer, Tunnel, TunnelFactory, roundtrip
+from conftest import (
+    BOUND,
+    ROOT,
+    Certs,
+    EchoServer,
+    Tunnel,
+    TunnelFactory,
+    need_stunnel,
+    pytunnel_cmd,
+    roundtrip,
+)
 
 
 def start(tunnels: TunnelFactory, conf: Path, impl: str) -> Tunnel:
@@ -194,6 +205,41 @@ def test_sigterm_exits_zero(tunnels: TunnelFactory, certs: Certs, echo: EchoServ
     assert re.search(r"LOG5\[ui\]: Terminated$", t.log, re.M), t.log
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", t.port("srv")), timeout=5).close()
+
+
+def test_sigterm_after_the_log_reader_died(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    """Foreground, logging into a pipe whose reader went away (a dead `| logger`): the tunnel
+    keeps serving, and TERM still stops it with status 0 (the log write's EPIPE must not
+    swallow the signal)."""
+    conf = tunnels.conf(
+        f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+    )
+    cmd = [need_stunnel(), str(conf)] if impl == "stunnel4" else pytunnel_cmd(str(conf))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stderr is not None
+        seen = b""
+        while b"Accepting new connections" not in seen or not BOUND.search(seen.decode(errors="replace")):
+            chunk = proc.stderr.read1(65536)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+        match = BOUND.search(seen.decode(errors="replace"))
+        assert match is not None
+        port = int(match.group(3))
+        proc.stderr.close()  # the reader dies; every later log line meets EPIPE
+        for _ in range(2):
+            assert tls_echo_once(port, certs, b"still here") == b"still here"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_sigterm_drains_a_connection_in_flight(

@@ -76,13 +76,14 @@ class Log:
     def flush_early(self) -> None:
         """Print what was buffered before the configuration was known, stunnel's way."""
         pending, self.buffer = self.buffer, []
+        lines = []
         for lvl, ident, text in pending:
             if lvl <= self.level:
                 if self.json:
-                    sys.stderr.write(self._json(lvl, ident, text, None) + "\n")
+                    lines.append(self._json(lvl, ident, text, None) + "\n")
                 else:
-                    sys.stderr.write(f"[{EARLY_TAGS.get(lvl, ' ')}] {text}\n")
-        sys.stderr.flush()
+                    lines.append(f"[{EARLY_TAGS.get(lvl, ' ')}] {text}\n")
+        _stderr("".join(lines))
 
     def open_file(self) -> None:
         if self.file_path is None:
@@ -146,9 +147,8 @@ class Log:
         else:
             body = f"LOG{level}[{ident}]: {text}"
             line = f"{self._timestamp()} {body}\n"
-        if self.to_stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+        if self.to_stderr and not _stderr(line):
+            self.to_stderr = False
         if self.file is not None:
             with contextlib.suppress(OSError):
                 self.file.write(line)
@@ -176,3 +176,20 @@ class Log:
 
 
 log = Log()
+
+
+def _stderr(text: str) -> bool:
+    """Write to stderr; False once it is gone (a closed pipe: the reader of a foreground
+    process died).  Like stunnel, pytunnel goes on serving, and still obeys signals: the
+    error must not escape into a signal handler or the drain.  sys.stderr becomes
+    /dev/null so the interpreter's own last flush cannot fail either."""
+    if not text:
+        return True
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+        return False
+    return True
