@@ -137,8 +137,8 @@ def test_smtp_client_auth_by_the_tunnel(
     """protocolUsername/protocolPassword: the tunnel authenticates (stunnel's smtp late phase)."""
     if impl == "stunnel4":
         pytest.skip(
-            "stunnel 5.68 reads only the first line of the post-TLS EHLO reply and then takes "
-            "'250-...' for the AUTH answer (fixed in later stunnel); aiosmtpd replies in several lines"
+            "stunnel 5.68 greets with HELO after STARTTLS, and aiosmtpd, as RFC 4954 wants, "
+            "knows AUTH only after EHLO (pytunnel sends EHLO there)"
         )
     port, rec = starttls_server
     conf = smtp_client_conf(
@@ -218,7 +218,8 @@ def test_smtp_server_without_starttls_is_implicit_tls(
         ("client = yes\nprotocol = gopher\n", "Protocol not supported"),
         ("client = yes\nprotocol = capwin\n", "Windows"),
         ("client = yes\nprotocol = smtp\nprotocolAuthentication = ntlm\n", "protocolAuthentication = ntlm"),
-        ("client = yes\nprotocolHost = mail.example\n", "need protocol"),
+        ("client = yes\nprotocol =\n", "Protocol not supported"),
+        ("client = yes\nprotocol = connect\nprotocolAuthentication = digest\n", "use one of: basic"),
     ],
 )
 def test_protocol_config_errors(tunnels: TunnelFactory, body: str, needle: str) -> None:
@@ -227,3 +228,26 @@ def test_protocol_config_errors(tunnels: TunnelFactory, body: str, needle: str) 
     assert t.proc.wait(20) == 1
     assert needle in t.log
     assert "Configuration failed" in t.log
+
+
+@pytest.mark.parametrize(
+    ("body", "warning"),
+    [
+        (
+            "protocolHost = mail.example\nprotocolHeader = X-A: b\n",
+            "protocolHost, protocolHeader have no effect",
+        ),
+        ("protocol = smtp\nprotocolAuthentication = basic\n", "plain is used, as stunnel does"),
+    ],
+)
+def test_protocol_options_stunnel_starts_with(
+    tunnels: TunnelFactory, body: str, warning: str, impl: str
+) -> None:
+    """Lines stunnel 5.68 starts with although they change nothing (or mean plain): a
+    stunnel config keeps working, and pytunnel says what they do."""
+    conf = tunnels.conf(f"[x]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\n{body}")
+    t = tunnels.start(conf, impl=impl)
+    t.wait_for("Accepting new connections" if impl == "pytunnel" else "Configuration successful")
+    if impl == "pytunnel":
+        assert warning in t.log
+    assert t.stop() == 0

@@ -216,6 +216,23 @@ def test_pop3_client_stls(
     assert t.stop() == 0
 
 
+def test_failed_negotiation_counts_no_bytes(
+    tunnels: TunnelFactory, certs: Certs, servers: list[fake.FakeServer], impl: str
+) -> None:
+    """The app's early bytes and the greeting the protocol passes on were never relayed
+    through TLS: the close line counts 0 and 0, as stunnel's does."""
+    srv = fake.FakeServer(fake.pop3(starttls=True), server_ctx(certs))
+    servers.append(srv)
+    t = tunnels.start(tunnels.conf(client_section("pop3", "pop3", srv.port, certs)), impl=impl)
+    srv.mode = "refuse"
+    assert exchange(t.port("pop3"), send=b"USER early\r\n").startswith(b"+OK POP3")
+    expect(t, r"Server does not support TLS")
+    expect(
+        t, r"Connection (reset|closed)(/reset|/closed)?: 0 byte\(s\) sent to TLS, 0 byte\(s\) sent to socket"
+    )
+    assert t.stop() == 0
+
+
 def test_pop3_server_stls(
     tunnels: TunnelFactory, certs: Certs, servers: list[fake.FakeServer], impl: str
 ) -> None:

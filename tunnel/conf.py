@@ -357,7 +357,13 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
             "add CAfile = /path/to/ca.pem",
             *verifies,
         )
-    if svc.protocol:
+    if svc.protocol == "":
+        bad(
+            "Protocol not supported",
+            f"protocol = one of {', '.join(protocols.names(bool(svc.client)))}",
+            "protocol",
+        )
+    elif svc.protocol:
         try:
             protocols.lookup(svc.protocol, bool(svc.client))
         except ValueError as exc:
@@ -368,7 +374,7 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
                 bad(problem, "add protocolHost = HOST:PORT (the destination behind the proxy)", "protocol")
             auth = (svc.protocolAuthentication or "").lower()
             allowed = protocols.AUTHENTICATION.get(svc.protocol.lower(), ())
-            if auth and auth not in allowed:
+            if auth and auth not in allowed and (auth, svc.protocol.lower()) != ("basic", "smtp"):
                 why = protocols.AUTHENTICATION_UNAVAILABLE.get(auth)
                 bad(
                     f"protocolAuthentication = {svc.protocolAuthentication} is not valid "
@@ -376,25 +382,6 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
                     why or (f"use one of: {', '.join(allowed)}" if allowed else "remove the line"),
                     "protocolAuthentication",
                 )
-    elif (
-        svc.protocolAuthentication
-        or svc.protocolHost
-        or svc.protocolUsername
-        or svc.protocolPassword
-        or svc.protocolDomain
-        or svc.protocolHeader
-    ):
-        bad(
-            "protocolHost/protocolUsername/protocolPassword/protocolAuthentication/protocolDomain/"
-            "protocolHeader need protocol",
-            "add protocol = smtp or connect (or remove them)",
-            "protocolHost",
-            "protocolUsername",
-            "protocolPassword",
-            "protocolAuthentication",
-            "protocolDomain",
-            "protocolHeader",
-        )
     # a client left at verifyChain's default verifies under `pytunnel run`: runtime checks
     # this rule there, knowing the mode (names_need_verify)
     if (svc.checkHost or svc.checkIP or svc.checkEmail) and not verifies and not _run_decides(svc):

@@ -89,6 +89,7 @@ class Side(asyncio.Protocol):
     made_hook: Callable[[Side], None] | None = None
     # protocol negotiation (``protocol = smtp`` ...): while set, what arrives goes here
     tap: Tap | None = None
+    feeds_tls = False  # what it reads counts as "sent to socket"; PlainSide: "sent to TLS"
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -159,6 +160,7 @@ class Side(asyncio.Protocol):
         conn.last_activity = conn.loop.time()
         peer = self.peer
         if peer is not None:
+            conn.relayed(self, len(data))
             peer.send(data)
         else:
             # Not linked yet (uvloop ignores pause_reading() inside connection_made):
@@ -180,8 +182,9 @@ class Side(asyncio.Protocol):
 class PlainSide(Side):
     """The plaintext socket: the app in client mode, the upstream in server mode."""
 
+    feeds_tls = True
+
     def data_received(self, data: bytes) -> None:
-        self.conn.to_tls += len(data)
         self.received(data)
 
     def eof_received(self) -> bool:
@@ -330,7 +333,6 @@ class TlsSide(Side):
         if not chunks:
             return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.conn.to_sock += len(data)
         self.received(data)
 
     def eof_received(self) -> bool:
@@ -452,6 +454,14 @@ class Connection:
         self.service.log_conn(level, self.id, text, fields)
 
     # ---- lifecycle ---------------------------------------------------------
+    def relayed(self, side: Side, n: int) -> None:
+        """Count bytes as stunnel does: only what the data path passes on (a protocol's
+        negotiation, or bytes never relayed, are not "sent")."""
+        if side.feeds_tls:
+            self.to_tls += n
+        else:
+            self.to_sock += n
+
     def link(self) -> None:
         """Both sides are up: start relaying in both directions."""
         assert self.plain is not None and self.tls is not None
@@ -463,6 +473,7 @@ class Connection:
         for side in (self.plain, self.tls):
             early, side.early = side.early, []
             for data in early:
+                self.relayed(side, len(data))
                 side.peer.send(data)  # type: ignore[union-attr]
         for side in (self.plain, self.tls):
             if side.eof_in and self.reason is None:

@@ -171,6 +171,15 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
     return out
 
 
+PROTOCOL_OPTIONS = (
+    "protocolAuthentication",
+    "protocolHost",
+    "protocolUsername",
+    "protocolPassword",
+    "protocolHeader",
+)
+
+
 def warn_services(services: list[Service], secure: bool) -> None:
     for service in services:
         svc = service.settings
@@ -204,6 +213,19 @@ def warn_services(services: list[Service], secure: bool) -> None:
         if svc.PSKidentity and not (svc.client and svc.PSKsecrets):
             why = "in server mode (the client chooses)" if not svc.client else "without PSKsecrets"
             log.ui(4, f"Service [{svc.name}]: PSKidentity has no effect {why}")
+        if not svc.protocol:
+            idle = [n for n in PROTOCOL_OPTIONS if getattr(svc, n)]
+            if idle:
+                log.ui(
+                    4,
+                    f"Service [{svc.name}]: {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without protocol",
+                )
+        elif svc.protocol.lower() == "smtp" and (svc.protocolAuthentication or "").lower() == "basic":
+            log.ui(
+                4,
+                f"Service [{svc.name}]: protocolAuthentication = basic is not an SMTP method; "
+                "plain is used, as stunnel does",
+            )
         if svc.retry and not (svc.exec and svc.connect):
             log.ui(4, f"Service [{svc.name}]: retry has no effect without exec and connect")
         if svc.stack != 65536:
