@@ -129,3 +129,72 @@ def proc_status(pid: int) -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
+
+
+def test_debian_chroot_layout(tmp_path: Path, echo: EchoServer, impl: str) -> None:
+    """Debian's stunnel4 layout: chroot + pid + output as paths inside the jail + setuid.
+    The pid file and the log land in the jail (the log owned by the setuid user, mode 0640,
+    never at the host path), and the tunnel serves and stops cleanly."""
+    import ssl
+    import uuid
+
+    import pytest
+    import trustme
+    from conftest import TunnelFactory
+
+    if os.getuid() != 0:
+        pytest.skip("chroot and setuid need root (CI runs as root)")
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    jail.chmod(0o1777)
+    ca = trustme.CA()
+    cert = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    cert.chmod(0o600)
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    name = f"pytunnel-test-{uuid.uuid4().hex}"
+    factory = TunnelFactory(tmp_path)
+    conf = tmp_path / "debian.conf"
+    conf.write_text(
+        f"foreground = yes\nsyslog = no\ndebug = 6\nchroot = {jail}\nsetuid = nobody\nsetgid = nogroup\n"
+        f"pid = /{name}.pid\noutput = /{name}.log\n"
+        f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {cert}\n"
+    )
+    t = factory.start(conf, impl=impl, wait=False)
+    try:
+        log_in_jail = jail / f"{name}.log"
+        wait_until(
+            lambda: (
+                log_in_jail.exists() and "bound to" in log_in_jail.read_text() or t.proc.poll() is not None
+            )
+        )
+        assert t.proc.poll() is None, t.log + (log_in_jail.read_text() if log_in_jail.exists() else "")
+        text = log_in_jail.read_text()
+        port = int(text.split("bound to 127.0.0.1:")[1].split()[0])
+        ctx = ssl.create_default_context(cafile=str(ca_pem))
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            s.sendall(b"jailed")
+            assert s.recv(6) == b"jailed"
+        wait_until(lambda: "accepted connection" in log_in_jail.read_text())
+        assert (jail / f"{name}.pid").read_text().strip() == str(t.proc.pid)
+        st = log_in_jail.stat()
+        assert st.st_uid == nobody
+        assert st.st_mode & 0o777 == 0o640
+        assert not Path(f"/{name}.log").exists()
+        assert not Path(f"/{name}.pid").exists()
+        assert "Traceback" not in t.log
+    finally:
+        for stray in (Path(f"/{name}.log"), Path(f"/{name}.pid")):
+            stray.unlink(missing_ok=True)
+        if t.proc.poll() is None:
+            t.proc.send_signal(signal.SIGTERM)
+        code = t.proc.wait(15)
+        factory.close()
+    assert code == 0, t.log

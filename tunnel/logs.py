@@ -46,6 +46,9 @@ class Log:
         self.errors_seen: list[str] = []
         self.buffer: list[tuple[int, str, str]] = []
         self.json = False  # --log-format json: one object a line
+        # chroot: until the process enters the jail, `output` names a file inside it (stunnel
+        # opens its log after chroot, so the same path must mean the same file before and after)
+        self.root: str | None = None
 
     # ---- configuration ---------------------------------------------------------
     def configure(
@@ -57,8 +60,10 @@ class Log:
         use_syslog: bool,
         ident: str,
         facility: str,
+        root: str | None = None,
     ) -> None:
         self.level = level
+        self.root = root
         self.early = False
         self.to_stderr = foreground == "yes"
         self.ident = ident
@@ -95,8 +100,19 @@ class Log:
         elif self.file_path == "/dev/stderr":
             self.file = sys.stderr
         else:
-            self.file = open(self.file_path, self.file_mode, encoding="utf-8", buffering=1)  # noqa: SIM115
+            path = os.path.join(self.root, self.file_path.lstrip("/")) if self.root else self.file_path
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if self.file_mode == "w" else os.O_APPEND)
+            fd = os.open(path, flags, 0o640)  # stunnel's mode: the log is not for every user
+            self.file = open(fd, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
             self.file_mode = "a"  # a reopen (SIGUSR1) never truncates
+
+    def entered_jail(self, uid: int | None, gid: int | None) -> None:
+        """After chroot, before setuid: the output file's path is inside the jail now, and
+        the file belongs to the user that reopens it on SIGUSR1 (as stunnel creates it)."""
+        self.root = None
+        if self.file is not None and self.file not in (sys.stdout, sys.stderr) and (uid, gid) != (None, None):
+            with contextlib.suppress(OSError):
+                os.fchown(self.file.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
 
     def reopen(self) -> None:
         """SIGUSR1: reopen the output file (after log rotation)."""

@@ -439,6 +439,7 @@ class Runtime:
             use_syslog=g.syslog,
             ident=g.service,
             facility=settings.defaults.debug[0],
+            root=g.chroot,
         )
         warn_services(services, self.secure)
         _record_certs(services)
@@ -533,10 +534,15 @@ class Runtime:
             if g.chroot:
                 os.chroot(g.chroot)
                 os.chdir("/")
+                log.entered_jail(*ids)
             if g.pid:
                 self.pidfile = g.pid
-                with open(g.pid, "w", encoding="ascii") as fh:
-                    fh.write(f"{os.getpid()}\n")
+                # bytes, not text: inside a chroot no codec module can be imported any more
+                fd = os.open(g.pid, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, b"%d\n" % os.getpid())
+                finally:
+                    os.close(fd)
             _drop_privileges(ids)
         except (OSError, KeyError) as exc:
             log.ui(3, f"Start-up failed: {exc}")
