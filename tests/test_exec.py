@@ -167,7 +167,35 @@ def test_exec_connect_with_retry(
     assert "Retrying an exec+connect section" in t.log
     assert re.search(r"Child process \d+ finished with code 0", t.log)
     assert t.stop() == 0
+    assert not re.search(r"LOG[0-3]\[ui\]", t.log.split("Terminated")[-1]), t.log  # a clean stop
     assert server.stop() == 0
+
+
+def test_closing_stdout_ends_the_connection(
+    tunnels: TunnelFactory, certs: Certs, impl: str, tmp_path: Path
+) -> None:
+    """A program that closes its stdin/stdout and goes on living (a daemon-like helper) ends
+    the connection at once: no other copy of its socket may stay open in the child."""
+    prog = script(tmp_path, "closer.sh", "echo hello\nexec 0<&- 1>&- 2>&-\nsleep 8\n")
+    conf = tunnels.conf(f"[c]\naccept = 127.0.0.1:0\nexec = {prog}\ncert = {certs.server_pem}\n")
+    t = tunnels.start(conf, impl=impl)
+    with tls(t.port("c"), certs) as s:
+        start = time.monotonic()
+        assert read_all(s) == b"hello\n"
+        assert time.monotonic() - start < 4, "the connection waited for the program to exit"
+    assert t.stop() == 0
+
+
+def test_child_killed_by_a_signal_is_named(
+    tunnels: TunnelFactory, certs: Certs, impl: str, tmp_path: Path
+) -> None:
+    prog = script(tmp_path, "suicide.sh", "echo bye\nkill -9 $$\n")
+    conf = tunnels.conf(f"[k]\naccept = 127.0.0.1:0\nexec = {prog}\ncert = {certs.server_pem}\n")
+    t = tunnels.start(conf, impl=impl)
+    with tls(t.port("k"), certs) as s:
+        assert read_all(s) == b"bye\n"
+    t.wait_for(r"LOG6\[ui\]: Child process \d+ terminated on SIGKILL$")
+    assert t.stop() == 0
 
 
 # ------------------------------------------------------------------ inetd mode

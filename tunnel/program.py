@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
 from collections.abc import Mapping
 
 from tunnel.logs import log
@@ -51,31 +53,63 @@ async def spawn(
     """Start the program; the returned socket is our end of its stdin/stdout.  Raises OSError."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            executable=path,
-            stdin=theirs.fileno(),
-            stdout=theirs.fileno(),
-            stderr=theirs.fileno() if stderr_to_socket else None,
-            env=env,
-            close_fds=True,
-            start_new_session=False,
-        )
+        proc = _start(path, argv, env, theirs.fileno(), theirs.fileno() if stderr_to_socket else None, False)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
     log.write(6, ident, f"Local mode child started (PID={proc.pid})")
-    asyncio.get_running_loop().create_task(_reap(proc))
+    _watch(proc)
     ours.setblocking(False)
     return ours
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
-    code = await proc.wait()
+def _start(
+    path: str, argv: list[str], env: dict[str, str], stdio: int, stderr: int | None, new_session: bool
+) -> subprocess.Popen[bytes]:
+    """fork+exec with every other descriptor closed.  Not the event loop's subprocess API:
+    uvloop's (libuv's) spawn leaves duplicates of the stdio descriptors open in the child,
+    so a program that closes its stdout would not end the connection while it lives on."""
+    return subprocess.Popen(
+        argv,
+        executable=path,
+        stdin=stdio,
+        stdout=stdio,
+        stderr=stderr,
+        env=env,
+        close_fds=True,
+        start_new_session=new_session,
+    )
+
+
+def _watch(proc: subprocess.Popen[bytes]) -> None:
+    """Reap the child when it exits (a pidfd in the event loop; a thread where there is none)
+    and log it in stunnel's words."""
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        loop.run_in_executor(None, proc.wait).add_done_callback(lambda _f: _reaped(proc))
+        return
+
+    def ready() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        proc.wait()
+        _reaped(proc)
+
+    loop.add_reader(pidfd, ready)
+
+
+def _reaped(proc: subprocess.Popen[bytes]) -> None:
+    code = proc.returncode
     if code < 0:
-        log.write(6, "ui", f"Child process {proc.pid} terminated on signal {-code}")
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        log.write(6, "ui", f"Child process {proc.pid} terminated on {name}")
     else:
         log.write(6, "ui", f"Child process {proc.pid} finished with code {code}")
 
@@ -93,23 +127,15 @@ async def spawn_pty(
     master, slave = os.openpty()
     try:
         tty.setraw(slave)
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            executable=path,
-            stdin=slave,
-            stdout=slave,
-            stderr=slave if stderr_to_terminal else None,
-            env=env,
-            close_fds=True,
-            start_new_session=True,  # the terminal becomes the child's session's own
-        )
+        # a new session: the terminal becomes the child's session's own
+        proc = _start(path, argv, env, slave, slave if stderr_to_terminal else None, True)
     except BaseException:
         os.close(master)
         raise
     finally:
         os.close(slave)
     log.write(6, ident, f"Local mode child started on a pty (PID={proc.pid})")
-    asyncio.get_running_loop().create_task(_reap(proc))
+    _watch(proc)
     return master
 
 

@@ -278,6 +278,7 @@ class Service:
         self.set_env: list[str] = []  # the global setEnv lines (runtime fills them in)
         self.foreground = True
         self._local_done: asyncio.Event | None = None
+        self._local_task: asyncio.Task[None] | None = None  # exec+connect's start/retry loop
         self.reuse_port = False  # --workers: every worker binds the same ports
         self.sockopts_l = socket_options(settings, "l")
         self.sockopts_r = socket_options(settings, "r")
@@ -434,7 +435,7 @@ class Service:
             lst.start()
         if self.exec_local and self._local_done is None:
             self._local_done = asyncio.Event()
-            loop.create_task(self._run_exec_local())
+            self._local_task = loop.create_task(self._run_exec_local())
 
     # ---- exec ------------------------------------------------------------------------
     def _exec_env(self, conn: Connection | None) -> dict[str, str]:
@@ -546,6 +547,8 @@ class Service:
 
     def close_listeners(self) -> None:
         self.accepting = False
+        if self._local_task is not None:  # no more retries; the live connection drains
+            self._local_task.cancel()
         for lst in self.listeners:
             lst.close()
             if lst.endpoint.path is not None:
