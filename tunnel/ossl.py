@@ -66,6 +66,10 @@ class _Lib:
             self.conf_cmd = lib.SSL_CONF_cmd
             self.conf_finish = lib.SSL_CONF_CTX_finish
             self.conf_free = lib.SSL_CONF_CTX_free
+            self.load_client_ca = lib.SSL_load_client_CA_file
+            self.add_dir_subjects = lib.SSL_add_dir_cert_subjects_to_stack
+            self.set_client_ca = lib.SSL_CTX_set_client_CA_list
+            self.name_stack_new = lib.OPENSSL_sk_new_null
         except (OSError, AttributeError) as exc:
             raise Unavailable(f"cannot reach the OpenSSL library of Python's ssl module ({exc})") from None
         self.get_options.argtypes = [ctypes.c_void_p]
@@ -100,6 +104,14 @@ class _Lib:
         self.conf_finish.restype = ctypes.c_int
         self.conf_free.argtypes = [ctypes.c_void_p]
         self.conf_free.restype = None
+        self.load_client_ca.argtypes = [ctypes.c_char_p]
+        self.load_client_ca.restype = ctypes.c_void_p
+        self.add_dir_subjects.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self.add_dir_subjects.restype = ctypes.c_int
+        self.set_client_ca.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.set_client_ca.restype = None
+        self.name_stack_new.argtypes = []
+        self.name_stack_new.restype = ctypes.c_void_p
 
 
 _LIB: _Lib | None = None
@@ -177,6 +189,24 @@ def ticket_keys(ctx: ssl.SSLContext, name: bytes, hmac_key: bytes, aes_key: byte
     keys = ctypes.create_string_buffer(name + hmac_key + aes_key, 80)
     if _lib().ctrl(ptr, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, 80, ctypes.cast(keys, ctypes.c_void_p)) != 1:
         raise Unavailable("OpenSSL refused the session ticket keys")
+    return True
+
+
+def client_ca_list(ctx: ssl.SSLContext, cafile: str | None, capath: str | None) -> bool:
+    """The CA names a server sends in its CertificateRequest (``SSL_CTX_set_client_CA_list``),
+    from CAfile and the certificates of CApath, as stunnel does: clients holding several
+    certificates (browsers, Java key stores, SChannel) choose theirs by these names."""
+    ptr = handle(ctx)
+    lib = _lib()
+    names = lib.load_client_ca(cafile.encode()) if cafile else None
+    if capath:
+        if not names:
+            names = lib.name_stack_new()
+        if names:
+            lib.add_dir_subjects(names, capath.encode())
+    if not names:
+        return False
+    lib.set_client_ca(ptr, names)  # the context owns the list from here
     return True
 
 

@@ -16,6 +16,7 @@ Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import ssl
@@ -93,7 +94,13 @@ def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
     chain = bool(svc.verifyChain) or level in (1, 2, 3)
     peer = bool(svc.verifyPeer) or level in (3, 4)
     request = level is not None or chain or peer or svc.requireCert
-    require = svc.requireCert or (level or 0) >= 2 or bool(svc.verifyChain) or bool(svc.verifyPeer)
+    # verifyChain/verifyPeer/verify >= 2 make a client certificate required by default; an
+    # explicit requireCert = no keeps it optional (verified when one is sent), as in stunnel
+    require = (
+        bool(svc.requireCert)
+        if "requireCert" in svc.model_fields_set
+        else (level or 0) >= 2 or bool(svc.verifyChain) or bool(svc.verifyPeer)
+    )
     default_check = False
     if (
         secure
@@ -352,8 +359,9 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     except (ValueError, KeyError) as exc:
         raise TlsConfigError("sslVersion", str(exc)) from None
 
-    # options: stunnel's defaults plus the configured ones, in order
-    opts = ctx.options | ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3
+    # options: stunnel's defaults plus the configured ones, in order.  CPython turns on
+    # CIPHER_SERVER_PREFERENCE for every context; stunnel does not (the client's order wins)
+    opts = (ctx.options & ~ssl.OP_CIPHER_SERVER_PREFERENCE) | ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3
     for item in svc.options:
         if item.startswith("-"):
             opts &= ~SSL_OPTIONS[item[1:]]
@@ -363,8 +371,10 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         opts |= ssl.OP_NO_RENEGOTIATION
     ctx.options = opts
 
+    # a "@SECLEVEL=N" in ciphers is honoured unless securityLevel is set as well
+    own_level = "@SECLEVEL" in svc.ciphers.upper() and "securityLevel" not in svc.model_fields_set
     try:
-        ctx.set_ciphers(f"{svc.ciphers}:@SECLEVEL={svc.securityLevel}")
+        ctx.set_ciphers(svc.ciphers if own_level else f"{svc.ciphers}:@SECLEVEL={svc.securityLevel}")
     except ssl.SSLError:
         raise TlsConfigError("ciphers", f"no usable cipher in {svc.ciphers!r}") from None
     default_curves = ServiceSettings.model_fields["curves"].default
@@ -376,7 +386,11 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
             raise TlsConfigError("curves", f"unknown group {svc.curves!r}") from None
     elif svc.curves != default_curves:
         _ossl("curves", lambda: ossl.groups(ctx, svc.curves), f"invalid groups list {svc.curves!r}")
-    if svc.ciphersuites != ServiceSettings.model_fields["ciphersuites"].default:
+    else:  # stunnel's default groups and order (OpenSSL's would add the FFDHE groups)
+        _ossl_default(lambda: ossl.groups(ctx, default_curves))
+    if svc.ciphersuites == ServiceSettings.model_fields["ciphersuites"].default:
+        _ossl_default(lambda: ossl.ciphersuites(ctx, svc.ciphersuites))  # stunnel's order
+    else:
         _ossl(
             "ciphersuites",
             lambda: ossl.ciphersuites(ctx, svc.ciphersuites),
@@ -432,6 +446,8 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
             ctx.verify_mode = (
                 ssl.CERT_REQUIRED if pol.require_cert and not svc.redirect else ssl.CERT_OPTIONAL
             )
+            if svc.CAfile or svc.CApath:  # the CA names clients choose their certificate by
+                _ossl_default(lambda: ossl.client_ca_list(ctx, svc.CAfile, svc.CApath))
         else:
             ctx.verify_mode = ssl.CERT_NONE
     else:
@@ -481,6 +497,13 @@ def _ocsp_policy(svc: ServiceSettings) -> OcspPolicy:
     )
 
 
+def _ossl_default(call: Callable[[], bool]) -> None:
+    """One of stunnel's defaults through tunnel.ossl; where this Python's ssl module cannot
+    be reached that way, OpenSSL's own default stays (nothing the user asked for is lost)."""
+    with contextlib.suppress(ossl.Unavailable):
+        call()
+
+
 def _ossl(option: str, call: Callable[[], bool], failure: str) -> None:
     """Run one of tunnel.ossl's calls; its refusal or failure becomes this option's error."""
     try:
@@ -510,13 +533,11 @@ def _sessions(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
     server = not svc.client
     resume = bool(svc.sessionResume) and not (server and svc.redirect)
     sized = svc.sessionCacheSize != 1000 or svc.sessionCacheTimeout != 300
+    cache = lambda: ossl.session_cache(ctx, svc.sessionCacheSize, svc.sessionCacheTimeout, resume)  # noqa: E731
     if sized or (server and not resume):
-        option = "sessionCacheSize" if sized else "sessionResume"
-        _ossl(
-            option,
-            lambda: ossl.session_cache(ctx, svc.sessionCacheSize, svc.sessionCacheTimeout, resume) or True,
-            "",
-        )
+        _ossl("sessionCacheSize" if sized else "sessionResume", cache, "")
+    else:  # stunnel's defaults (1000 sessions, 300 s), not OpenSSL's (20480, 7200 s)
+        _ossl_default(cache)
     if server and not resume:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0
