@@ -384,3 +384,11 @@ def test_console_script_runs_a_tunnel(tmp_path: Path, certs: Certs, echo: EchoSe
     finally:
         code = t.stop()
     assert code == 0
+
+
+def test_fd_that_is_not_open(impl: str) -> None:
+    """`-fd N` with nothing open at N: stunnel's line and status 1, no traceback."""
+    out = run(cmd_for(impl, "-fd", "77"), env=env_with())
+    assert out.returncode == 1, out.stderr
+    assert "Cannot open configuration file" in out.stderr
+    assert "Traceback" not in out.stderr

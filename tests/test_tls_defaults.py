@@ -65,6 +65,12 @@ def test_require_cert_no_keeps_the_certificate_optional(
     plain = server(tunnels, certs, echo, impl, f"CAfile = {certs.ca_pem}\nverifyChain = yes\n")
     with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
         handshake(plain.port("srv"), client_ctx(certs)).close()
+    # the order of the lines matters, as in stunnel: verifyChain read later requires it again
+    before = server(
+        tunnels, certs, echo, impl, f"CAfile = {certs.ca_pem}\nrequireCert = no\nverifyChain = yes\n"
+    )
+    with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
+        handshake(before.port("srv"), client_ctx(certs)).close()
 
 
 def test_session_lifetime_is_stunnels_300_seconds(
@@ -127,3 +133,38 @@ def test_seclevel_inside_ciphers_is_honoured(
     t = server(tunnels, certs, echo, impl, "sslVersion = TLSv1\nciphers = DEFAULT@SECLEVEL=0\n")
     out = s_client(t.port("srv"), "-tls1", "-cipher", "DEFAULT@SECLEVEL=0")
     assert re.search(r"New, TLSv1(\.0)?, Cipher is \w", out), out
+
+
+def test_timeout_close_is_logged_as_an_error(tunnels: TunnelFactory, certs: Certs, impl: str) -> None:
+    """The backend says BYE and closes; the TLS client never answers close_notify: after
+    TIMEOUTclose the tunnel gives up with stunnel's LOG3 line."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def backend() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.sendall(b"BYE")
+
+    import threading
+
+    threading.Thread(target=backend, daemon=True).start()
+    t = tunnels.start(
+        tunnels.conf(
+            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{srv.getsockname()[1]}\n"
+            f"cert = {certs.server_pem}\nTIMEOUTclose = 1\n"
+        ),
+        impl=impl,
+    )
+    raw = socket.create_connection(("127.0.0.1", t.port("srv")), timeout=15)
+    s = client_ctx(certs).wrap_socket(raw, server_hostname="localhost")
+    try:
+        got = b""
+        while chunk := s.recv(100):
+            got += chunk
+        assert got == b"BYE"  # then close_notify, which this client leaves unanswered
+        t.wait_for(r"LOG3\[\d+\]: transfer: s_poll_wait: TIMEOUTclose exceeded: closing")
+    finally:
+        raw.close()
+        srv.close()

@@ -502,7 +502,9 @@ class Connection:
         limit = self._limit()
         if self.loop.time() - self.last_activity >= limit:
             if self.done_dirs:
-                self.log(6, "transfer: s_poll_wait: TIMEOUTclose exceeded: closing")
+                self.log(
+                    3, "transfer: s_poll_wait: TIMEOUTclose exceeded: closing"
+                )  # stunnel logs it as an error
                 self.finish(CloseReason.CLOSED)
             else:
                 self.log(6, "transfer: s_poll_wait: TIMEOUTidle exceeded: sending reset")

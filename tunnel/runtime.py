@@ -877,8 +877,13 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, objec
 def run_path(path: str, secure: bool, ops: Ops, fd: int | None = None) -> int:
     data = None
     if fd is not None:
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read()
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read()
+        except OSError as exc:  # stunnel's words, then why
+            sys.stderr.write(f"[!] Cannot open configuration file\n[!] -fd {fd}: {exc.strerror}\n")
+            sys.stderr.write("[!] Configuration failed\n")
+            return CONFIG_FAILURE
         path = f"FD={fd}"
     return run_source(Source(path, data), secure, ops)
 

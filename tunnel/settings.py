@@ -133,7 +133,9 @@ SSL_OPTIONS: dict[str, int] = {
     "TLSEXT_PADDING": 1 << 4,
     "SAFARI_ECDHE_ECDSA_BUG": 1 << 6,
     "IGNORE_UNEXPECTED_EOF": 1 << 7,
+    "ALLOW_CLIENT_RENEGOTIATION": 1 << 8,
     "DISABLE_TLSEXT_CA_NAMES": 1 << 9,
+    "ALLOW_NO_DHE_KEX": 1 << 10,
     "DONT_INSERT_EMPTY_FRAGMENTS": 1 << 11,
     "NO_QUERY_MTU": 1 << 12,
     "COOKIE_EXCHANGE": 1 << 13,
@@ -157,6 +159,8 @@ SSL_OPTIONS: dict[str, int] = {
     "CRYPTOPRO_TLSEXT_BUG": 1 << 31,
     "NO_DTLSv1": 1 << 26,
     "NO_DTLSv1_2": 1 << 27,
+    # OpenSSL 3's SSL_OP_ALL: the harmless bug workarounds
+    "ALL": (1 << 31) | (1 << 11) | (1 << 2) | (1 << 4) | (1 << 6),
     "NO_SSL_MASK": (1 << 25) | (1 << 26) | (1 << 28) | (1 << 27) | (1 << 29),
     "NO_DTLS_MASK": (1 << 26) | (1 << 27),
     "MICROSOFT_SESS_ID_BUG": 0,
@@ -265,11 +269,11 @@ def parse_socket_option(text: str) -> SocketOption:
             raise ValueError(f"{name} takes a whole number, not {raw!r}")
         value = int(raw)
     elif kind in ("linger", "timeval"):
-        parts = raw.split(":")
-        if len(parts) != 2 or not all(re.fullmatch(r"[0-9]+", p) for p in parts):
-            form = "l_onoff:l_linger" if kind == "linger" else "seconds:microseconds"
+        parts = raw.split(":")  # the second part is optional (0), as stunnel reads it
+        if len(parts) > 2 or not all(re.fullmatch(r"[0-9]+", p) for p in parts):
+            form = "l_onoff[:l_linger]" if kind == "linger" else "seconds[:microseconds]"
             raise ValueError(f"{name} takes {form}, not {raw!r}")
-        value = (int(parts[0]), int(parts[1]))
+        value = (int(parts[0]), int(parts[1]) if len(parts) == 2 else 0)
     else:
         if not raw:
             raise ValueError(f"{name} needs a value")

@@ -89,18 +89,38 @@ class Policy:
     default_name_check: bool  # secure mode: check the name we connect to
 
 
+def _written_after(svc: ServiceSettings, later: str, earlier: str) -> bool:
+    """Does the line setting ``later`` come after the one setting ``earlier``?  (Lines of
+    the global section come first; where the order is unknown, ``later`` wins.)"""
+    a, b = svc.locations.get(later), svc.locations.get(earlier)
+    if a is None:  # from the global section: before any line of the service's own
+        return b is None
+    if b is None or a[0] != b[0]:
+        return True
+    return a[1] > b[1]
+
+
 def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
     level = svc.verify
     chain = bool(svc.verifyChain) or level in (1, 2, 3)
     peer = bool(svc.verifyPeer) or level in (3, 4)
     request = level is not None or chain or peer or svc.requireCert
-    # verifyChain/verifyPeer/verify >= 2 make a client certificate required by default; an
-    # explicit requireCert = no keeps it optional (verified when one is sent), as in stunnel
-    require = (
-        bool(svc.requireCert)
-        if "requireCert" in svc.model_fields_set
-        else (level or 0) >= 2 or bool(svc.verifyChain) or bool(svc.verifyPeer)
-    )
+    # verifyChain/verifyPeer/verify >= 2 make a client certificate required, as they do in
+    # stunnel when they are read: a requireCert = no written after them keeps it optional
+    # (verified when one is sent), one written before them does not
+    makers = [
+        name
+        for name, on in (
+            ("verifyChain", svc.verifyChain),
+            ("verifyPeer", svc.verifyPeer),
+            ("verify", (level or 0) >= 2),
+        )
+        if on
+    ]
+    if "requireCert" in svc.model_fields_set and all(_written_after(svc, "requireCert", m) for m in makers):
+        require = bool(svc.requireCert)
+    else:
+        require = bool(svc.requireCert) or bool(makers)
     default_check = False
     if (
         secure
