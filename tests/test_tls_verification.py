@@ -105,6 +105,8 @@ def test_good_chain_and_host(tunnels: TunnelFactory, certs: Certs, echo: EchoSer
         tunnels, impl, server, f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckHost = localhost\n"
     )
     good(t.port("cli"))
+    # stunnel's line for the verified peer (tools learn who is on the other end from it)
+    t.wait_for(r"LOG5\[\d+\]: Certificate accepted at depth=0: O=trustme[^,]*, OU=Testing cert #")
 
 
 def test_unknown_ca_is_refused(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> None:
@@ -124,6 +126,7 @@ def test_wrong_host_name_is_refused(
     )
     refused(t.port("cli"))
     t.wait_for(r"CERT: Subject checks failed")
+    t.wait_for(r"LOG4\[\d+\]: Rejected by CERT at depth=0: O=trustme[^,]*, OU=Testing cert #")
     t.wait_for(r"certificate verify failed")
     assert echo.received == 0
 

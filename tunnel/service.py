@@ -25,7 +25,7 @@ from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.relay import CloseReason, Connection, PlainSide, Side, TlsSide
 from tunnel.settings import ServiceSettings, SocketOption
-from tunnel.tls import TlsConfig, client_dn, client_sni, peer_subject, reason_of
+from tunnel.tls import TlsConfig, client_dn, client_sni, peer_subject, reason_of, subject_line
 
 if TYPE_CHECKING:
     from tunnel.systemd import Activation
@@ -651,9 +651,15 @@ class Service:
         if problem is not None:
             self.counters.handshake_failed("verify_failed")
             conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
+            if der:
+                conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
             conn.fail(CloseReason.VERIFY_FAILED, f"{verb}: {problem}")
             return False
         STATS.observe_handshake(conn.loop.time() - side.started)
+        if der and self.level >= 5 and not redirect and not side.sslobj.session_reused:
+            pol = tcfg.policy
+            if pol.verify_chain or pol.verify_peer:  # stunnel's verify callback: new sessions only
+                conn.log(5, f"Certificate accepted at depth=0: {subject_line(der)}")
         if der and side.sslobj.server_side:
             conn.peer_cn = peer_subject(der)
         if self.level >= 6:
@@ -675,7 +681,7 @@ class Service:
         for reason, depth in errors:
             conn.log(4, f"CERT: Pre-verification error: {reason}")
             if depth == 0 and der:
-                conn.log(4, f"Rejected by CERT at depth=0: {peer_subject(der)}")
+                conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
         if problem is not None:
             conn.log(4, f"CERT: {problem}")
         self.counters.handshake_failed("redirected")
@@ -685,7 +691,11 @@ class Service:
     def _busy_exceeded(self, conn: Connection) -> None:
         """The TLS handshake (or a protocol step) outlived TIMEOUTbusy: stunnel's words."""
         self.counters.handshake_failed("timeout")
-        conn.fail(CloseReason.HANDSHAKE_FAILED, "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset")
+        conn.fail(
+            CloseReason.HANDSHAKE_FAILED,
+            "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset",
+            level=6,
+        )  # LOG6 as stunnel: the "Connection reset" line that follows is the notice
 
     def _handshake_timeout(self, conn: Connection) -> None:
         conn.timer = None

@@ -17,6 +17,7 @@ Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 import ssl
@@ -276,6 +277,13 @@ def client_dn(der: bytes | None) -> tuple[str, str] | None:
         return ", ".join(f"{a.rfc4514_attribute_name}={a.value!s}" for a in name)
 
     return oneline(cert.subject), oneline(cert.issuer)
+
+
+@functools.lru_cache(maxsize=256)
+def subject_line(der: bytes) -> str:
+    """A certificate's subject as stunnel logs it (``O=Org, OU=Unit, CN=name``)."""
+    dn = client_dn(der)
+    return dn[0] if dn else "?"
 
 
 def peer_subject(der: bytes | None) -> str:
