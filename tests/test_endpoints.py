@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -114,3 +115,29 @@ def test_two_accept_lines_and_local_source(
         assert roundtrip(client.port(name), data) == data
     # `local = 127.0.0.2`: the upstream connection came from that source address
     server.wait_for(r"connected remote server from 127\.0\.0\.2:\d+")
+
+
+def test_unresolvable_connect_name_at_start_keeps_running(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    """DNS not up at boot: the name is logged as unresolved, the tunnel starts anyway (as
+    stunnel does) and serves its other services; each connection to the unresolved one
+    tries the name again and ends with stunnel's line."""
+    t = tunnels.start(
+        tunnels.conf(
+            "[later]\nclient = yes\naccept = 127.0.0.1:0\nconnect = no-such-host.invalid:443\n"
+            f"[plain]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\n"
+        ),
+        impl=impl,
+    )
+    t.wait_for(r'LOG3\[ui\]: Error resolving "no-such-host\.invalid"')
+    for _ in range(2):
+        with (
+            socket.create_connection(("127.0.0.1", t.port("later")), timeout=15) as s,
+            contextlib.suppress(ConnectionResetError),
+        ):
+            assert s.recv(10) == b""
+    t.wait_for(r"LOG3\[\d+\]: No remote host resolved")
+    assert t.log.count('Error resolving "no-such-host.invalid"') >= 3  # start-up + once a connection
+    assert t.proc.poll() is None
+    assert t.stop() == 0

@@ -629,16 +629,15 @@ class Runtime:
             loop.close()
 
     async def _resolve(self) -> None:
-        """stunnel resolves `connect` names when it starts (before chroot), not per connection."""
+        """stunnel resolves `connect` names when it starts (before chroot), not per connection.
+        A name that does not resolve yet (DNS not up at boot) is logged and, as in stunnel,
+        looked up again for each connection until it does: the service runs meanwhile."""
         if self._resolved:
             return
         self._resolved = True
         for service in self.services:
-            errors = await service.resolve_all()
-            if errors:
-                for err in errors:
-                    log.ui(3, err)
-                raise StartupError(f"Service [{service.name}]: cannot resolve its connect address")
+            for err in await service.resolve_all():
+                log.ui(3, err)
 
     def _preload(self) -> None:
         import difflib  # noqa: F401 - a reload's did-you-mean hints

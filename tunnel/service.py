@@ -1026,9 +1026,11 @@ class Service:
                 except OSError as exc:
                     conn.log(3, f'Error resolving "{ep.host}": {exc.strerror or exc}')
                     continue
+                if not self.settings.delay:  # not resolvable at start-up; it is now
+                    self.resolved[ep] = addrs
             out.extend((fam, addr, ep.host or "localhost") for fam, addr in addrs)
         if not out:
-            conn.fail(CloseReason.CONNECT_FAILED, "No host resolved")
+            conn.fail(CloseReason.CONNECT_FAILED, "No remote host resolved")
             return None
         return out
 
