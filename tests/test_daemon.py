@@ -198,3 +198,29 @@ def test_debian_chroot_layout(tmp_path: Path, echo: EchoServer, impl: str) -> No
         code = t.proc.wait(15)
         factory.close()
     assert code == 0, t.log
+
+
+def test_pid_file_is_written_after_setuid(tmp_path: Path, echo: EchoServer, impl: str) -> None:
+    """stunnel writes the pid file as the user it runs as (so it can remove it at the end):
+    a directory only root may write is refused with stunnel's lines, never left stale."""
+    import pytest
+    from conftest import TunnelFactory
+
+    if os.getuid() != 0:
+        pytest.skip("setuid needs root (CI runs as root)")
+    piddir = tmp_path / "piddir"
+    piddir.mkdir(mode=0o755)
+    tmp_path.chmod(0o755)
+    factory = TunnelFactory(tmp_path)
+    conf = factory.conf(
+        f"setuid = nobody\nsetgid = nogroup\npid = {piddir / 'x.pid'}\n"
+        f"[c]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\n"
+    )
+    t = factory.start(conf, impl=impl, wait=False)
+    try:
+        assert t.proc.wait(15) != 0
+        t.wait_for(rf"Cannot create pid file {piddir / 'x.pid'}")
+        t.wait_for(r"create: Permission denied \(13\)")
+        assert not (piddir / "x.pid").exists()
+    finally:
+        factory.close()

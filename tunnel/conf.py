@@ -291,6 +291,28 @@ def names_need_verify(svc: ServiceSettings, secure: bool) -> Problem | None:
     )
 
 
+def _check_ids(entries: list[Entry]) -> list[Problem]:
+    """Global setuid/setgid: a name this system does not know is a configuration error, as
+    in stunnel (not a start-up failure after the ports are bound)."""
+    import grp
+    import pwd
+
+    out = []
+    for e in entries:
+        if e.name not in ("setuid", "setgid") or not e.value or e.value.isdigit():
+            continue
+        try:
+            (pwd.getpwnam if e.name == "setuid" else grp.getgrnam)(e.value)
+        except KeyError:
+            what, db = ("UID", "user") if e.name == "setuid" else ("GID", "group")
+            out.append(
+                e.problem(
+                    f"Illegal {what}", f"no {db} {e.value!r} on this system; create it or give a number"
+                )
+            )
+    return out
+
+
 def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Problem]:
     """stunnel's cross-field rules, with its own texts where tools grep them."""
     out: list[Problem] = []
@@ -447,6 +469,7 @@ def build(raw: RawConfig) -> Settings:
     gsettings = _validate(GlobalSettings, _collect(glob_entries, problems), {}, problems, top)
     defaults_grouped = _collect(default_entries, problems)
     defaults = _validate(ServiceSettings, defaults_grouped, {}, problems, top)
+    problems.extend(_check_ids(default_entries))
 
     services: list[ServiceSettings] = []
     inetd = not raw.sections

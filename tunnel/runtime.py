@@ -535,19 +535,26 @@ class Runtime:
                 os.chroot(g.chroot)
                 os.chdir("/")
                 log.entered_jail(*ids)
-            if g.pid:
-                self.pidfile = g.pid
+            _drop_privileges(ids)
+        except (OSError, KeyError) as exc:
+            log.ui(3, f"Start-up failed: {exc}")
+            self._close_all()
+            return STARTUP_FAILURE
+        if g.pid:  # after setuid, as stunnel: the user that runs can remove it at the end
+            try:
                 # bytes, not text: inside a chroot no codec module can be imported any more
                 fd = os.open(g.pid, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
                     os.write(fd, b"%d\n" % os.getpid())
                 finally:
                     os.close(fd)
-            _drop_privileges(ids)
-        except (OSError, KeyError) as exc:
-            log.ui(3, f"Start-up failed: {exc}")
-            self._close_all()
-            return STARTUP_FAILURE
+            except OSError as exc:
+                log.ui(3, f"Cannot create pid file {g.pid}")
+                log.ui(3, f"create: {exc.strerror} ({exc.errno})")
+                self._close_all()
+                loop.close()
+                return STARTUP_FAILURE
+            self.pidfile = g.pid
         if os.getpid() == 1:
             log.ui(6, "Running as PID 1: installing explicit TERM/INT handlers")
         if self.workers > 1:
