@@ -102,11 +102,16 @@ def good(port: int) -> None:
 def test_good_chain_and_host(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> None:
     server = tls_server(tunnels, echo, certs.server_pem)
     t = client_tunnel(
-        tunnels, impl, server, f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckHost = localhost\n"
+        tunnels,
+        impl,
+        server,
+        f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckHost = localhost\nsni = localhost\n",
     )
     good(t.port("cli"))
     # stunnel's line for the verified peer (tools learn who is on the other end from it)
     t.wait_for(r"LOG5\[\d+\]: Certificate accepted at depth=0: O=trustme[^,]*, OU=Testing cert #")
+    t.wait_for(r"LOG6\[\d+\]: SNI: sending servername: localhost$")
+    t.wait_for(r"LOG6\[\d+\]: TLSv1\.3 ciphersuite: TLS_AES_256_GCM_SHA384 \(256-bit encryption\)")
 
 
 def test_unknown_ca_is_refused(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> None:

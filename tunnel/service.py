@@ -670,6 +670,9 @@ class Service:
                 6, f"TLS {'accepted' if side.sslobj.server_side else 'connected'}: {reused}",
                 event="tls", resumed=resumed, version=side.sslobj.version(),
             )  # fmt: skip
+            cipher = side.sslobj.cipher()
+            if cipher is not None:  # stunnel's line for what was negotiated
+                conn.log(6, f"{cipher[1]} ciphersuite: {cipher[0]} ({cipher[2]}-bit encryption)")
         if redirect:
             self._redirect(conn, der, why, notes.verify_errors or [])
         return True
@@ -847,6 +850,8 @@ class Service:
         target = conn.target
         host = conn.target_host
         hostname = client_sni(self.settings, host)
+        if hostname and self.level >= 6:
+            conn.log(6, f"SNI: sending servername: {hostname}")
         cached = self.sessions.get(target) if self.settings.sessionResume else None
         session = cached[0] if cached and cached[2] == tcfg.generation else None
         fut, done = _handshake_waiter(loop)
