@@ -54,8 +54,8 @@ def conf(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, user: str) -> o
 
 
 def tls_echo(port: int, certs: Certs, data: bytes) -> tuple[bytes, int]:
-    """(echo, client port); a refused client gets b"" (stunnel refuses before the handshake,
-    pytunnel after it: either way no byte reaches the server)."""
+    """(echo, client port); a refused client gets b"" (both refuse before the handshake:
+    no byte reaches the server)."""
     ctx = ssl.create_default_context(cafile=str(certs.ca_pem))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         client_port = raw.getsockname()[1]
@@ -78,6 +78,9 @@ def test_ident_user_matches(
     local = t.port("srv") if impl == "pytunnel" else 0
     assert identd.queries == [f"{client_port} , {local}"]
     t.wait_for("IDENT authentication passed")
+    t.wait_for(r"TLS accepted")
+    # identd is asked first, then the connection counts as accepted (stunnel's order)
+    assert t.log.index("IDENT authentication passed") < t.log.index("accepted connection from")
     assert t.stop() == 0
 
 
@@ -89,4 +92,6 @@ def test_ident_user_mismatch_is_refused(
     assert got == b""
     t.wait_for(r'REFUSED by IDENT \(user "alice"\)')
     assert echo.received == 0  # nothing reached the server
+    assert "accepted connection from" not in t.log  # log watchers count no refused client
+    assert "TLS accepted" not in t.log  # and it got no handshake
     assert t.stop() == 0

@@ -588,6 +588,26 @@ class Service:
         conn.peer_addr = format_sockaddr(peer)
         if sock is not None:
             apply_socket_options(sock, sock.family, self.sockopts_l)
+        if self.settings.ident:
+            # stunnel asks identd first: a refused client gets no TLS handshake and no
+            # "accepted connection" line.  Meanwhile a ClientHello waits in side.early.
+            if isinstance(side, TlsSide) and not side.deferred:
+                side.deferred = held = True
+            else:
+                held = False
+            conn.loop.create_task(self._guard(conn, self._ident_then_serve(conn, side, held)))
+            return
+        self._serve(conn)
+
+    async def _ident_then_serve(self, conn: Connection, side: Side, held: bool) -> None:
+        if not await self._ident_ok(conn):
+            return
+        self._serve(conn)
+        if held and isinstance(side, TlsSide):
+            early, side.early = side.early, []
+            side.start_tls(b"".join(early))
+
+    def _serve(self, conn: Connection) -> None:
         if self.level >= 5:
             conn.log(
                 5, f"Service [{self.name}] accepted connection from {conn.peer_addr}", event="accepted",
@@ -750,8 +770,6 @@ class Service:
     # ---- protocol negotiation (protocol = ...) -------------------------------------------
     async def _connect_plain(self, conn: Connection, ctx: protocols.Ctx | None = None) -> PlainSide | None:
         if self.exec_remote and self.settings.pty and not (ctx is not None and ctx.targets):
-            if self.settings.ident and not await self._ident_ok(conn):
-                return None
             master = await self._spawn_pty(conn)
             if master is None:
                 return None
@@ -906,8 +924,6 @@ class Service:
 
         ``chosen``: the targets a protocol picked (SOCKS), instead of ``connect``; with
         ``exec`` and no ``connect`` the program is the remote end."""
-        if self.settings.ident and not await self._ident_ok(conn):
-            return None
         if self.exec_remote and not chosen and not conn.redirected:
             return await self._spawn(conn)
         loop = conn.loop
