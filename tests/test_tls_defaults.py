@@ -168,3 +168,24 @@ def test_timeout_close_is_logged_as_an_error(tunnels: TunnelFactory, certs: Cert
     finally:
         raw.close()
         srv.close()
+
+
+@pytest.mark.parametrize(
+    ("line", "without_cert"),
+    [("verify = 0", True), ("requireCert = yes", False)],
+)
+def test_a_requested_certificate_that_nobody_verifies(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, line: str, without_cert: bool
+) -> None:
+    """verify = 0 asks for a client certificate and takes any (or none); requireCert = yes
+    alone demands one but takes it from any CA: stunnel's "verification disabled"."""
+    t = server(tunnels, certs, echo, impl, f"{line}\n")
+    other = client_ctx(certs)
+    other.load_cert_chain(str(certs.other_server_pem))  # from a CA the tunnel never heard of
+    handshake(t.port("srv"), other).close()
+    handshake(t.port("srv"), client_ctx(certs, cert=True)).close()
+    if without_cert:
+        handshake(t.port("srv"), client_ctx(certs)).close()
+    else:
+        with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
+            handshake(t.port("srv"), client_ctx(certs)).close()

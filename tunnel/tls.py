@@ -462,13 +462,6 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     if svc.PSKsecrets:
         _set_psk(ctx, svc)
     if server:
-        if pol.request_cert and not (pol.verify_chain or pol.verify_peer):
-            raise TlsConfigError(
-                "requireCert" if svc.requireCert else "verify",
-                "requesting a client certificate without verifying it is not possible "
-                "with Python's ssl module (it verifies every certificate it requests); "
-                "add verifyChain = yes or verifyPeer = yes with CAfile",
-            )
         if pol.request_cert:
             # redirect: a client without a certificate completes the handshake and is redirected
             ctx.verify_mode = (
@@ -491,6 +484,11 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
             raise TlsConfigError("config", f"not available with this Python: {exc}") from None
     if svc.redirect and server:
         _ossl("redirect", lambda: ossl.verify_errors(ctx, _note_verify_error), "")
+    elif server and pol.request_cert and not (pol.verify_chain or pol.verify_peer):
+        # verify = 0, or requireCert = yes alone: ask for a certificate and take any (stunnel's
+        # "Certificate verification disabled"); Python's ssl verifies every certificate it asks
+        # for, so OpenSSL's verdict is overruled through a verify callback
+        _ossl("requireCert" if svc.requireCert else "verify", lambda: ossl.verify_errors(ctx, _ignore), "")
     return TlsConfig(
         context=ctx,
         policy=pol,
@@ -540,6 +538,10 @@ def _ossl(option: str, call: Callable[[], bool], failure: str) -> None:
         raise TlsConfigError(option, f"not available with this Python: {exc}") from None
     if not ok:
         raise TlsConfigError(option, failure)
+
+
+def _ignore(_reason: str, _depth: int) -> None:
+    """A verification failure of a certificate nobody asked to verify."""
 
 
 def _note_verify_error(reason: str, depth: int) -> None:
