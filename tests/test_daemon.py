@@ -73,7 +73,6 @@ def test_foreground_quiet_logs_only_to_output(tmp_path: Path, echo: EchoServer) 
 
 def test_chroot_and_setuid_keep_serving_tls(tmp_path: Path, echo: EchoServer) -> None:
     """Everything a connection needs is loaded before chroot and setuid (nothing to import after)."""
-    import ssl
 
     import trustme
 
@@ -103,13 +102,7 @@ def test_chroot_and_setuid_keep_serving_tls(tmp_path: Path, echo: EchoServer) ->
         text = log.read_text()
         assert proc.poll() is None, text
         port = int(text.split("Service [srv] (FD=")[1].split("bound to 127.0.0.1:")[1].split()[0])
-        ctx = ssl.create_default_context(cafile=str(ca_pem))
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-            ctx.wrap_socket(raw, server_hostname="localhost") as s,
-        ):
-            s.sendall(b"jailed")
-            assert s.recv(6) == b"jailed"
+        tls_echo(port, ca_pem)
         status = proc_status(proc.pid)
         assert status["Uid"].split()[0] != "0" and status["Gid"].split()[0] != "0"
         addr = text.split("Status server listening on http://")[1].split()[0]
@@ -135,7 +128,6 @@ def test_debian_chroot_layout(tmp_path: Path, echo: EchoServer, impl: str) -> No
     """Debian's stunnel4 layout: chroot + pid + output as paths inside the jail + setuid.
     The pid file and the log land in the jail (the log owned by the setuid user, mode 0640,
     never at the host path), and the tunnel serves and stops cleanly."""
-    import ssl
     import uuid
 
     import pytest
@@ -175,13 +167,7 @@ def test_debian_chroot_layout(tmp_path: Path, echo: EchoServer, impl: str) -> No
         assert t.proc.poll() is None, t.log + (log_in_jail.read_text() if log_in_jail.exists() else "")
         text = log_in_jail.read_text()
         port = int(text.split("bound to 127.0.0.1:")[1].split()[0])
-        ctx = ssl.create_default_context(cafile=str(ca_pem))
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-            ctx.wrap_socket(raw, server_hostname="localhost") as s,
-        ):
-            s.sendall(b"jailed")
-            assert s.recv(6) == b"jailed"
+        tls_echo(port, ca_pem)
         wait_until(lambda: "accepted connection" in log_in_jail.read_text())
         assert (jail / f"{name}.pid").read_text().strip() == str(t.proc.pid)
         st = log_in_jail.stat()
@@ -224,3 +210,16 @@ def test_pid_file_is_written_after_setuid(tmp_path: Path, echo: EchoServer, impl
         assert not (piddir / "x.pid").exists()
     finally:
         factory.close()
+
+
+def tls_echo(port: int, ca_pem: Path) -> None:
+    """Bytes through the jailed tunnel and back."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca_pem))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        s.sendall(b"jailed")
+        assert s.recv(6) == b"jailed"

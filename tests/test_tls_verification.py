@@ -169,16 +169,38 @@ def test_expired_certificate_is_refused(
     t.wait_for(r"certificate verify failed|certificate has expired")
 
 
+@pytest.mark.parametrize("option", ["CRLfile", "CRLpath"])
 def test_revoked_certificate_is_refused(
-    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, extra: Extra, impl: str
+    tunnels: TunnelFactory,
+    certs: Certs,
+    echo: EchoServer,
+    extra: Extra,
+    impl: str,
+    option: str,
+    tmp_path: Path,
 ) -> None:
-    verify = f"verifyChain = yes\nCAfile = {certs.ca_pem}\nCRLfile = {extra.crl_pem}\n"
+    """CRLfile, or CRLpath: a directory of hashed CRLs (`openssl rehash`'s HASH.r0 names)."""
+    where = str(extra.crl_pem)
+    if option == "CRLpath":
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("the openssl command is not installed (it names the CRLpath entries by hash)")
+        crl_dir = tmp_path / "crl.d"
+        crl_dir.mkdir()
+        name_hash = subprocess.run(
+            [openssl, "crl", "-hash", "-noout", "-in", where], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        shutil.copy(extra.crl_pem, crl_dir / f"{name_hash}.r0")
+        where = str(crl_dir)
+    verify = f"verifyChain = yes\nCAfile = {certs.ca_pem}\n{option} = {where}\n"
     revoked = tls_server(tunnels, echo, extra.revoked_pem)
     t = client_tunnel(tunnels, impl, revoked, verify)
     refused(t.port("cli"))
     t.wait_for(r"certificate verify failed|revoked")
+    t.wait_for(r"certificate revoked")
     fine = tls_server(tunnels, echo, certs.server_pem)
     good(client_tunnel(tunnels, impl, fine, verify).port("cli"))
+    assert echo.received == len(b"still serving")
 
 
 def test_refusals_leave_the_process_serving(tunnels: TunnelFactory, certs: Certs, echo: EchoServer) -> None:
@@ -418,30 +440,4 @@ def test_check_email_on_client_certificates(
     bad = server("admin@example.com")
     refused(client(bad.port("srv")).port("cli"))
     bad.wait_for(r"CERT: Subject checks failed")
-    assert echo.received == len(b"still serving")
-
-
-def test_crl_path(
-    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, extra: Extra, tmp_path: Path, impl: str
-) -> None:
-    """CRLpath: a directory of hashed CRLs (`openssl rehash`'s HASH.r0 names) revokes like CRLfile."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is not installed (it names the CRLpath entries by hash)")
-    crl_dir = tmp_path / "crl.d"
-    crl_dir.mkdir()
-    name_hash = subprocess.run(
-        [openssl, "crl", "-hash", "-noout", "-in", str(extra.crl_pem)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    shutil.copy(extra.crl_pem, crl_dir / f"{name_hash}.r0")
-    verify = f"verifyChain = yes\nCAfile = {certs.ca_pem}\nCRLpath = {crl_dir}\n"
-    revoked = tls_server(tunnels, echo, extra.revoked_pem)
-    t = client_tunnel(tunnels, impl, revoked, verify)
-    refused(t.port("cli"))
-    t.wait_for(r"certificate revoked")
-    fine = tls_server(tunnels, echo, certs.server_pem)
-    good(client_tunnel(tunnels, impl, fine, verify).port("cli"))
     assert echo.received == len(b"still serving")
