@@ -249,7 +249,7 @@ PREREQ: dict[str, dict[str, str | None]] = {  # None: drop that option of BASE
     "protocolHost": {"protocol": "smtp"},
     "protocolUsername": {"protocol": "smtp"},
     "protocolPassword": {"protocol": "smtp"},
-    "redirect": {"client": "no", "cert": "/x/cert.pem"},
+    "redirect": {"client": "no", "cert": "/x/cert.pem", "verifyChain": "yes", "CAfile": "/x/ca.pem"},
     "ticketKeySecret": {"client": "no", "cert": "/x/cert.pem", "ticketMacSecret": "ee" * 16},
     "ticketMacSecret": {"client": "no", "cert": "/x/cert.pem", "ticketKeySecret": "ee" * 16},
 }

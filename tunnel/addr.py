@@ -33,8 +33,9 @@ def parse_port(text: str) -> int:
     text = text.strip()
     if not text:
         raise ValueError("missing port (expected [HOST:]PORT)")
-    if text.isascii() and text.isdigit():
-        port = int(text)
+    digits = text[1:] if text.startswith("+") else text  # stunnel's strtol takes "+25"
+    if digits.isascii() and digits.isdigit():
+        port = int(digits)
         if port > 65535:
             raise ValueError(f"port {port} is out of range (0-65535)")
         return port

@@ -299,10 +299,10 @@ def _check_ids(entries: list[Entry]) -> list[Problem]:
 
     out = []
     for e in entries:
-        if e.name not in ("setuid", "setgid") or not e.value or e.value.isdigit():
+        if e.name not in ("setuid", "setgid") or e.value.strip().isdigit():
             continue
         try:
-            (pwd.getpwnam if e.name == "setuid" else grp.getgrnam)(e.value)
+            (pwd.getpwnam if e.name == "setuid" else grp.getgrnam)(e.value.strip())
         except KeyError:
             what, db = ("UID", "user") if e.name == "setuid" else ("GID", "group")
             out.append(
@@ -449,8 +449,22 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
             "add the other one (16 or 32 bytes in hex)",
             "ticketKeySecret" if svc.ticketKeySecret else "ticketMacSecret",
         )
-    if svc.sni and not svc.client and ":" not in svc.sni:
-        bad("server-mode sni needs SERVICE:PATTERN", "e.g. sni = primary:*.example.com", "sni")
+    if svc.sni is not None and not svc.client and ":" not in svc.sni:
+        bad(
+            "Invalid SNI parameter format",
+            "server mode: sni = PRIMARY:PATTERN, e.g. primary:*.example.com",
+            "sni",
+        )
+    if svc.redirect and not svc.client and not (svc.verifyChain or svc.verifyPeer or (svc.verify or 0) >= 1):
+        bad(
+            'Either "verifyChain" or "verifyPeer" has to be enabled for "redirect" to work',
+            "add verifyChain = yes (and CAfile)",
+            "redirect",
+        )
+    if svc.cert == "" and "cert" in svc.locations:
+        bad("cert names no file", "give the certificate file's path, or remove the line", "cert")
+    if "." in svc.locations.get("debug", ("", 0, ""))[2].partition("=")[2]:
+        bad("Illegal debug level", "a syslog facility (daemon.info) goes in the global section", "debug")
     return out
 
 
@@ -497,6 +511,7 @@ def build(raw: RawConfig) -> Settings:
                 else:
                     grouped[name] = entries
         locations = {name: (e[-1].file, e[-1].line, e[-1].text) for name, e in grouped.items() if e}
+        local_problems.extend(_check_ids(section.entries))  # a Unix accept socket's owner
         svc = _validate(
             ServiceSettings, grouped, {"name": section.name, "locations": locations}, local_problems, where
         )
@@ -505,15 +520,23 @@ def build(raw: RawConfig) -> Settings:
             services.append(svc)
         problems.extend(local_problems)
 
-    names = {s.name for s in services}
+    by_name = {s.name: s for s in services}
     for svc in services:
         if svc.sni and not svc.client and ":" in svc.sni:
-            primary = svc.sni.split(":", 1)[0]
-            if primary not in names:
-                file, line, text = svc.locations.get("sni", (raw.source, None, None))
-                problems.append(
-                    Problem(f"Service [{svc.name}]: sni names unknown service [{primary}]", file, line, text)
+            primary = by_name.get(svc.sni.split(":", 1)[0])
+            why = None
+            if primary is None or primary is svc:
+                why = (
+                    "SNI section name not found",
+                    "sni = PRIMARY:PATTERN names another [section] with accept",
                 )
+            elif primary.client:
+                why = "SNI primary service is a TLS client", "the primary must be a server (client = no)"
+            elif not primary.accept:
+                why = "SNI primary service accepts no connections", "the primary needs accept"
+            if why is not None:
+                file, line, text = svc.locations.get("sni", (raw.source, None, None))
+                problems.append(Problem(f"Service [{svc.name}]: {why[0]}", file, line, text, why[1]))
 
     # duplicates across files make the same problem twice; keep the first
     unique: list[Problem] = []

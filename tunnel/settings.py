@@ -43,7 +43,7 @@ def _yes_no(value: object) -> object:
 def _to_int(value: object) -> object:
     if isinstance(value, str):
         text = value.strip()
-        if not re.fullmatch(r"[0-9]+", text):
+        if not re.fullmatch(r"\+?[0-9]+", text):  # stunnel's strtol takes "+5" as 5
             raise ValueError(f"{text!r} is not a non-negative whole number")
         return int(text)
     return value
@@ -108,11 +108,8 @@ def parse_debug(value: str) -> tuple[str, int]:
         return facility, int(text)
     if text in LOG_LEVELS:
         return facility, LOG_LEVELS.index(text)
-    if text == "error":
-        return facility, 3
-    if text == "warn":
-        return facility, 4
-    raise ValueError(f"{value.strip()!r}: expected a level 0-7 or one of {', '.join(LOG_LEVELS)}")
+    # stunnel's words; its names are syslog's own ("err", "warning"), no "error" or "warn"
+    raise ValueError(f"Illegal debug level {value.strip()!r}: expected 0-7 or one of {', '.join(LOG_LEVELS)}")
 
 
 def _debug(value: object) -> object:

@@ -448,6 +448,9 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     if svc.CRLfile or svc.CRLpath:
         try:
             if svc.CRLfile:
+                with open(svc.CRLfile, "rb") as fh:
+                    if b"-----BEGIN X509 CRL-----" not in fh.read():
+                        raise ssl.SSLError("no CRL in it (PEM routines::no start line)")
                 ctx.load_verify_locations(cafile=svc.CRLfile)
             if svc.CRLpath:
                 ctx.load_verify_locations(capath=svc.CRLpath)
