@@ -351,3 +351,81 @@ def test_sigusr1_reopens_the_output_file(
     assert "accepted connection" in new_text
     assert "accepted connection" not in rotated.read_text()
     assert t.stop() == 0
+
+
+def wait_text(path: Path, needle: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if needle in text:
+            return text
+        assert time.monotonic() < deadline, f"{needle!r} never reached {path}:\n{text}"
+        time.sleep(0.02)
+
+
+def test_sigusr1_when_the_log_cannot_be_reopened(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, tmp_path: Path
+) -> None:
+    """The log's directory is gone at rotation time: stunnel's line, and the tunnel goes on
+    serving (and still stops on TERM)."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    out = logdir / "tunnel.log"
+    t = start(
+        tunnels,
+        tunnels.conf(
+            f"output = {out}\n"
+            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+        ),
+        impl=impl,
+    )
+    wait_text(out, "Accepting new connections" if impl == "pytunnel" else "Configuration successful")
+    out.unlink()
+    logdir.rmdir()
+    t.signal(signal.SIGUSR1)
+    t.wait_for(rf"LOG3\[ui\]: Cannot open log file: {re.escape(str(out))}")
+    assert tls_echo_once(t.port("srv"), certs, b"still") == b"still"
+    assert t.stop() == 0
+
+
+def test_sighup_applies_debug_and_output_and_reopens_the_log(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, tmp_path: Path
+) -> None:
+    """A reload takes the new `debug` and `output`, and reopens the output file (rotation by
+    HUP, as stunnel closes and opens its log around a reload)."""
+    first, second = tmp_path / "a.log", tmp_path / "b.log"
+    with socket.socket() as probe:  # a fixed port: stunnel rebinds every listener on reload
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    body = f"[srv]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+    conf = tunnels.conf(f"output = {first}\n" + body)
+    t = start(tunnels, conf, impl=impl)
+    wait_text(first, "Configuration successful")
+    rotated = tmp_path / "a.log.1"
+    first.rename(rotated)
+    t.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not first.exists():  # a fresh a.log after the reload
+        assert time.monotonic() < deadline, t.log
+        time.sleep(0.02)
+    t.wait_for(r"Configuration successful(?s:.*)Configuration successful")
+    assert tls_echo_once(port, certs, b"one") == b"one"
+    wait_text(first, "accepted connection")
+    assert "accepted connection" not in rotated.read_text()
+    # now debug 3 and another file: no notice lines for the next connection, in b.log
+    header = conf.read_text().split("[srv]")[0]
+    conf.write_text(
+        header.replace("debug = 6", "debug = 3").replace(f"output = {first}", f"output = {second}") + body
+    )
+    t.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not second.exists():
+        assert time.monotonic() < deadline, t.log
+        time.sleep(0.02)
+    time.sleep(0.5)
+    before = t.log.count("accepted connection")
+    assert tls_echo_once(port, certs, b"two") == b"two"
+    time.sleep(0.5)
+    assert t.log.count("accepted connection") == before, "debug = 3 still logs notices"
+    assert "accepted connection" not in second.read_text()
+    assert t.stop() == 0

@@ -61,7 +61,8 @@ class Log:
         ident: str,
         facility: str,
         root: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """False when the output file cannot be opened (stunnel's line is logged)."""
         self.level = level
         self.root = root
         self.early = False
@@ -69,14 +70,16 @@ class Log:
         self.ident = ident
         self.facility = FACILITIES.get(facility, 3)
         self.file_mode = "w" if overwrite else "a"
+        opened = True
         if output:
             self.file_path = output
-            self.open_file()
+            opened = self.open_file()
         if use_syslog:
             self._open_syslog()
         pending, self.buffer = self.buffer, []
         for lvl, ident, text in pending:
             self.write(lvl, ident, text)
+        return opened
 
     def flush_early(self) -> None:
         """Print what was buffered before the configuration was known, stunnel's way."""
@@ -90,21 +93,39 @@ class Log:
                     lines.append(f"[{EARLY_TAGS.get(lvl, ' ')}] {text}\n")
         _stderr("".join(lines))
 
-    def open_file(self) -> None:
+    def open_file(self) -> bool:
+        """Open (or, on SIGUSR1 and reload, reopen) the output file.  The old file is closed
+        only once the new one is open; when the new one cannot be, stunnel's line is logged
+        and logging goes on where it went (False)."""
         if self.file_path is None:
-            return
-        if self.file is not None and self.file not in (sys.stdout, sys.stderr):
-            self.file.close()
+            return True
+        new: TextIO | IO[str]
         if self.file_path in ("/dev/stdout", "-"):
-            self.file = sys.stdout
+            new = sys.stdout
         elif self.file_path == "/dev/stderr":
-            self.file = sys.stderr
+            new = sys.stderr
         else:
             path = os.path.join(self.root, self.file_path.lstrip("/")) if self.root else self.file_path
             flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if self.file_mode == "w" else os.O_APPEND)
-            fd = os.open(path, flags, 0o640)  # stunnel's mode: the log is not for every user
-            self.file = open(fd, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-            self.file_mode = "a"  # a reopen (SIGUSR1) never truncates
+            try:
+                fd = os.open(path, flags, 0o640)  # stunnel's mode: the log is not for every user
+            except OSError as exc:
+                self.write(3, "ui", f"Cannot open log file: {self.file_path}")
+                self.write(3, "ui", f"open: {exc.strerror} ({exc.errno})")
+                return False
+            new = open(fd, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        old, self.file = self.file, new
+        self.file_mode = "a"  # a reopen (SIGUSR1) never truncates
+        if old is not None and old not in (sys.stdout, sys.stderr, new):
+            with contextlib.suppress(OSError):
+                old.close()
+        return True
+
+    def close_file(self) -> None:
+        old, self.file, self.file_path = self.file, None, None
+        if old is not None and old not in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):
+                old.close()
 
     def entered_jail(self, uid: int | None, gid: int | None) -> None:
         """After chroot, before setuid: the output file's path is inside the jail now, and
@@ -114,9 +135,28 @@ class Log:
             with contextlib.suppress(OSError):
                 os.fchown(self.file.fileno(), -1 if uid is None else uid, -1 if gid is None else gid)
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
         """SIGUSR1: reopen the output file (after log rotation)."""
-        self.open_file()
+        return self.open_file()
+
+    def reconfigure(
+        self, level: int, output: str | None, use_syslog: bool, ident: str, facility: str
+    ) -> None:
+        """A SIGHUP reload: the new level, syslog and output take effect, and the output file
+        is reopened (stunnel closes and opens its log around a reload: rotation by HUP)."""
+        self.level = level
+        self.ident = ident
+        self.facility = FACILITIES.get(facility, 3)
+        if output:
+            self.file_path = output
+            self.open_file()
+        elif self.file is not None:
+            self.close_file()
+        if use_syslog and self.syslog is None:
+            self._open_syslog()
+        elif not use_syslog and self.syslog is not None:
+            self.syslog.close()
+            self.syslog = None
 
     def _open_syslog(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -166,7 +206,7 @@ class Log:
         if self.to_stderr and not _stderr(line):
             self.to_stderr = False
         if self.file is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):  # ValueError: closed under us
                 self.file.write(line)
         if self.syslog is not None:
             msg = f"<{self.facility * 8 + level}>{self.ident}[{os.getpid()}]: {body}"

@@ -431,7 +431,7 @@ class Runtime:
         if not apply_log:
             warn_services(services, self.secure)
             return 0
-        log.configure(
+        opened = log.configure(
             level=settings.log_level,
             foreground=g.foreground,
             output=g.output,
@@ -441,6 +441,9 @@ class Runtime:
             facility=settings.defaults.debug[0],
             root=g.chroot,
         )
+        if not opened:
+            log.ui(3, "Configuration failed")
+            return CONFIG_FAILURE
         warn_services(services, self.secure)
         _record_certs(services)
         log.ui(5, "Configuration successful")
@@ -791,7 +794,7 @@ class Runtime:
             await asyncio.sleep(0.05)
 
     def _reopen_log(self) -> None:
-        log.reopen()
+        log.reopen()  # on failure: stunnel's "Cannot open log file", the old file goes on
         log.ui(5, "Log file reopened")
 
     def _list_connections(self) -> None:
@@ -850,6 +853,9 @@ class Runtime:
         self.services = services
         self.settings = settings
         self.retired = [s for s in self.retired if s.connections]
+        g = settings.globals
+        log.reconfigure(settings.log_level, g.output, g.syslog, g.service, settings.defaults.debug[0])
+        warn_services(services, self.secure)
         STATS.reloaded(True)
         _record_certs(services)
         log.ui(5, "Configuration successful")
