@@ -429,3 +429,77 @@ def test_sighup_applies_debug_and_output_and_reopens_the_log(
     assert t.log.count("accepted connection") == before, "debug = 3 still logs notices"
     assert "accepted connection" not in second.read_text()
     assert t.stop() == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_sighup_renames_and_swaps_services_on_their_ports(
+    tunnels: TunnelFactory, certs: Certs, impl: str
+) -> None:
+    """A reload that renames a service on the same port, and one that swaps the ports of two
+    services: every port keeps serving, now with the new services' targets."""
+    backends = [EchoServer() for _ in range(2)]
+    try:
+        p1, p2 = free_port(), free_port()
+
+        def section(name: str, port: int, backend: EchoServer) -> str:
+            return f"[{name}]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{backend.port}\ncert = {certs.server_pem}\n"
+
+        conf = tunnels.conf(section("a", p1, backends[0]) + section("b", p2, backends[1]))
+        header = conf.read_text().split("[a]")[0]
+        t = start(tunnels, conf, impl)
+
+        def reload(body: str, count: int) -> None:
+            conf.write_text(header + body)
+            t.signal(signal.SIGHUP)
+            wait_count(t, r"Configuration successful", count)
+
+        def served(port: int, backend: EchoServer) -> None:
+            before = backend.connections
+            assert tls_echo_once(port, certs, b"hi") == b"hi"
+            assert backend.connections == before + 1
+
+        reload(section("renamed", p1, backends[0]) + section("b", p2, backends[1]), 2)
+        served(p1, backends[0])
+        served(p2, backends[1])
+        reload(section("renamed", p2, backends[0]) + section("b", p1, backends[1]), 3)
+        served(p2, backends[0])
+        served(p1, backends[1])
+        assert t.stop() == 0
+    finally:
+        for b in backends:
+            b.close()
+
+
+def test_sighup_onto_a_busy_port_binds_once_it_is_free(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    """`accept` moved to a port someone else still holds: stunnel retries until the bind
+    works; so does pytunnel, with no further signal."""
+    p1 = free_port()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    p2 = holder.getsockname()[1]
+    body = (
+        "[a]\naccept = 127.0.0.1:{}\nconnect = 127.0.0.1:" + str(echo.port) + f"\ncert = {certs.server_pem}\n"
+    )
+    conf = tunnels.conf(body.format(p1))
+    t = start(tunnels, conf, impl)
+    conf.write_text(conf.read_text().replace(f"127.0.0.1:{p1}\n", f"127.0.0.1:{p2}\n"))
+    t.signal(signal.SIGHUP)
+    t.wait_for(rf"Binding service \[a\] to 127\.0\.0\.1:{p2}: Address already in use \(98\)")
+    holder.close()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert tls_echo_once(p2, certs, b"moved") == b"moved"
+            break
+        except (ConnectionRefusedError, ConnectionResetError, ssl.SSLError):
+            assert time.monotonic() < deadline, t.log
+            time.sleep(0.2)
+    assert t.stop() == 0

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, systemd
+from tunnel.addr import Endpoint
 from tunnel.certwatch import CertWatcher, record_not_after
 from tunnel.envconf import EnvConfig
 from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, StartupError
 from tunnel.logs import log
 from tunnel.metrics import STATS
-from tunnel.service import BUDGET, Service
+from tunnel.service import BUDGET, Listener, Service
 from tunnel.settings import ServiceSettings, Settings
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
@@ -830,26 +831,36 @@ class Runtime:
             STATS.reloaded(False)
             systemd.ready("Reload failed; the old configuration stays in use")
             return
-        old = {s.name: s for s in self.services}
+        # Listening sockets go by address, not by service name: a renamed service, or two
+        # that swap ports, keep the sockets (no moment without a listener, no lost backlog).
+        # Sockets no new service wants are closed before any new address is bound.
+        pool: dict[Endpoint, list[Listener]] = {}
+        for prev in self.services:
+            for lst in prev.listeners:
+                pool.setdefault(lst.endpoint, []).append(lst)
+        handed: dict[str, list[Listener]] = {}
         for service in services:
-            prev = old.pop(service.name, None)
-            if prev is not None and prev.settings.accept == service.settings.accept:
-                service.adopt_listeners(prev)
-                self.retired.append(prev)
-            else:
-                if prev is not None:
-                    await prev.stop_accepting()
-                    self.retired.append(prev)
-                service.reuse_port = self.workers > 1
-                service.bind()
-                await service.start()
-            errors = await service.resolve_all()
-            for err in errors:
+            for ep in service.settings.accept:
+                if pool.get(ep):
+                    handed.setdefault(service.name, []).append(pool[ep].pop(0))
+        kept = {id(lst) for lsts in handed.values() for lst in lsts}
+        names = {s.name for s in services}
+        for prev in self.services:
+            prev.listeners = [lst for lst in prev.listeners if id(lst) not in kept]
+            await prev.stop_accepting()  # serves what waits in the closing sockets' backlog
+            self.retired.append(prev)
+            if prev.name not in names:
+                log.ui(5, f"Service [{prev.name}] removed; its live connections continue")
+        for service in services:
+            service.reuse_port = self.workers > 1
+            bound = {lst.endpoint for lst in handed.get(service.name, [])}
+            service.adopt(handed.get(service.name, []))
+            missing = [ep for ep in service.settings.accept if ep not in bound]
+            if missing and service.bind(endpoints=missing):
+                self._rebind_later(service, missing)
+            await service.start()
+            for err in await service.resolve_all():
                 log.ui(3, err)
-        for gone in old.values():
-            await gone.stop_accepting()
-            self.retired.append(gone)
-            log.ui(5, f"Service [{gone.name}] removed; its live connections continue")
         self.services = services
         self.settings = settings
         self.retired = [s for s in self.retired if s.connections]
@@ -860,6 +871,23 @@ class Runtime:
         _record_certs(services)
         log.ui(5, "Configuration successful")
         systemd.ready(f"Configuration reloaded; {len(services)} service(s)")
+
+    def _rebind_later(self, service: Service, endpoints: list[Endpoint]) -> None:
+        """A reload moved ``accept`` to an address that is busy (the old owner of a port
+        has not let go yet): try again every second, as stunnel retries its reload, until
+        it binds, a later reload replaces the service, or the process stops."""
+
+        async def again() -> None:
+            todo = [ep for ep in endpoints if ep not in {lst.endpoint for lst in service.listeners}]
+            while todo and service in self.services and not self.stopping:
+                await asyncio.sleep(1.0)
+                if service not in self.services or self.stopping:
+                    return
+                service.bind(endpoints=todo, quiet=True)  # the first failure was logged
+                await service.start()
+                todo = [ep for ep in todo if ep not in {lst.endpoint for lst in service.listeners}]
+
+        asyncio.get_running_loop().create_task(again())
 
     def all_services(self) -> list[Service]:
         return self.services + self.retired

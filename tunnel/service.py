@@ -346,13 +346,19 @@ class Service:
         return target
 
     # ---- listening ---------------------------------------------------------------
-    def bind(self, activation: Activation | None = None) -> list[str]:
-        """Bind every accept address (synchronously, before the loop).  Returns errors.
+    def bind(
+        self,
+        activation: Activation | None = None,
+        endpoints: list[Endpoint] | None = None,
+        quiet: bool = False,
+    ) -> list[str]:
+        """Bind every accept address (or those of ``endpoints``): synchronously, before the
+        loop or during a reload.  Returns errors.
 
         A socket passed by systemd (socket activation) for an address is used as it is.
         """
         errors: list[str] = []
-        for ep in self.settings.accept:
+        for ep in self.settings.accept if endpoints is None else endpoints:
             passed = activation.take(self.name, ep.host, ep.port, ep.path) if activation else None
             if passed is not None:
                 passed.setblocking(False)
@@ -365,9 +371,9 @@ class Service:
                 self.listeners.append(self._bind_one(ep))
             except OSError as exc:
                 text = f"Binding service [{self.name}] to {ep.display()}: {exc.strerror} ({exc.errno})"
-                log.ui(3, text)
+                log.ui(7 if quiet else 3, text)
                 errors.append(text)
-        if self.settings.accept and not self.listeners:
+        if self.settings.accept and not self.listeners and not quiet:
             log.ui(3, f"Binding service [{self.name}] failed")
         return errors
 
@@ -517,10 +523,9 @@ class Service:
             if self.accepting:
                 log.ui(6, "Retrying an exec+connect section")
 
-    def adopt_listeners(self, old: Service) -> None:
-        """Reload: keep the old sockets where the accept list is unchanged."""
-        self.listeners = old.listeners
-        old.listeners = []
+    def adopt(self, listeners: list[Listener]) -> None:
+        """Reload: listening sockets handed over from the old services (same address)."""
+        self.listeners = list(listeners)
         for lst in self.listeners:
             lst.owner = self
             log.ui(6, f"Service [{self.name}] (FD={lst.sock.fileno()}) bound to {lst.display}")
