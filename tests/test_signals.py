@@ -142,6 +142,8 @@ def test_sighup_switches_the_connect_target(
         t.signal(signal.SIGHUP)
         wait_count(t, BOUND.pattern, 2)
         wait_count(t, r"Configuration successful", 2)
+        # stunnel's lines operators grep after a HUP to see the certificate was (re)loaded
+        wait_count(t, rf"LOG6\[ui\]: Certificate loaded from file: {re.escape(str(certs.server_pem))}$", 2)
         assert tls_echo_once(bound_ports(t, "srv")[-1], certs, b"two") == b"two"
         assert (echo.connections, second.connections) == (1, 1)
         assert t.log.count("Accepting new connections") == 1

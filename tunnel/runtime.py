@@ -139,6 +139,10 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
             continue
         try:
             tls_of[svc.name] = build_tls(svc, secure, generation)
+            if svc.cert:  # stunnel's lines: "HUP, then grep" confirms a rotation
+                log.ui(6, f"Initializing service [{svc.name}]")
+                log.ui(6, f"Certificate loaded from file: {svc.cert}")
+                log.ui(6, f"Private key loaded from file: {svc.key or svc.cert}")
         except TlsConfigError as exc:
             file, line, text = svc.locations.get(exc.option, (settings.source, 0, ""))
             problems.append(
