@@ -636,7 +636,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         conf.load(str(tmp_path / "absent.conf"))
     p = only(err.value.problems)
     assert p.file == str(tmp_path / "absent.conf") and p.line is None
-    assert "cannot read" in p.message
+    assert "Cannot open configuration file" in p.message
 
 
 def test_invalid_utf8_is_reported_on_its_line(tmp_path: Path) -> None:
@@ -726,4 +726,4 @@ def test_an_unreadable_file_is_one_problem_not_a_phantom_service(tmp_path: Path)
     with pytest.raises(ConfigError) as err:
         conf.load(str(tmp_path / "absent.conf"))
     p = only(err.value.problems)
-    assert p.message == "cannot read the configuration file: No such file or directory"
+    assert p.message == "Cannot open configuration file: No such file or directory"  # stunnel's words first

@@ -81,7 +81,7 @@ class Reader:
             with open(path, "rb") as fh:
                 data = fh.read()
         except OSError as exc:
-            self.raw.problems.append(Problem(f"cannot read the configuration file: {exc.strerror}", path))
+            self.raw.problems.append(Problem(f"Cannot open configuration file: {exc.strerror}", path))
             return
         self.read_bytes(data, path, depth)
 
@@ -115,7 +115,9 @@ class Reader:
         if line.startswith("["):
             if not line.endswith("]") or len(line) < 3:
                 self.raw.problems.append(
-                    Problem("malformed section header", path, number, written, "write it as [NAME]")
+                    Problem(
+                        "No '=' found (malformed section header)", path, number, written, "write it as [NAME]"
+                    )
                 )
                 return
             name = line[1:-1].strip()
@@ -133,7 +135,7 @@ class Reader:
         if not sep or not name:
             self.raw.problems.append(
                 Problem(
-                    'expected "option = value", "[section]" or a comment',
+                    'No \'=\' found: expected "option = value", "[section]" or a comment',
                     path,
                     number,
                     written,
@@ -471,9 +473,7 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
 def build(raw: RawConfig) -> Settings:
     """Validate a read configuration; raise ConfigError listing every problem."""
     problems = list(raw.problems)
-    if any(
-        p.message.startswith("cannot read the configuration file") and p.file == raw.source for p in problems
-    ):
+    if any(p.message.startswith("Cannot open configuration file") and p.file == raw.source for p in problems):
         raise ConfigError(problems)  # nothing was read: no rule about its (absent) services applies
     top = Problem("", raw.source, None, None)
 
