@@ -299,6 +299,28 @@ def _ip(value: object) -> object:
 IPText = Annotated[str, BeforeValidator(_ip)]
 
 
+def _local(value: object) -> object:
+    """``local``: an IP address, or a host name resolved now (stunnel resolves it when it
+    reads the file) to its first address."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f'Error resolving "{text}": {exc.strerror or exc}') from None
+    return str(infos[0][4][0])
+
+
+LocalAddr = Annotated[str, BeforeValidator(_local)]
+
+
 def _retry(value: object) -> object:
     if isinstance(value, str):
         low = value.strip().lower()
@@ -425,7 +447,7 @@ class ServiceSettings(BaseModel):
     failover: Annotated[str, _enum("rr", "prio")] = opt(
         "prio", "failover", "strategy for several connect targets: rr or prio"
     )
-    local: IPText | None = opt(None, "local", "source IP address for outgoing connections")
+    local: LocalAddr | None = opt(None, "local", "source address (IP or host name) for outgoing connections")
     logId: Annotated[str, _enum("sequential", "unique", "thread", "process")] = opt(
         "sequential", "logId", "connection id in log lines"
     )
