@@ -27,6 +27,7 @@ from tunnel.settings import (
     Settings,
     field_meta,
     is_repeatable,
+    version_range,
 )
 
 MAX_INCLUDE_DEPTH = 8
@@ -417,8 +418,7 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
             "checkEmail",
         )
     versions = ["SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
-    lo = svc.sslVersionMin or svc.sslVersion
-    hi = svc.sslVersionMax or svc.sslVersion
+    lo, hi = version_range(svc)
     if lo and hi and lo != "all" and hi != "all" and versions.index(lo) > versions.index(hi):
         bad(
             "Invalid protocol version range",

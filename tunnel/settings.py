@@ -718,3 +718,27 @@ class Settings(BaseModel):
 
 if _PLUGINS_ENV is None:
     del os.environ["PYDANTIC_DISABLE_PLUGINS"]
+
+
+def written_after(svc: ServiceSettings, later: str, earlier: str) -> bool:
+    """Does the line setting ``later`` come after the one setting ``earlier``?  stunnel
+    applies lines in order, so where two options set the same thing the later one wins.
+    (Lines of the global section come first; where the order is unknown, ``later`` wins.)"""
+    a, b = svc.locations.get(later), svc.locations.get(earlier)
+    if a is None:  # from the global section: before any line of the service's own
+        return b is None
+    if b is None or a[0] != b[0]:
+        return True
+    return a[1] > b[1]
+
+
+def version_range(svc: ServiceSettings) -> tuple[str | None, str | None]:
+    """(min, max) TLS versions: sslVersion sets both, unless a later sslVersionMin/Max line
+    overrides one of them (and the other way round), in the order stunnel reads them."""
+    lo, hi = svc.sslVersionMin, svc.sslVersionMax
+    if svc.sslVersion:
+        if lo is None or written_after(svc, "sslVersion", "sslVersionMin"):
+            lo = svc.sslVersion
+        if hi is None or written_after(svc, "sslVersion", "sslVersionMax"):
+            hi = svc.sslVersion
+    return lo, hi

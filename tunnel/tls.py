@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tunnel import ossl
-from tunnel.settings import SSL_OPTIONS, ServiceSettings
+from tunnel.settings import SSL_OPTIONS, ServiceSettings, version_range, written_after
 
 if TYPE_CHECKING:
     # cryptography is imported where a certificate is parsed, not at start-up: a client
@@ -90,17 +90,6 @@ class Policy:
     default_name_check: bool  # secure mode: check the name we connect to
 
 
-def _written_after(svc: ServiceSettings, later: str, earlier: str) -> bool:
-    """Does the line setting ``later`` come after the one setting ``earlier``?  (Lines of
-    the global section come first; where the order is unknown, ``later`` wins.)"""
-    a, b = svc.locations.get(later), svc.locations.get(earlier)
-    if a is None:  # from the global section: before any line of the service's own
-        return b is None
-    if b is None or a[0] != b[0]:
-        return True
-    return a[1] > b[1]
-
-
 def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
     level = svc.verify
     chain = bool(svc.verifyChain) or level in (1, 2, 3)
@@ -118,7 +107,7 @@ def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
         )
         if on
     ]
-    if "requireCert" in svc.model_fields_set and all(_written_after(svc, "requireCert", m) for m in makers):
+    if "requireCert" in svc.model_fields_set and all(written_after(svc, "requireCert", m) for m in makers):
         require = bool(svc.requireCert)
     else:
         require = bool(svc.requireCert) or bool(makers)
@@ -375,8 +364,7 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     ctx.check_hostname = False
 
     # protocol versions: TLS 1.2 is the floor unless configured
-    lo = svc.sslVersionMin or svc.sslVersion
-    hi = svc.sslVersionMax or svc.sslVersion
+    lo, hi = version_range(svc)
     try:
         ctx.minimum_version = (
             ssl.TLSVersion.MINIMUM_SUPPORTED
