@@ -308,3 +308,14 @@ def roundtrip(port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 
         if t.is_alive():
             raise AssertionError(f"no EOF within {timeout}s ({len(out)} of {len(data)} bytes back)")
         return bytes(out)
+
+
+def xfail_if_stunnel4_truncated(impl: str, sent: bytes, got: bytes) -> None:
+    """stunnel 5.68 may lose the tail of a stream after a half-close (docs/reliability.md).
+    A control run with stunnel4 that returns a strict prefix of what was sent is that known
+    bug, not a test failure; pytunnel is never excused, nor is any other corruption."""
+    if impl == "stunnel4" and len(got) < len(sent) and sent.startswith(got):
+        pytest.xfail(
+            f"stunnel4 lost the last {len(sent) - len(got)} byte(s) after the half-close: "
+            "its known truncation (docs/reliability.md)"
+        )

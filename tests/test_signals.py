@@ -26,6 +26,7 @@ from conftest import (
     need_stunnel,
     pytunnel_cmd,
     roundtrip,
+    xfail_if_stunnel4_truncated,
 )
 
 
@@ -114,6 +115,7 @@ def test_sighup_during_a_long_transfer(
     xfer.join(60)
     assert not xfer.is_alive()
     assert isinstance(xfer.result, bytes), xfer.result
+    xfail_if_stunnel4_truncated(impl, data, xfer.result)
     assert hashlib.sha256(xfer.result).digest() == hashlib.sha256(data).digest()
     assert echo.received == len(data)
     assert target.log.count("Accepting new connections") == 1

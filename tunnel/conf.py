@@ -465,7 +465,14 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         )
     if svc.cert == "" and "cert" in svc.locations:
         bad("cert names no file", "give the certificate file's path, or remove the line", "cert")
-    if "." in svc.locations.get("debug", ("", 0, ""))[2].partition("=")[2]:
+    debug_at = svc.locations.get("debug")
+    in_section = (
+        debug_at is not None
+        and where.line is not None
+        and debug_at[0] == where.file
+        and debug_at[1] > where.line
+    )
+    if in_section and debug_at is not None and "." in debug_at[2].partition("=")[2]:
         bad("Illegal debug level", "a syslog facility (daemon.info) goes in the global section", "debug")
     return out
 
