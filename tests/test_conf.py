@@ -727,3 +727,28 @@ def test_an_unreadable_file_is_one_problem_not_a_phantom_service(tmp_path: Path)
         conf.load(str(tmp_path / "absent.conf"))
     p = only(err.value.problems)
     assert p.message == "Cannot open configuration file: No such file or directory"  # stunnel's words first
+
+
+def test_include_without_a_directory(tmp_path: Path) -> None:
+    p = only(fail(tmp_path, "include =\n" + CLIENT))
+    assert "include needs a directory" in p.message and p.line == 1
+
+
+def test_include_of_its_own_directory_is_a_loop_not_a_hang(tmp_path: Path) -> None:
+    """The including file is in the directory it includes: one clear problem, at once."""
+    d = tmp_path / "conf.d"
+    d.mkdir()
+    (d / "00-main.conf").write_text(f"include = {d}\n" + CLIENT)
+    (d / "10-other.conf").write_text("; nothing\n")
+    with pytest.raises(ConfigError) as err:
+        conf.load(str(d / "00-main.conf"))
+    assert any("which is being read (a loop)" in p.message for p in err.value.problems)
+
+
+def test_a_nul_character_is_a_problem_on_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "nul.conf"
+    path.write_bytes(CLIENT.encode() + b"ciphers = HIGH\x00junk\n")
+    with pytest.raises(ConfigError) as err:
+        conf.load(str(path))
+    p = only(err.value.problems)
+    assert "NUL" in p.message and p.line == CLIENT.count("\n") + 1

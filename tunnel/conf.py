@@ -76,6 +76,7 @@ class Reader:
     def __init__(self, source: str) -> None:
         self.raw = RawConfig(source=source)
         self._current: Section | None = None
+        self._reading: list[str] = []  # the include chain, to catch a file that includes itself
 
     def read_file(self, path: str, depth: int = 0) -> None:
         try:
@@ -84,7 +85,11 @@ class Reader:
         except OSError as exc:
             self.raw.problems.append(Problem(f"Cannot open configuration file: {exc.strerror}", path))
             return
-        self.read_bytes(data, path, depth)
+        self._reading.append(os.path.realpath(path))
+        try:
+            self.read_bytes(data, path, depth)
+        finally:
+            self._reading.pop()
 
     def read_bytes(self, data: bytes, path: str, depth: int = 0) -> None:
         if data.startswith(b"\xef\xbb\xbf"):
@@ -103,6 +108,11 @@ class Reader:
                         raw_line.decode("utf-8", "replace").rstrip("\r"),
                         "save the file as UTF-8",
                     )
+                )
+                continue
+            if "\x00" in text:
+                self.raw.problems.append(
+                    Problem("the line holds a NUL character", path, number, text.replace("\x00", "\\0"), None)
                 )
                 continue
             self._line(text, path, number, depth)
@@ -177,6 +187,14 @@ class Reader:
             self.raw.problems.append(entry.problem("includes nested too deeply (a loop?)"))
             return
         folder = entry.value
+        if not folder:
+            self.raw.problems.append(
+                entry.problem(
+                    "include needs a directory",
+                    "include = /etc/stunnel/conf.d (its files are read in name order)",
+                )
+            )
+            return
         if not os.path.isabs(folder):
             folder = os.path.join(os.path.dirname(entry.file), folder)
         try:
@@ -192,8 +210,17 @@ class Reader:
             return
         for name in names:
             path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                self.read_file(path, depth + 1)
+            if not os.path.isfile(path):
+                continue
+            if os.path.realpath(path) in self._reading:
+                self.raw.problems.append(
+                    entry.problem(
+                        f"the include directory holds {name}, which is being read (a loop)",
+                        "include another directory",
+                    )
+                )
+                continue
+            self.read_file(path, depth + 1)
 
 
 def read(path: str) -> RawConfig:

@@ -394,14 +394,22 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     except ssl.SSLError:
         raise TlsConfigError("ciphers", f"no usable cipher in {svc.ciphers!r}") from None
     default_curves = ServiceSettings.model_fields["curves"].default
-    if svc.curves != default_curves and ":" not in svc.curves:
-        name = _CURVE_NAMES.get(svc.curves, svc.curves)
+    if svc.curves != default_curves:
+        # OpenSSL's group list, as stunnel sets it (names in any case: x25519, secp256r1, P-256)
         try:
-            ctx.set_ecdh_curve(name)
-        except (ValueError, ssl.SSLError):
-            raise TlsConfigError("curves", f"unknown group {svc.curves!r}") from None
-    elif svc.curves != default_curves:
-        _ossl("curves", lambda: ossl.groups(ctx, svc.curves), f"invalid groups list {svc.curves!r}")
+            ok = ossl.groups(ctx, svc.curves)
+        except ossl.Unavailable as exc:
+            if ":" in svc.curves:
+                raise TlsConfigError(
+                    "curves", f"a list of groups is not available with this Python: {exc}"
+                ) from None
+            try:  # one group: Python's own call
+                ctx.set_ecdh_curve(_CURVE_NAMES.get(svc.curves, svc.curves))
+                ok = True
+            except (ValueError, ssl.SSLError):
+                ok = False
+        if not ok:
+            raise TlsConfigError("curves", f"unknown group in {svc.curves!r}")
     else:  # stunnel's default groups and order (OpenSSL's would add the FFDHE groups)
         _ossl_default(lambda: ossl.groups(ctx, default_curves))
     if svc.ciphersuites == ServiceSettings.model_fields["ciphersuites"].default:
