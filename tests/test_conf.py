@@ -752,3 +752,10 @@ def test_a_nul_character_is_a_problem_on_its_line(tmp_path: Path) -> None:
         conf.load(str(path))
     p = only(err.value.problems)
     assert "NUL" in p.message and p.line == CLIENT.count("\n") + 1
+
+
+def test_a_refused_section_header_does_not_cascade(tmp_path: Path) -> None:
+    """The lines under a bad header belong to it: one problem, not a second one about
+    options in the wrong (global) place."""
+    p = only(fail(tmp_path, b"[caf\xe9]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\n"))
+    assert p.line == 1 and "UTF-8" in p.message

@@ -54,6 +54,7 @@ class Section:
     line: int
     text: str
     entries: list[Entry] = field(default_factory=list)
+    broken: bool = False  # its header was refused: its lines are read but not checked again
 
 
 @dataclass
@@ -100,6 +101,11 @@ class Reader:
             try:
                 text = raw_line.decode("utf-8").rstrip("\r")
             except UnicodeDecodeError:
+                guess = raw_line.decode("latin-1").strip()
+                if not guess or guess[0] in ";#":
+                    continue  # a comment in another encoding (old latin-1 files): stunnel skips it too
+                if guess.startswith("["):
+                    self._open_broken(path, number, guess)
                 self.raw.problems.append(
                     Problem(
                         "the line is not valid UTF-8",
@@ -112,7 +118,7 @@ class Reader:
                 continue
             if "\x00" in text:
                 self.raw.problems.append(
-                    Problem("the line holds a NUL character", path, number, text.replace("\x00", "\\0"), None)
+                    Problem("the line holds a NUL character", path, number, text, None)
                 )
                 continue
             self._line(text, path, number, depth)
@@ -130,12 +136,14 @@ class Reader:
                         "No '=' found (malformed section header)", path, number, written, "write it as [NAME]"
                     )
                 )
+                self._open_broken(path, number, written)
                 return
             name = line[1:-1].strip()
             if not name:
                 self.raw.problems.append(
                     Problem("empty section name", path, number, written, "write it as [NAME]")
                 )
+                self._open_broken(path, number, written)
                 return
             section = Section(name, path, number, written)
             self.raw.sections.append(section)
@@ -181,6 +189,14 @@ class Reader:
             )
         else:
             self._current.entries.append(entry)
+
+    def _open_broken(self, path: str, number: int, written: str) -> None:
+        """A section header that was refused still starts a section: the lines below it
+        belong to it (not to the global section, which would report them again as if
+        they were misplaced)."""
+        section = Section("", path, number, written, broken=True)
+        self.raw.sections.append(section)
+        self._current = section
 
     def _include(self, entry: Entry, depth: int) -> None:
         if depth >= MAX_INCLUDE_DEPTH:
@@ -524,6 +540,8 @@ def build(raw: RawConfig) -> Settings:
     sections = raw.sections or [Section(gsettings.service if gsettings else "stunnel", raw.source, 0, "")]
     seen: set[str] = set()
     for section in sections:
+        if section.broken:
+            continue
         where = Problem("", section.file, section.line or None, section.text or None)
         if section.name.lower() in seen:
             problems.append(
