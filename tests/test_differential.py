@@ -23,14 +23,14 @@ def materialise(name: str, tmp_path: Path, certs: Certs) -> Path:
     inc = tmp_path / "include.d"
     if not inc.exists():
         shutil.copytree(CORPUS / "include.d", inc)
-    text = (CORPUS / name).read_text(encoding="utf-8")
-    text = (
-        text.replace("@CERT@", str(certs.server_pem))
-        .replace("@CA@", str(certs.ca_pem))
-        .replace("@DIR@", str(inc))
+    data = (CORPUS / name).read_bytes()  # bytes: a corpus file may hold another encoding
+    data = (
+        data.replace(b"@CERT@", str(certs.server_pem).encode())
+        .replace(b"@CA@", str(certs.ca_pem).encode())
+        .replace(b"@DIR@", str(inc).encode())
     )
     path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
+    path.write_bytes(data)
     return path
 
 
