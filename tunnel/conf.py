@@ -117,9 +117,7 @@ class Reader:
                 )
                 continue
             if "\x00" in text:
-                self.raw.problems.append(
-                    Problem("the line holds a NUL character", path, number, text, None)
-                )
+                self.raw.problems.append(Problem("the line holds a NUL character", path, number, text, None))
                 continue
             self._line(text, path, number, depth)
 
