@@ -320,18 +320,17 @@ def test_sigusr2_lists_active_connections(
     assert t.stop() == 0
 
 
+def start_logging_to(out: Path, tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> Tunnel:
+    """A server-mode tunnel whose log also goes to ``out`` (`output =`)."""
+    body = f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+    return start(tunnels, tunnels.conf(f"output = {out}\n" + body), impl=impl)
+
+
 def test_sigusr1_reopens_the_output_file(
     tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "tunnel.log"
-    t = start(
-        tunnels,
-        tunnels.conf(
-            f"output = {out}\n"
-            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
-        ),
-        impl=impl,
-    )
+    t = start_logging_to(out, tunnels, certs, echo, impl)
     deadline = time.monotonic() + 10
     while "Accepting new connections" not in (out.read_text() if out.exists() else ""):
         assert time.monotonic() < deadline, "the output file never got the start-up lines"
@@ -375,14 +374,7 @@ def test_sigusr1_when_the_log_cannot_be_reopened(
     logdir = tmp_path / "logs"
     logdir.mkdir()
     out = logdir / "tunnel.log"
-    t = start(
-        tunnels,
-        tunnels.conf(
-            f"output = {out}\n"
-            f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
-        ),
-        impl=impl,
-    )
+    t = start_logging_to(out, tunnels, certs, echo, impl)
     wait_text(out, "Accepting new connections" if impl == "pytunnel" else "Configuration successful")
     out.unlink()
     logdir.rmdir()
