@@ -26,7 +26,9 @@ from tunnel.settings import (
     ServiceSettings,
     Settings,
     field_meta,
+    gid_of,
     is_repeatable,
+    uid_of,
     version_range,
 )
 
@@ -338,15 +340,12 @@ def names_need_verify(svc: ServiceSettings, secure: bool) -> Problem | None:
 def _check_ids(entries: list[Entry]) -> list[Problem]:
     """Global setuid/setgid: a name this system does not know is a configuration error, as
     in stunnel (not a start-up failure after the ports are bound)."""
-    import grp
-    import pwd
-
     out = []
     for e in entries:
-        if e.name not in ("setuid", "setgid") or e.value.strip().isdigit():
+        if e.name not in ("setuid", "setgid"):
             continue
         try:
-            (pwd.getpwnam if e.name == "setuid" else grp.getgrnam)(e.value.strip())
+            (uid_of if e.name == "setuid" else gid_of)(e.value.strip())
         except KeyError:
             what, db = ("UID", "user") if e.name == "setuid" else ("GID", "group")
             out.append(
@@ -506,14 +505,9 @@ def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Pr
         )
     if svc.cert == "" and "cert" in svc.locations:
         bad("cert names no file", "give the certificate file's path, or remove the line", "cert")
-    debug_at = svc.locations.get("debug")
-    in_section = (
-        debug_at is not None
-        and where.line is not None
-        and debug_at[0] == where.file
-        and debug_at[1] > where.line
-    )
-    if in_section and debug_at is not None and "." in debug_at[2].partition("=")[2]:
+    file, line, text = svc.locations.get("debug", ("", 0, ""))
+    in_section = where.line is not None and file == where.file and line > where.line
+    if in_section and "." in text.partition("=")[2]:
         bad("Illegal debug level", "a syslog facility (daemon.info) goes in the global section", "debug")
     return out
 

@@ -63,19 +63,11 @@ class Log:
         root: str | None = None,
     ) -> bool:
         """False when the output file cannot be opened (stunnel's line is logged)."""
-        self.level = level
         self.root = root
         self.early = False
         self.to_stderr = foreground == "yes"
-        self.ident = ident
-        self.facility = FACILITIES.get(facility, 3)
         self.file_mode = "w" if overwrite else "a"
-        opened = True
-        if output:
-            self.file_path = output
-            opened = self.open_file()
-        if use_syslog:
-            self._open_syslog()
+        opened = self.reconfigure(level, output, use_syslog, ident, facility)
         pending, self.buffer = self.buffer, []
         for lvl, ident, text in pending:
             self.write(lvl, ident, text)
@@ -116,16 +108,13 @@ class Log:
             new = open(fd, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         old, self.file = self.file, new
         self.file_mode = "a"  # a reopen (SIGUSR1) never truncates
-        if old is not None and old not in (sys.stdout, sys.stderr, new):
-            with contextlib.suppress(OSError):
-                old.close()
+        if old is not new:
+            _close(old)
         return True
 
     def close_file(self) -> None:
         old, self.file, self.file_path = self.file, None, None
-        if old is not None and old not in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError):
-                old.close()
+        _close(old)
 
     def entered_jail(self, uid: int | None, gid: int | None) -> None:
         """After chroot, before setuid: the output file's path is inside the jail now, and
@@ -141,15 +130,17 @@ class Log:
 
     def reconfigure(
         self, level: int, output: str | None, use_syslog: bool, ident: str, facility: str
-    ) -> None:
-        """A SIGHUP reload: the new level, syslog and output take effect, and the output file
-        is reopened (stunnel closes and opens its log around a reload: rotation by HUP)."""
+    ) -> bool:
+        """Level, syslog and output, at start and on a SIGHUP reload: the output file is
+        (re)opened each time (stunnel closes and opens its log around a reload: rotation by
+        HUP).  False when it cannot be opened."""
         self.level = level
         self.ident = ident
         self.facility = FACILITIES.get(facility, 3)
+        opened = True
         if output:
             self.file_path = output
-            self.open_file()
+            opened = self.open_file()
         elif self.file is not None:
             self.close_file()
         if use_syslog and self.syslog is None:
@@ -157,6 +148,7 @@ class Log:
         elif not use_syslog and self.syslog is not None:
             self.syslog.close()
             self.syslog = None
+        return opened
 
     def _open_syslog(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -232,6 +224,13 @@ class Log:
 
 
 log = Log()
+
+
+def _close(file: TextIO | IO[str] | None) -> None:
+    """Close a log file we opened (never stdout/stderr), whatever state it is in."""
+    if file is not None and file not in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):
+            file.close()
 
 
 def _stderr(text: str) -> bool:

@@ -23,7 +23,7 @@ from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem,
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.service import BUDGET, Listener, Service
-from tunnel.settings import ServiceSettings, Settings
+from tunnel.settings import ServiceSettings, Settings, gid_of, uid_of
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
 
@@ -309,13 +309,8 @@ def _seed(settings: Settings) -> None:
 
 def _ids(settings: Settings) -> tuple[int | None, int | None]:
     """setuid/setgid as numbers, looked up before chroot (the jail has no /etc/passwd)."""
-    import grp
-    import pwd
-
     user, group = settings.defaults.setuid, settings.defaults.setgid
-    uid = (int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid) if user else None
-    gid = (int(group) if group.isdigit() else grp.getgrnam(group).gr_gid) if group else None
-    return uid, gid
+    return (uid_of(user) if user else None), (gid_of(group) if group else None)
 
 
 def _drop_privileges(ids: tuple[int | None, int | None]) -> None:
@@ -857,9 +852,9 @@ class Runtime:
                 log.ui(5, f"Service [{prev.name}] removed; its live connections continue")
         for service in services:
             service.reuse_port = self.workers > 1
-            bound = {lst.endpoint for lst in handed.get(service.name, [])}
-            service.adopt(handed.get(service.name, []))
-            missing = [ep for ep in service.settings.accept if ep not in bound]
+            mine = handed.get(service.name, [])
+            service.adopt(mine)
+            missing = [ep for ep in service.settings.accept if ep not in {lst.endpoint for lst in mine}]
             if missing and service.bind(endpoints=missing):
                 self._rebind_later(service, missing)
             await service.start()
@@ -881,15 +876,19 @@ class Runtime:
         has not let go yet): try again every second, as stunnel retries its reload, until
         it binds, a later reload replaces the service, or the process stops."""
 
+        def unbound(eps: list[Endpoint]) -> list[Endpoint]:
+            have = {lst.endpoint for lst in service.listeners}
+            return [ep for ep in eps if ep not in have]
+
         async def again() -> None:
-            todo = [ep for ep in endpoints if ep not in {lst.endpoint for lst in service.listeners}]
+            todo = unbound(endpoints)
             while todo and service in self.services and not self.stopping:
                 await asyncio.sleep(1.0)
                 if service not in self.services or self.stopping:
                     return
                 service.bind(endpoints=todo, quiet=True)  # the first failure was logged
                 await service.start()
-                todo = [ep for ep in todo if ep not in {lst.endpoint for lst in service.listeners}]
+                todo = unbound(todo)
 
         asyncio.get_running_loop().create_task(again())
 

@@ -24,7 +24,7 @@ from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.relay import CloseReason, Connection, PlainSide, Side, TlsSide
-from tunnel.settings import ServiceSettings, SocketOption
+from tunnel.settings import ServiceSettings, SocketOption, gid_of, uid_of
 from tunnel.tls import TlsConfig, client_dn, client_sni, peer_subject, reason_of, subject_line
 
 if TYPE_CHECKING:
@@ -1191,12 +1191,7 @@ async def resolve(ep: Endpoint) -> list[tuple[int, Any]]:
 
 
 def _chown(path: str, user: str | None, group: str | None) -> None:
-    import grp
-    import pwd
-
-    uid = pwd.getpwnam(user).pw_uid if user and not user.isdigit() else int(user) if user else -1
-    gid = grp.getgrnam(group).gr_gid if group and not group.isdigit() else int(group) if group else -1
-    os.chown(path, uid, gid)
+    os.chown(path, uid_of(user) if user else -1, gid_of(group) if group else -1)
 
 
 def sni_matches(name: str, pattern: str) -> bool:

@@ -304,12 +304,13 @@ def _local(value: object) -> object:
     reads the file) to its first address."""
     if not isinstance(value, str):
         return value
-    text = value.strip()
     try:
-        return str(ipaddress.ip_address(text))
+        return _ip(value)
     except ValueError:
         pass
     import socket
+
+    text = value.strip()
 
     try:
         infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
@@ -742,3 +743,18 @@ def version_range(svc: ServiceSettings) -> tuple[str | None, str | None]:
         if hi is None or written_after(svc, "sslVersion", "sslVersionMax"):
             hi = svc.sslVersion
     return lo, hi
+
+
+def uid_of(user: str) -> int:
+    """``setuid``'s value as a number: digits as they are, a name looked up (KeyError when
+    this system has no such user)."""
+    import pwd
+
+    return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+
+
+def gid_of(group: str) -> int:
+    """``setgid``'s value as a number, as :func:`uid_of` (KeyError for an unknown group)."""
+    import grp
+
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
