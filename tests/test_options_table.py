@@ -108,3 +108,24 @@ def test_generated_region_replaces_only_the_old_table(tmp_path: Path) -> None:
     assert text.startswith(f"before\n{START}\n| option | scope |") and text.endswith(f"|\n{END}\nafter\n")
     assert "old junk" not in text
     assert run("--print").stdout.strip() in text
+
+
+def test_metric_reason_labels_are_generated_from_the_enums(tmp_path: Path) -> None:
+    from tunnel.reasons import CloseReason, HandshakeFailure
+
+    doc = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    region = doc.split("<!-- reasons:start -->", 1)[1].split("<!-- reasons:end -->", 1)[0]
+    for member in CloseReason:
+        assert f"| `pytunnel_connections_total` | `{member.label}` |" in region
+    for failure in HandshakeFailure:
+        assert f"| `pytunnel_handshake_failures_total` | `{failure.label}` |" in region
+    copy = tmp_path / "metrics.md"
+    stale = doc.replace(
+        "| `pytunnel_handshake_failures_total` | `ocsp` |", "| `pytunnel_handshake_failures_total` | `oscp` |"
+    )
+    assert stale != doc
+    copy.write_text(stale, encoding="utf-8")
+    out = run("--check", "--metrics-doc", str(copy))
+    assert out.returncode == 1 and "reason labels are stale" in out.stderr
+    assert run("--metrics-doc", str(copy)).returncode == 0
+    assert copy.read_text(encoding="utf-8") == doc

@@ -22,9 +22,9 @@ from tunnel.settings import (
     GLOBAL_FIELDS,
     SERVICE_FIELDS,
     Settings,
-    SocketOption,
     field_meta,
 )
+from tunnel.sockopts import SocketOption
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "stunnel-reference.md"
 

@@ -17,11 +17,11 @@ from tunnel.runtime import Ops, Source, banner, check_source, env_source, run_pa
 from tunnel.settings import (
     GLOBAL_FIELDS,
     SERVICE_FIELDS,
-    SOCKET_OPTIONS,
     SSL_OPTIONS,
     ServiceSettings,
     field_meta,
 )
+from tunnel.sockopts import sockets_text
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 WINDOWS_FLAGS = {"-install", "-uninstall", "-start", "-stop", "-reload", "-reopen", "-exit", "-quiet"}
@@ -282,45 +282,6 @@ def _defaults_text() -> list[str]:
     return lines
 
 
-def _os_default(name: str) -> str:
-    """What a fresh TCP socket says for one option (stunnel's `OS default` column)."""
-    import socket
-    import struct
-
-    from tunnel.service import SOCKOPT_LEVELS
-
-    level, opt = SOCKOPT_LEVELS[name]
-    kind = SOCKET_OPTIONS[name]
-    family = socket.AF_INET6 if name.startswith("IPV6") else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            if kind in ("linger", "timeval"):
-                a, b = struct.unpack(
-                    "ii" if kind == "linger" else "ll",
-                    sock.getsockopt(level, opt, 16)[: 8 if kind == "linger" else 16],
-                )
-                return f"{a}:{b}"
-            if kind == "string":
-                return sock.getsockopt(level, opt, 64).rstrip(b"\0").decode()
-            value = sock.getsockopt(level, opt)
-    except OSError:
-        return "--"
-    return ("yes" if value else "no") if kind == "flag" else str(value)
-
-
-def _sockets_text() -> list[str]:
-    lines = [
-        "Socket option defaults:",
-        "    Option Name         |  Accept  |   Local  |  Remote  |OS default",
-        "    --------------------+----------+----------+----------+----------",
-    ]
-    for name in SOCKET_OPTIONS:
-        a = f"{'yes':>10}" if name == "SO_REUSEADDR" else f"{'--':^10}"
-        lr = f"{'yes':>10}" if name == "TCP_NODELAY" else f"{'--':^10}"
-        lines.append(f"    {name:<20}|{a}|{lr}|{lr}|{_os_default(name):>10}")
-    return lines
-
-
 def _options_text() -> list[str]:
     return ["Supported TLS options:"] + [f"options = {name}" for name in SSL_OPTIONS]
 
@@ -348,7 +309,7 @@ def stunnel_main(args: list[str]) -> int:
         err.write("\n".join(banner() + _defaults_text()) + "\n")
         return 0
     if first == "-sockets":
-        err.write("\n".join(banner()[:3] + [" "] + _sockets_text()) + "\n")
+        err.write("\n".join(banner()[:3] + [" "] + sockets_text()) + "\n")
         return 0
     if first == "-options":
         err.write("\n".join(banner()[:3] + [" "] + _options_text()) + "\n")

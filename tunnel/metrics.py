@@ -12,6 +12,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from tunnel.reasons import CloseReason, HandshakeFailure
+
 # handshake durations, seconds (Prometheus' default buckets, from 1 ms)
 BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -25,13 +27,15 @@ class ServiceStats:
     to_plain: int = 0
     handshake_failures: dict[str, int] = field(default_factory=dict)  # reason -> count
 
-    def ended(self, reason: str, to_tls: int, to_plain: int) -> None:
-        self.closed[reason] = self.closed.get(reason, 0) + 1
+    def ended(self, reason: CloseReason, to_tls: int, to_plain: int) -> None:
+        label = reason.label
+        self.closed[label] = self.closed.get(label, 0) + 1
         self.to_tls += to_tls
         self.to_plain += to_plain
 
-    def handshake_failed(self, reason: str) -> None:
-        self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + 1
+    def handshake_failed(self, reason: HandshakeFailure) -> None:
+        label = reason.value
+        self.handshake_failures[label] = self.handshake_failures.get(label, 0) + 1
 
 
 @dataclass

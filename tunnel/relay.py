@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import os
 import socket
 import ssl
@@ -52,6 +51,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from tunnel.reasons import CloseReason, HandshakeFailure
 from tunnel.tls import SLOT, Notes
 
 if TYPE_CHECKING:
@@ -59,18 +59,6 @@ if TYPE_CHECKING:
     from tunnel.service import Service
 
 READ_SIZE = 65536
-
-
-class CloseReason(enum.Enum):
-    CLOSED = "closed"
-    PEER_RESET = "peer reset"
-    IDLE_TIMEOUT = "idle timeout"
-    CONNECT_FAILED = "connect failed"
-    HANDSHAKE_FAILED = "handshake failed"
-    VERIFY_FAILED = "verify failed"
-    PROTOCOL_FAILED = "protocol failed"
-    SHUTDOWN = "shutdown"
-    ERROR = "error"
 
 
 def set_linger_zero(transport: asyncio.BaseTransport) -> None:
@@ -322,7 +310,7 @@ class TlsSide(Side):
             return
         except ssl.SSLError as exc:
             self._deliver(chunks)
-            self.conn.fail(CloseReason.ERROR, f"TLS error: {_reason(exc)}")
+            self.conn.fail(CloseReason.TLS_ERROR, f"TLS error: {_reason(exc)}")
             return
         self._deliver(chunks)
         if self.pending:
@@ -366,7 +354,7 @@ class TlsSide(Side):
         except ssl.SSLWantReadError:
             self.pending.append(data)
         except ssl.SSLError as exc:
-            self.conn.fail(CloseReason.ERROR, f"TLS error: {_reason(exc)}")
+            self.conn.fail(CloseReason.TLS_ERROR, f"TLS error: {_reason(exc)}")
             return
         self._flush()
 
@@ -566,12 +554,12 @@ class Connection:
                     where = "SSL_accept: " if side.sslobj.server_side else "SSL_connect: "
                 self.log(3 if where else 5, f"{where}{os.strerror(exc.errno or 104)} ({exc.errno or 104})")
                 if where:
-                    self.service.counters.handshake_failed("peer_reset")
+                    self.service.counters.handshake_failed(HandshakeFailure.PEER_RESET)
                 # a reset mid-stream is passed on as a reset (reset = yes): a clean EOF would
                 # tell the other end that a cut transfer was complete
                 self.finish(CloseReason.PEER_RESET, rst=self.service.settings.reset)
             elif exc is not None:
-                self.fail(CloseReason.ERROR, f"socket error: {exc}")
+                self.fail(CloseReason.SOCKET_ERROR, f"socket error: {exc}")
             elif not side.eof_in:
                 # closed without EOF first (e.g. transport aborted)
                 side.eof_in = True

@@ -12,7 +12,6 @@ import secrets
 import socket
 import ssl
 import string
-import struct
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
@@ -23,8 +22,10 @@ from tunnel import program, protocols, transparent
 from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.logs import log
 from tunnel.metrics import STATS
-from tunnel.relay import CloseReason, Connection, PlainSide, Side, TlsSide
-from tunnel.settings import ServiceSettings, SocketOption, gid_of, uid_of
+from tunnel.reasons import CloseReason, HandshakeFailure
+from tunnel.relay import Connection, PlainSide, Side, TlsSide
+from tunnel.settings import ServiceSettings, gid_of, uid_of
+from tunnel.sockopts import apply_socket_options, socket_options
 from tunnel.tls import TlsConfig, client_dn, client_sni, peer_subject, reason_of, subject_line
 
 if TYPE_CHECKING:
@@ -34,67 +35,6 @@ _counter = itertools.count()
 _BASE62 = string.ascii_letters + string.digits
 
 SESSION_REFRESH = 30.0  # seconds a cached client session is kept before refreshing
-
-SOCKOPT_LEVELS: dict[str, tuple[int, int]] = {
-    "SO_DEBUG": (socket.SOL_SOCKET, socket.SO_DEBUG),
-    "SO_DONTROUTE": (socket.SOL_SOCKET, socket.SO_DONTROUTE),
-    "SO_KEEPALIVE": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-    "SO_LINGER": (socket.SOL_SOCKET, socket.SO_LINGER),
-    "SO_OOBINLINE": (socket.SOL_SOCKET, socket.SO_OOBINLINE),
-    "SO_RCVBUF": (socket.SOL_SOCKET, socket.SO_RCVBUF),
-    "SO_SNDBUF": (socket.SOL_SOCKET, socket.SO_SNDBUF),
-    "SO_RCVLOWAT": (socket.SOL_SOCKET, socket.SO_RCVLOWAT),
-    "SO_SNDLOWAT": (socket.SOL_SOCKET, socket.SO_SNDLOWAT),
-    "SO_RCVTIMEO": (socket.SOL_SOCKET, socket.SO_RCVTIMEO),
-    "SO_SNDTIMEO": (socket.SOL_SOCKET, socket.SO_SNDTIMEO),
-    "SO_REUSEADDR": (socket.SOL_SOCKET, socket.SO_REUSEADDR),
-    "SO_BINDTODEVICE": (socket.SOL_SOCKET, getattr(socket, "SO_BINDTODEVICE", 25)),
-    "TCP_KEEPCNT": (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", 6)),
-    "TCP_KEEPIDLE": (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", 4)),
-    "TCP_KEEPINTVL": (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", 5)),
-    "IP_TOS": (socket.IPPROTO_IP, socket.IP_TOS),
-    "IP_TTL": (socket.IPPROTO_IP, socket.IP_TTL),
-    "TCP_NODELAY": (socket.IPPROTO_TCP, socket.TCP_NODELAY),
-    "IP_FREEBIND": (socket.IPPROTO_IP, getattr(socket, "IP_FREEBIND", 15)),
-    "IPV6_V6ONLY": (socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
-}
-TCP_ONLY = {"TCP_NODELAY", "TCP_KEEPCNT", "TCP_KEEPIDLE", "TCP_KEEPINTVL"}
-IP_ONLY = {"IP_TOS", "IP_TTL", "IP_FREEBIND"}
-
-
-_DEFAULT_SOCKOPTS = {
-    "a": [SocketOption(where="a", name="SO_REUSEADDR", value=1)],
-    "l": [SocketOption(where="l", name="TCP_NODELAY", value=1)],
-    "r": [SocketOption(where="r", name="TCP_NODELAY", value=1)],
-}
-
-
-def socket_options(svc: ServiceSettings, where: str) -> list[SocketOption]:
-    """stunnel's defaults (a:SO_REUSEADDR, l:/r:TCP_NODELAY) then the configured ones."""
-    return _DEFAULT_SOCKOPTS[where] + [o for o in svc.socket if o.where == where]
-
-
-def apply_socket_options(sock: Any, family: int, opts: list[SocketOption]) -> None:
-    for opt in opts:
-        if family == socket.AF_UNIX and opt.name in TCP_ONLY | IP_ONLY | {"IPV6_V6ONLY"}:
-            continue
-        if family == socket.AF_INET6 and opt.name in IP_ONLY and opt.name != "IP_FREEBIND":
-            continue
-        if family == socket.AF_INET and opt.name == "IPV6_V6ONLY":
-            continue
-        level, name = SOCKOPT_LEVELS[opt.name]
-        value = opt.value
-        raw: int | bytes
-        if isinstance(value, tuple):
-            raw = struct.pack("ii", *value) if opt.name == "SO_LINGER" else struct.pack("ll", *value)
-        elif isinstance(value, str):
-            raw = value.encode()
-        else:
-            raw = value
-        try:
-            sock.setsockopt(level, name, raw)
-        except OSError as exc:
-            log.ui(4, f"Failed to set socket option {opt.name}: {exc.strerror}")
 
 
 @dataclass(eq=False)
@@ -280,8 +220,8 @@ class Service:
         self._local_done: asyncio.Event | None = None
         self._local_task: asyncio.Task[None] | None = None  # exec+connect's start/retry loop
         self.reuse_port = False  # --workers: every worker binds the same ports
-        self.sockopts_l = socket_options(settings, "l")
-        self.sockopts_r = socket_options(settings, "r")
+        self.sockopts_l = socket_options(settings.socket, "l")
+        self.sockopts_r = socket_options(settings.socket, "r")
         if not settings.client and self.secondaries:
             self._install_sni()
 
@@ -399,7 +339,7 @@ class Service:
             family, stype, proto, _, addr = infos[0]
             sock = socket.socket(family, stype, proto)
             try:
-                apply_socket_options(sock, family, socket_options(self.settings, "a"))
+                apply_socket_options(sock, family, socket_options(self.settings.socket, "a"))
                 transparent.prepare_listener(sock, family, self.settings.transparent, self.name)
                 if self.reuse_port:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -423,7 +363,7 @@ class Service:
             addr = lst.sock.getsockname()
             sock = socket.socket(lst.sock.family, socket.SOCK_STREAM)
             try:
-                apply_socket_options(sock, lst.sock.family, socket_options(self.settings, "a"))
+                apply_socket_options(sock, lst.sock.family, socket_options(self.settings.socket, "a"))
                 transparent.prepare_listener(sock, lst.sock.family, self.settings.transparent, self.name)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(addr)
@@ -639,7 +579,7 @@ class Service:
                 import traceback
 
                 conn.log(7, "".join(traceback.format_exception(exc)).rstrip())
-            conn.fail(CloseReason.ERROR, f"Internal error: {exc!r}")
+            conn.fail(CloseReason.INTERNAL_ERROR, f"Internal error: {exc!r}")
 
     def _handshake_ok(
         self,
@@ -661,10 +601,14 @@ class Service:
                 conn.log(6, "PSK identity not found (session resumption?)")
         if exc is not None:
             if isinstance(exc, ssl.SSLCertVerificationError):
-                reason, label = CloseReason.VERIFY_FAILED, "verify_failed"
+                reason, label = CloseReason.VERIFY_FAILED, HandshakeFailure.VERIFY_FAILED
             else:
                 reason = CloseReason.HANDSHAKE_FAILED
-                label = "peer_closed" if isinstance(exc, ConnectionResetError) else "protocol_error"
+                label = (
+                    HandshakeFailure.PEER_CLOSED
+                    if isinstance(exc, ConnectionResetError)
+                    else HandshakeFailure.PROTOCOL_ERROR
+                )
             self.counters.handshake_failed(label)
             conn.fail(reason, f"{verb}: {reason_of(exc)}")
             return False
@@ -674,7 +618,7 @@ class Service:
         if redirect:
             problem, why = None, problem
         if problem is not None:
-            self.counters.handshake_failed("verify_failed")
+            self.counters.handshake_failed(HandshakeFailure.VERIFY_FAILED)
             conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
             if der:
                 conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
@@ -712,13 +656,13 @@ class Service:
                 conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
         if problem is not None:
             conn.log(4, f"CERT: {problem}")
-        self.counters.handshake_failed("redirected")
+        self.counters.handshake_failed(HandshakeFailure.REDIRECTED)
         conn.log(5, "Redirecting connection")
         conn.redirected = True
 
     def _busy_exceeded(self, conn: Connection) -> None:
         """The TLS handshake (or a protocol step) outlived TIMEOUTbusy: stunnel's words."""
-        self.counters.handshake_failed("timeout")
+        self.counters.handshake_failed(HandshakeFailure.TIMEOUT)
         conn.fail(
             CloseReason.HANDSHAKE_FAILED,
             "ssl_start: s_poll_wait: TIMEOUTbusy exceeded: sending reset",
@@ -757,7 +701,7 @@ class Service:
         reason = await ocsp.check_chain(ocsp.verified_chain(side.sslobj, policy.trust), policy, log=conn.log)
         if reason is None:
             return True
-        self.counters.handshake_failed("ocsp")
+        self.counters.handshake_failed(HandshakeFailure.OCSP)
         conn.fail(CloseReason.VERIFY_FAILED, reason)
         return False
 
@@ -984,7 +928,7 @@ class Service:
         peer = transport.get_extra_info("peername") if transport is not None else None
         local = transport.get_extra_info("sockname") if transport is not None else None
         if not (isinstance(peer, tuple) and isinstance(local, tuple)):
-            conn.fail(CloseReason.ERROR, "IDENT: the client is not on TCP")
+            conn.fail(CloseReason.IDENT_REFUSED, "IDENT: the client is not on TCP")
             return False
         user = ""
         try:
@@ -999,16 +943,16 @@ class Service:
             if len(fields) >= 4 and fields[1].upper() == "USERID":
                 user = ":".join(fields[3:]).strip()
             else:
-                conn.fail(CloseReason.ERROR, f"Incorrect data from IDENT server: {line[:200]!r}")
+                conn.fail(CloseReason.IDENT_REFUSED, f"Incorrect data from IDENT server: {line[:200]!r}")
                 return False
         except (OSError, TimeoutError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) and not exc.errno else exc.strerror or str(exc)
-            conn.fail(CloseReason.ERROR, f"IDENT: cannot ask {peer[0]}:113: {why}")
+            conn.fail(CloseReason.IDENT_REFUSED, f"IDENT: cannot ask {peer[0]}:113: {why}")
             return False
         conn.log(7, f"IDENT resolved remote user to {user}")
         if user != want:
             text = f'Connection from {conn.peer_addr} REFUSED by IDENT (user "{user}")'
-            conn.fail(CloseReason.ERROR, text, level=4)
+            conn.fail(CloseReason.IDENT_REFUSED, text, level=4)
             return False
         conn.log(6, "IDENT authentication passed")
         return True
@@ -1081,7 +1025,7 @@ class Service:
         self.connections.discard(conn)
         BUDGET.released()
         reason = conn.reason or CloseReason.CLOSED
-        self.counters.ended(reason.name.lower(), conn.to_tls, conn.to_sock)
+        self.counters.ended(reason, conn.to_tls, conn.to_sock)
         tls = conn.tls
         key = conn.target
         if (

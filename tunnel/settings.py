@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
 from tunnel.addr import Endpoint, parse_endpoint
+from tunnel.sockopts import SocketOption, parse_socket_option
 
 # Building these models asks pydantic for plugins, which scans the metadata of every
 # installed distribution (~50-70 ms of start-up).  pytunnel uses none: skip the scan while
@@ -198,84 +199,6 @@ def _ssl_option(value: object) -> object:
 
 
 SslOption = Annotated[str, BeforeValidator(_ssl_option)]
-
-SOCKET_OPTIONS: dict[str, str] = {
-    # name: value type (stunnel's sock_opts_def[] as built for Linux)
-    "SO_DEBUG": "flag",
-    "SO_DONTROUTE": "flag",
-    "SO_KEEPALIVE": "flag",
-    "SO_LINGER": "linger",
-    "SO_OOBINLINE": "flag",
-    "SO_RCVBUF": "int",
-    "SO_SNDBUF": "int",
-    "SO_RCVLOWAT": "int",
-    "SO_SNDLOWAT": "int",
-    "SO_RCVTIMEO": "timeval",
-    "SO_SNDTIMEO": "timeval",
-    "SO_REUSEADDR": "flag",
-    "SO_BINDTODEVICE": "string",
-    "TCP_KEEPCNT": "int",
-    "TCP_KEEPIDLE": "int",
-    "TCP_KEEPINTVL": "int",
-    "IP_TOS": "int",
-    "IP_TTL": "int",
-    "TCP_NODELAY": "flag",
-    "IP_FREEBIND": "flag",
-    "IPV6_V6ONLY": "flag",
-}
-SOCKET_OPTIONS_ELSEWHERE = {
-    "SO_EXCLUSIVEADDRUSE": "it exists only on Windows",
-    "IP_BINDANY": "it exists only on FreeBSD",
-    "IPV6_BINDANY": "it exists only on FreeBSD",
-    "TCP_MAXSEG": "stunnel's Linux build does not offer it either (see `stunnel4 -sockets`)",
-}
-
-
-class SocketOption(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    where: Literal["a", "l", "r"]
-    name: str
-    value: int | str | tuple[int, int]
-
-
-def parse_socket_option(text: str) -> SocketOption:
-    m = re.fullmatch(r"\s*([alr])\s*:\s*([A-Za-z0-9_]+)\s*=\s*(.*?)\s*", text)
-    if not m:
-        raise ValueError("expected a|l|r:OPTION=VALUE (e.g. l:TCP_NODELAY=1 or a:SO_REUSEADDR=yes)")
-    where, name, raw = m.group(1), m.group(2).upper(), m.group(3)
-    if name in SOCKET_OPTIONS_ELSEWHERE:
-        raise ValueError(f"socket option {name} is not available here: {SOCKET_OPTIONS_ELSEWHERE[name]}")
-    kind = SOCKET_OPTIONS.get(name)
-    if kind is None:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(SOCKET_OPTIONS), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"unknown socket option {name!r}{hint}; `pytunnel -sockets` lists them")
-    value: int | str | tuple[int, int]
-    if kind == "flag":
-        low = raw.lower()
-        if low in ("yes", "1"):
-            value = 1
-        elif low in ("no", "0"):
-            value = 0
-        else:
-            raise ValueError(f"{name} takes yes/no (or 1/0), not {raw!r}")
-    elif kind == "int":
-        if not re.fullmatch(r"-?[0-9]+", raw):
-            raise ValueError(f"{name} takes a whole number, not {raw!r}")
-        value = int(raw)
-    elif kind in ("linger", "timeval"):
-        parts = raw.split(":")  # the second part is optional (0), as stunnel reads it
-        if len(parts) > 2 or not all(re.fullmatch(r"[0-9]+", p) for p in parts):
-            form = "l_onoff[:l_linger]" if kind == "linger" else "seconds[:microseconds]"
-            raise ValueError(f"{name} takes {form}, not {raw!r}")
-        value = (int(parts[0]), int(parts[1]) if len(parts) == 2 else 0)
-    else:
-        if not raw:
-            raise ValueError(f"{name} needs a value")
-        value = raw
-    return SocketOption(where=where, name=name, value=value)  # type: ignore[arg-type]
 
 
 def _sockopt(value: object) -> object:

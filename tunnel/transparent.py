@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunnel.addr import format_sockaddr
 from tunnel.logs import log
-from tunnel.relay import CloseReason
+from tunnel.reasons import CloseReason
 
 if TYPE_CHECKING:
     from tunnel.relay import Connection
