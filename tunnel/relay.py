@@ -37,6 +37,12 @@ Close semantics (each direction is closed independently):
 
 Every connection ends with exactly one :class:`CloseReason`; the summary line and the
 counters key on it.
+
+What the data path knows of the rest of pytunnel is one narrow :class:`Owner` (a name, the
+three limits above, a log function and an on-closed callback) and, while a ``protocol =``
+negotiation reads the bytes, one :class:`Tap` per side.  It imports no registry, process,
+configuration or protocol module: the opening (``tunnel/opening.py``) builds both sides, links
+them, and gets nothing back but the close report.
 """
 
 from __future__ import annotations
@@ -49,16 +55,43 @@ import ssl
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tunnel.reasons import CloseReason, HandshakeFailure
-from tunnel.tls import SLOT, Notes
-
-if TYPE_CHECKING:
-    from tunnel.protocols import Tap
-    from tunnel.service import Service
+from tunnel.tls import SLOT, Notes, reason_of
 
 READ_SIZE = 65536
+
+
+class Limits(Protocol):
+    """The options the data path reads (a service's settings have them)."""
+
+    @property
+    def TIMEOUTidle(self) -> int: ...  # noqa: N802 - stunnel's spelling
+    @property
+    def TIMEOUTclose(self) -> int: ...  # noqa: N802
+    @property
+    def reset(self) -> bool: ...
+
+
+class Owner(Protocol):
+    """Whoever opened a connection: its limits, where its lines go, who hears that it ended."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> Limits: ...
+    def log_conn(
+        self, level: int, conn_id: str, text: str, fields: dict[str, object] | None = None
+    ) -> None: ...
+    def connection_ended(self, conn: Connection) -> None: ...
+
+
+class Tap(Protocol):
+    """A ``protocol =`` negotiation reading a side's bytes before the relay does."""
+
+    def feed(self, data: bytes) -> None: ...
+    def feed_eof(self) -> None: ...
 
 
 def set_linger_zero(transport: asyncio.BaseTransport) -> None:
@@ -310,7 +343,7 @@ class TlsSide(Side):
             return
         except ssl.SSLError as exc:
             self._deliver(chunks)
-            self.conn.fail(CloseReason.TLS_ERROR, f"TLS error: {_reason(exc)}")
+            self.conn.fail(CloseReason.TLS_ERROR, f"TLS error: {reason_of(exc)}")
             return
         self._deliver(chunks)
         if self.pending:
@@ -354,7 +387,7 @@ class TlsSide(Side):
         except ssl.SSLWantReadError:
             self.pending.append(data)
         except ssl.SSLError as exc:
-            self.conn.fail(CloseReason.TLS_ERROR, f"TLS error: {_reason(exc)}")
+            self.conn.fail(CloseReason.TLS_ERROR, f"TLS error: {reason_of(exc)}")
             return
         self._flush()
 
@@ -378,18 +411,12 @@ class TlsSide(Side):
             self.transport.write_eof()
 
 
-def _reason(exc: BaseException) -> str:
-    from tunnel.tls import reason_of
-
-    return reason_of(exc)
-
-
 class Connection:
     """One relayed connection: both sides, counters, timers and the one close reason."""
 
     __slots__ = (
         "id",
-        "service",
+        "owner",
         "loop",
         "plain",
         "tls",
@@ -410,12 +437,13 @@ class Connection:
         "waiter",
         "rst_sent",
         "redirected",
+        "failure",
         "__weakref__",
     )
 
-    def __init__(self, service: Service, conn_id: str) -> None:
+    def __init__(self, owner: Owner, conn_id: str) -> None:
         self.id = conn_id
-        self.service = service
+        self.owner = owner
         self.loop = asyncio.get_running_loop()
         self.plain: PlainSide | None = None
         self.tls: TlsSide | None = None
@@ -436,10 +464,11 @@ class Connection:
         self.target_host: str | None = None  # its name as configured
         self.waiter: asyncio.Future[BaseException | None] | None = None  # upstream handshake
         self.rst_sent = False
+        self.failure: HandshakeFailure | None = None  # why the handshake failed, for the counters
 
     # ---- logging -----------------------------------------------------------
     def log(self, level: int, text: str, **fields: object) -> None:
-        self.service.log_conn(level, self.id, text, fields)
+        self.owner.log_conn(level, self.id, text, fields)
 
     # ---- lifecycle ---------------------------------------------------------
     def relayed(self, side: Side, n: int) -> None:
@@ -474,7 +503,7 @@ class Connection:
             self.tls.resume_reading()
 
     def _limit(self) -> float:
-        opts = self.service.settings
+        opts = self.owner.settings
         return float(opts.TIMEOUTclose if self.done_dirs else opts.TIMEOUTidle)
 
     def _arm_timer(self) -> None:
@@ -496,7 +525,7 @@ class Connection:
                 self.finish(CloseReason.CLOSED)
             else:
                 self.log(6, "transfer: s_poll_wait: TIMEOUTidle exceeded: sending reset")
-                self.finish(CloseReason.IDLE_TIMEOUT, rst=self.service.settings.reset)
+                self.finish(CloseReason.IDLE_TIMEOUT, rst=self.owner.settings.reset)
             return
         self._arm_timer()
 
@@ -512,7 +541,7 @@ class Connection:
             self.finish(CloseReason.CLOSED)
             return
         self.last_activity = self.loop.time()
-        if self.service.settings.TIMEOUTclose == 0:
+        if self.owner.settings.TIMEOUTclose == 0:
             self.finish(CloseReason.CLOSED)
             return
         self._arm_timer()
@@ -524,7 +553,7 @@ class Connection:
             return
         self.detail = detail
         self.log(level, detail)
-        self.finish(reason, rst=self.service.settings.reset if rst is None else rst)
+        self.finish(reason, rst=self.owner.settings.reset if rst is None else rst)
 
     def finish(self, reason: CloseReason, rst: bool = False) -> None:
         if self.reason is not None:
@@ -554,10 +583,10 @@ class Connection:
                     where = "SSL_accept: " if side.sslobj.server_side else "SSL_connect: "
                 self.log(3 if where else 5, f"{where}{os.strerror(exc.errno or 104)} ({exc.errno or 104})")
                 if where:
-                    self.service.counters.handshake_failed(HandshakeFailure.PEER_RESET)
+                    self.failure = HandshakeFailure.PEER_RESET
                 # a reset mid-stream is passed on as a reset (reset = yes): a clean EOF would
                 # tell the other end that a cut transfer was complete
-                self.finish(CloseReason.PEER_RESET, rst=self.service.settings.reset)
+                self.finish(CloseReason.PEER_RESET, rst=self.owner.settings.reset)
             elif exc is not None:
                 self.fail(CloseReason.SOCKET_ERROR, f"socket error: {exc}")
             elif not side.eof_in:
@@ -573,12 +602,12 @@ class Connection:
         sides = [s for s in (self.plain, self.tls) if s is not None and s.transport is not None]
         if not self.ended and all(s.closed for s in sides):
             self.ended = True
-            self.service.connection_ended(self)
+            self.owner.connection_ended(self)
 
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "service": self.service.name,
+            "service": self.owner.name,
             "peer": self.peer_addr,
             "to_tls": self.to_tls,
             "to_sock": self.to_sock,

@@ -20,9 +20,10 @@ from tunnel.addr import Endpoint
 from tunnel.certwatch import CertWatcher, record_not_after
 from tunnel.envconf import EnvConfig
 from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, StartupError
+from tunnel.listener import BUDGET, Listener
 from tunnel.logs import log
 from tunnel.metrics import STATS
-from tunnel.service import BUDGET, Listener, Service
+from tunnel.service import Service
 from tunnel.settings import ServiceSettings, Settings, gid_of, uid_of
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
@@ -693,7 +694,7 @@ class Runtime:
             for err in await service.resolve_all():
                 log.ui(3, err)
             sock.setblocking(False)
-            await loop.connect_accepted_socket(service._factory, sock)
+            await loop.connect_accepted_socket(service.factory, sock)
             await service.drain(float("inf"))
             await asyncio.sleep(0)
             return 0

@@ -24,14 +24,11 @@ import errno
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from tunnel.addr import format_sockaddr
 from tunnel.logs import log
-from tunnel.reasons import CloseReason
-
-if TYPE_CHECKING:
-    from tunnel.relay import Connection
 
 MODES = ("none", "source", "destination", "both")
 LEGACY = {"yes": "source", "no": "none"}
@@ -43,8 +40,16 @@ IPV6_TRANSPARENT = 75
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 
-#: an upstream target as ``Service._targets`` lists them: (family, sockaddr, name)
+#: an upstream target as ``upstream.Upstream.targets`` lists them: (family, sockaddr, name)
 Target = tuple[int, Any, str | None]
+#: a connection's log function: ``say(level, text)``
+Say = Callable[..., None]
+
+
+class TransparentError(Exception):
+    """No target can work for this connection (no client socket, no capability, no original
+    destination): the caller fails the connection with this text."""
+
 
 CAPABILITY_HINT = (
     "needs CAP_NET_ADMIN (Linux also accepts CAP_NET_RAW): run pytunnel as root without setuid, "
@@ -132,12 +137,6 @@ def prepare_listener(sock: socket.socket, family: int, mode: str, service: str) 
                 )
 
 
-def _accepted(conn: Connection) -> Any:
-    """The transport of the client's (accepted) side, or None."""
-    side = conn.plain if conn.service.settings.client else conn.tls
-    return side.transport if side is not None else None
-
-
 def _nat_clash(transport: Any, target: Any) -> bool:
     """The client's connection was NATed (REDIRECT/DNAT) and its original destination is this
     very target: an upstream from the client's own port would have the same addresses as the
@@ -153,52 +152,49 @@ def _nat_clash(transport: Any, target: Any) -> bool:
     return how == "SO_ORIGINAL_DST" and orig[:2] == tuple(target[:2]) and orig[:2] != local[:2]
 
 
-def bind_source(conn: Connection, sock: socket.socket, family: int, target: Any) -> bool:
-    """``source``: bind the upstream socket to the client's address (stunnel's connect_init).
+def bind_source(transport: Any, sock: socket.socket, family: int, target: Any, mode: str, say: Say) -> bool:
+    """``source``: bind the upstream socket to the client's address (stunnel's connect_init);
+    ``transport`` is the client's (accepted) one.
 
     False when this target cannot be used (the caller closes the socket and tries the next);
-    the connection itself is failed when no target can work (no client socket, no capability).
+    raises TransparentError when no target can work (no client socket, no capability).
     """
-    mode = conn.service.settings.transparent
-    transport = _accepted(conn)
     peer = transport.get_extra_info("peername") if transport is not None else None
     if not isinstance(peer, tuple) or len(peer) < 2:
-        conn.fail(CloseReason.CONNECT_FAILED, "Transparent source needs a socket")
-        return False
+        raise TransparentError("Transparent source needs a socket")
     host, port = str(peer[0]), int(peer[1])
     peer_family = socket.AF_INET6 if ":" in host else socket.AF_INET
     addr: tuple[Any, ...]
     if peer_family == socket.AF_INET6 and family == socket.AF_INET and host.lower().startswith("::ffff:"):
         host, peer_family = host[7:], socket.AF_INET  # a v4 client on a dual-stack listener
     if peer_family != family:
-        conn.log(7, f"Cannot assign an AF={peer_family} address an AF={family} socket")
+        say(7, f"Cannot assign an AF={peer_family} address an AF={family} socket")
         return False
     addr = (host, port, 0, int(peer[3])) if family == socket.AF_INET6 and len(peer) >= 4 else (host, port)
     try:
         enable(sock, family)
     except OSError as exc:
-        conn.fail(CloseReason.CONNECT_FAILED, setsockopt_error(exc, family, mode))
-        return False
-    conn.log(6, f"{option_name(family)} socket option set")
+        raise TransparentError(setsockopt_error(exc, family, mode)) from None
+    say(6, f"{option_name(family)} socket option set")
     if port >= 1024 and _nat_clash(transport, target):
-        conn.log(6, "the client's NATed connection has the same addresses: not binding the original port")
+        say(6, "the client's NATed connection has the same addresses: not binding the original port")
         port = 0
     if port >= 1024:  # stunnel's security check: never a privileged port
         try:
             sock.bind(addr)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
-                conn.log(3, f"bind (original port) {format_sockaddr(addr)}: {exc.strerror} ({exc.errno})")
+                say(3, f"bind (original port) {format_sockaddr(addr)}: {exc.strerror} ({exc.errno})")
                 return False
         else:
-            conn.log(6, "bind succeeded on the original port")
+            say(6, "bind succeeded on the original port")
             return True
     try:
         sock.bind((host, 0, *addr[2:]))
     except OSError as exc:
-        conn.log(3, f"bind (ephemeral port) {host}: {exc.strerror} ({exc.errno})")
+        say(3, f"bind (ephemeral port) {host}: {exc.strerror} ({exc.errno})")
         return False
-    conn.log(6, "bind succeeded on an ephemeral port")
+    say(6, "bind succeeded on an ephemeral port")
     return True
 
 
@@ -250,43 +246,36 @@ def _is_local(family: int, host: str) -> bool:
     return True
 
 
-def _ours(conn: Connection, family: int, addr: tuple[Any, ...], local: tuple[Any, ...]) -> bool:
-    """The client reached this very listener without any redirection: connecting to the
-    "original" destination would connect to ourselves, over and over."""
+def _ours(ports: set[int], family: int, addr: tuple[Any, ...], local: tuple[Any, ...]) -> bool:
+    """The client reached this very listener (``ports``: the service's listening ports) without
+    any redirection: connecting to the "original" destination would connect to ourselves."""
     if tuple(addr[:2]) != tuple(local[:2]):
         return False
-    ports = {lst.sock.getsockname()[1] for lst in conn.service.listeners if lst.endpoint.path is None}
     return addr[1] in ports and _is_local(family, str(addr[0]))
 
 
-def destination_targets(conn: Connection) -> list[Target] | None:
-    """``destination``: the one upstream target, the client's original destination; None (and
-    the connection failed) when there is none."""
-    transport = _accepted(conn)
+def destination_targets(transport: Any, ports: set[int], say: Say) -> list[Target]:
+    """``destination``: the one upstream target, the original destination of the client's
+    (accepted) ``transport``; raises TransparentError when there is none."""
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        conn.fail(CloseReason.CONNECT_FAILED, "Transparent destination needs a TCP client socket")
-        return None
+        raise TransparentError("Transparent destination needs a TCP client socket")
     try:
         family, addr, how = original_destination(sock)
-        ours = _ours(conn, family, addr, tuple(sock.getsockname()))
+        ours = _ours(ports, family, addr, tuple(sock.getsockname()))
         if ours and how == "TPROXY":  # a transparent listener reached directly: no NAT entry
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
     except OSError as exc:
         code = exc.errno or errno.ENOENT
-        conn.fail(
-            CloseReason.CONNECT_FAILED,
+        raise TransparentError(
             f"getsockopt SO_ORIGINAL_DST: {os.strerror(code)} ({code}): the connection was not "
-            "redirected here (no REDIRECT, DNAT or TPROXY rule matched it)",
-        )
-        return None
+            "redirected here (no REDIRECT, DNAT or TPROXY rule matched it)"
+        ) from None
     shown = format_sockaddr(addr)
     if ours:  # conntrack tracks even an un-NATed connection: its "original" destination is us
-        conn.fail(
-            CloseReason.CONNECT_FAILED,
+        raise TransparentError(
             f"transparent destination: the original destination {shown} is this service's own "
-            "listening address (the connection was not redirected): not connecting to ourselves",
+            "listening address (the connection was not redirected): not connecting to ourselves"
         )
-        return None
-    conn.log(6, f"transparent destination: original destination {shown} ({how})")
+    say(6, f"transparent destination: original destination {shown} ({how})")
     return [(family, addr, str(addr[0]))]

@@ -32,8 +32,8 @@ from tunnel import health, systemd
 from tunnel.logs import log
 
 if TYPE_CHECKING:
+    from tunnel.listener import Listener
     from tunnel.runtime import Runtime
-    from tunnel.service import Listener
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 BACKOFF_MAX = 30.0

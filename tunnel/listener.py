@@ -1,0 +1,349 @@
+"""Listening sockets: bind, accept, the descriptor budget, and the hand-over at reload.
+
+A :class:`Listener` is one bound socket and its accept loop; a :class:`Listeners` is one
+service's set of them (bind every ``accept`` address or take systemd's sockets, clone them for
+another worker, adopt them from the old service at a SIGHUP, serve the kernel's queue before
+closing).  Each accepted socket goes to the owner's ``factory`` -- the service of the moment,
+so a reload swaps who serves new clients without closing a port.  The descriptor budget stops
+accepting before the process runs out of descriptors (each connection needs two).
+
+Imports: addr, logs, sockopts, transparent and systemd (types) -- nothing that knows what a
+connection is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import resource
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tunnel import transparent
+from tunnel.addr import Endpoint, format_sockaddr
+from tunnel.logs import log
+from tunnel.sockopts import SocketOption, apply_socket_options
+
+if TYPE_CHECKING:
+    from tunnel.systemd import Activation
+
+ACCEPT_BATCH = 64
+OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+FD_RESERVE = 24  # listeners, logs, status server, resolver, exec pipes
+
+
+class Acceptor(Protocol):
+    """Who serves what a listener accepts (a service; a reload replaces it)."""
+
+    @property
+    def name(self) -> str: ...
+    def factory(self) -> asyncio.Protocol: ...
+
+
+@dataclass(eq=False)
+class Listener:
+    """One listening socket and its accept loop.
+
+    We accept ourselves rather than through ``loop.create_server``: libuv answers EMFILE by
+    accepting and closing every waiting connection (its "EMFILE trick"), which drops
+    clients.  Here an EMFILE/ENFILE stops accepting for a moment (one log line, back-off up
+    to a second, or until a connection ends) and the waiting clients stay in the kernel's
+    backlog, as stunnel leaves them.
+    """
+
+    sock: socket.socket
+    display: str
+    endpoint: Endpoint
+    owner: Acceptor
+    reading: bool = False
+    closed: bool = False
+    backoff: float = 0.0
+    resume_handle: asyncio.TimerHandle | None = None
+
+    def factory(self) -> asyncio.Protocol:
+        """New connections go to the current owner (a reload swaps it)."""
+        return self.owner.factory()
+
+    def start(self) -> None:
+        if not self.reading and not self.closed:
+            self.reading = True
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            if BUDGET.full():
+                BUDGET.hold(self)
+                return
+            try:
+                conn_sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in OUT_OF_RESOURCES:
+                    self.pause(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                log.ui(3, f"Service [{self.owner.name}]: accept: {exc.strerror} ({exc.errno})")
+                return
+            self.backoff = 0.0
+            conn_sock.setblocking(False)
+            BUDGET.pending += 1  # counted now: the task that adopts it runs later
+            loop.create_task(_adopt(loop, self, conn_sock))
+
+    def pause(self, exc: OSError) -> None:
+        """Out of descriptors: stop accepting for a back-off (or until a connection ends)."""
+        loop = asyncio.get_running_loop()
+        if self.reading:
+            loop.remove_reader(self.sock.fileno())
+            self.reading = False
+        self.backoff = min(max(self.backoff * 2, 0.05), 1.0)
+        log.ui(
+            3,
+            f"Service [{self.owner.name}]: accept: {exc.strerror} ({exc.errno}); "
+            f"waiting clients stay queued, retrying in {self.backoff:g} s",
+        )
+        if self.resume_handle is None:
+            self.resume_handle = loop.call_later(self.backoff, self.resume)
+
+    def resume(self) -> None:
+        """After a back-off, or as soon as a connection ends and frees a descriptor."""
+        if self.resume_handle is not None:
+            self.resume_handle.cancel()
+            self.resume_handle = None
+        if not self.reading and not self.closed:
+            self.start()
+            self._on_readable()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.resume_handle is not None:
+            self.resume_handle.cancel()
+            self.resume_handle = None
+        if self.reading:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.reading = False
+        self.sock.close()
+
+
+class Budget:
+    """Connections the descriptor limit can carry (each needs two), as stunnel sizes its
+    client limit: at the limit, accepting stops and new clients wait in the kernel's backlog
+    (instead of being accepted with no descriptor left for their upstream)."""
+
+    def __init__(self) -> None:
+        self.limit = 0  # 0: no limit known
+        self.active = 0
+        self.pending = 0  # accepted sockets not yet connections
+        self.held: set[Listener] = set()
+        self.soft = 0
+
+    def configure(self) -> None:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.soft = soft
+        self.limit = 0 if soft == resource.RLIM_INFINITY else max(4, (soft - FD_RESERVE) // 2)
+
+    def full(self) -> bool:
+        return bool(self.limit) and self.active + self.pending >= self.limit
+
+    def hold(self, lst: Listener) -> None:
+        if lst.reading:
+            asyncio.get_running_loop().remove_reader(lst.sock.fileno())
+            lst.reading = False
+        if not self.held:
+            log.ui(
+                4,
+                f"Service [{lst.owner.name}]: {self.active + self.pending} connections use the descriptor limit "
+                f"(RLIMIT_NOFILE {self.soft} carries {self.limit}); new clients wait in the backlog",
+            )
+        self.held.add(lst)
+
+    def released(self) -> None:
+        """A connection ended."""
+        self.active -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Room again under the limit: the held listeners accept once more."""
+        if self.held and not self.full():
+            held, self.held = self.held, set()
+            for lst in held:
+                lst.resume()
+
+
+BUDGET = Budget()
+
+
+async def _adopt(loop: asyncio.AbstractEventLoop, lst: Listener, sock: socket.socket) -> None:
+    try:
+        await loop.connect_accepted_socket(lst.factory, sock)
+    except OSError:
+        sock.close()  # reset before we got to it: nothing to serve
+    finally:
+        BUDGET.pending -= 1
+        BUDGET.wake()
+
+
+@dataclass(eq=False)
+class BindPlan:
+    """How a service's listening sockets are made: its ``a:`` socket options, transparent
+    mode, the owner of Unix socket files, and SO_REUSEPORT for ``--workers``."""
+
+    sockopts: list[SocketOption]
+    transparent: str
+    chown: Callable[[str], None] | None = None
+    reuse_port: bool = False
+
+
+class Listeners:
+    """One service's listening sockets."""
+
+    def __init__(self, owner: Acceptor, plan: BindPlan) -> None:
+        self.owner = owner
+        self.plan = plan
+        self.items: list[Listener] = []
+
+    def __iter__(self) -> Any:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def bind(
+        self,
+        endpoints: list[Endpoint],
+        activation: Activation | None = None,
+        quiet: bool = False,
+    ) -> list[str]:
+        """Bind every address in ``endpoints``: synchronously, before the loop or during a
+        reload.  A socket passed by systemd for an address is used as it is.  Returns errors."""
+        name = self.owner.name
+        errors: list[str] = []
+        for ep in endpoints:
+            passed = activation.take(name, ep.host, ep.port, ep.path) if activation else None
+            if passed is not None:
+                passed.setblocking(False)
+                display = format_sockaddr(passed.getsockname())
+                log.ui(6, f"Service [{name}] (FD={passed.fileno()}) bound to {display}")
+                log.ui(7, f"Service [{name}]: listening socket {display} passed by systemd")
+                self.items.append(Listener(sock=passed, display=display, endpoint=ep, owner=self.owner))
+                continue
+            try:
+                self.items.append(self._bind_one(ep))
+            except OSError as exc:
+                text = f"Binding service [{name}] to {ep.display()}: {exc.strerror} ({exc.errno})"
+                log.ui(7 if quiet else 3, text)
+                errors.append(text)
+        return errors
+
+    def _bind_one(self, ep: Endpoint) -> Listener:
+        if ep.path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                if os.path.exists(ep.path) and not os.path.isdir(ep.path):
+                    os.unlink(ep.path)
+                sock.bind(ep.path)
+                if self.plan.chown is not None:
+                    self.plan.chown(ep.path)
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                raise
+            display = ep.path
+        else:
+            host = ep.host or "0.0.0.0"  # noqa: S104 - stunnel's default
+            infos = socket.getaddrinfo(
+                host, ep.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            )
+            family, stype, proto, _, addr = infos[0]
+            sock = self._listening(family, addr, stype, proto, self.plan.reuse_port)
+            display = format_sockaddr(sock.getsockname())
+        sock.setblocking(False)
+        log.ui(6, f"Service [{self.owner.name}] (FD={sock.fileno()}) bound to {display}")
+        return Listener(sock=sock, display=display, endpoint=ep, owner=self.owner)
+
+    def _listening(self, family: int, addr: Any, stype: int, proto: int, reuse_port: bool) -> socket.socket:
+        sock = socket.socket(family, stype, proto)
+        try:
+            apply_socket_options(sock, family, self.plan.sockopts)
+            transparent.prepare_listener(sock, family, self.plan.transparent, self.owner.name)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def clone(self) -> list[Listener]:
+        """Another worker's sockets on the same addresses (SO_REUSEPORT; a Unix socket is shared)."""
+        out: list[Listener] = []
+        for lst in self.items:
+            if lst.endpoint.path is not None:
+                out.append(lst)
+                continue
+            sock = self._listening(lst.sock.family, lst.sock.getsockname(), socket.SOCK_STREAM, 0, True)
+            sock.setblocking(False)
+            out.append(Listener(sock=sock, display=lst.display, endpoint=lst.endpoint, owner=self.owner))
+        return out
+
+    def adopt(self, listeners: list[Listener]) -> None:
+        """Reload: listening sockets handed over from the old service (same address)."""
+        self.items = list(listeners)
+        for lst in self.items:
+            lst.owner = self.owner
+            log.ui(6, f"Service [{self.owner.name}] (FD={lst.sock.fileno()}) bound to {lst.display}")
+
+    def start(self) -> None:
+        for lst in self.items:
+            lst.start()
+
+    def pause(self, exc: OSError) -> None:
+        """Out of descriptors while dialing: stop accepting until one is freed."""
+        for lst in self.items:
+            if lst.reading:
+                lst.pause(exc)
+
+    def freed(self) -> None:
+        """A connection ended and freed a descriptor: accepting may work again."""
+        for lst in self.items:
+            if lst.resume_handle is not None:
+                lst.resume()
+
+    def ports(self) -> set[int]:
+        return {lst.sock.getsockname()[1] for lst in self.items if lst.endpoint.path is None}
+
+    async def stop_accepting(self) -> int:
+        """Shutdown: serve what already waits in the kernel's accept queue, then close.
+
+        Those clients finished their TCP handshake and think they are connected; closing the
+        listener under them would reset them.  Returns how many were taken from the queue.
+        """
+        loop = asyncio.get_running_loop()
+        adopted: list[Coroutine[Any, Any, object]] = []
+        for lst in self.items:
+            while len(adopted) < 4096:
+                try:
+                    sock, _ = lst.sock.accept()
+                except OSError:  # BlockingIOError: the queue is empty
+                    break
+                adopted.append(loop.connect_accepted_socket(lst.factory, sock))
+        self.close()
+        if adopted:
+            await asyncio.gather(*adopted, return_exceptions=True)
+        return len(adopted)
+
+    def close(self) -> None:
+        for lst in self.items:
+            lst.close()
+            if lst.endpoint.path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(lst.endpoint.path)
+        self.items = []
