@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass
+from typing import Any
+
+# linux/netfilter_ipv4.h, linux/netfilter_ipv6/ip6_tables.h
+SOL_IP = 0
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
 
 
 @dataclass(frozen=True)
@@ -105,3 +112,31 @@ def format_sockaddr(addr: object) -> str:
     if isinstance(addr, str):
         return addr or "unnamed socket"
     return str(addr)
+
+
+def _parse_sockaddr(raw: bytes) -> tuple[int, tuple[Any, ...]]:
+    family = int.from_bytes(raw[0:2], sys.byteorder)
+    port = int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET6:
+        flow = int.from_bytes(raw[4:8], "big")
+        scope = int.from_bytes(raw[24:28], sys.byteorder)
+        return socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flow, scope)
+    return socket.AF_INET, (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+
+
+def original_destination(sock: Any) -> tuple[int, tuple[Any, ...]]:
+    """Where a REDIRECTed/DNATed client meant to go: (family, sockaddr), from conntrack.
+
+    The one reader of SO_ORIGINAL_DST.  As stunnel's original_dst: IP6T_SO_ORIGINAL_DST
+    first, then SO_ORIGINAL_DST (which also answers for a v4 client on a dual-stack
+    socket); the OSError of the last one asked when neither knows the connection."""
+    error: OSError | None = None
+    for level, name, size in ((socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28), (SOL_IP, SO_ORIGINAL_DST, 16)):
+        try:
+            raw = sock.getsockopt(level, name, size)
+        except OSError as exc:
+            error = exc
+            continue
+        return _parse_sockaddr(raw)
+    assert error is not None
+    raise error

@@ -27,18 +27,16 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tunnel.addr import format_sockaddr
+from tunnel.addr import format_sockaddr, original_destination
 from tunnel.logs import log
 
 MODES = ("none", "source", "destination", "both")
 LEGACY = {"yes": "source", "no": "none"}
 
-# linux/in.h, linux/in6.h, linux/netfilter_ipv4.h, linux/netfilter_ipv6/ip6_tables.h
+# linux/in.h, linux/in6.h
 SOL_IP = 0
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
-SO_ORIGINAL_DST = 80
-IP6T_SO_ORIGINAL_DST = 80
 
 #: an upstream target as ``upstream.Upstream.targets`` lists them: (family, sockaddr, name)
 Target = tuple[int, Any, str | None]
@@ -145,7 +143,7 @@ def _nat_clash(transport: Any, target: Any) -> bool:
     if sock is None or not isinstance(target, tuple):
         return False
     try:
-        _family, orig, how = original_destination(sock)
+        _family, orig, how = destination_of(sock)
         local = tuple(sock.getsockname())
     except OSError:
         return False
@@ -198,32 +196,17 @@ def bind_source(transport: Any, sock: socket.socket, family: int, target: Any, m
     return True
 
 
-def _parse_sockaddr(raw: bytes) -> tuple[int, tuple[Any, ...]]:
-    family = int.from_bytes(raw[0:2], sys.byteorder)
-    port = int.from_bytes(raw[2:4], "big")
-    if family == socket.AF_INET6:
-        flow = int.from_bytes(raw[4:8], "big")
-        scope = int.from_bytes(raw[24:28], sys.byteorder)
-        return socket.AF_INET6, (socket.inet_ntop(socket.AF_INET6, raw[8:24]), port, flow, scope)
-    return socket.AF_INET, (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
-
-
-def original_destination(sock: Any) -> tuple[int, tuple[Any, ...], str]:
+def destination_of(sock: Any) -> tuple[int, tuple[Any, ...], str]:
     """Where the client meant to go: (family, sockaddr, how it was found).
 
-    SO_ORIGINAL_DST first (IPv6 then IPv4, as stunnel asks), which conntrack answers for a
+    SO_ORIGINAL_DST first (``addr.original_destination``), which conntrack answers for a
     REDIRECT/DNAT; a TPROXY-delivered socket has no NAT entry (or an un-NATed one): its own
     local address is the destination.  Raises the OSError of SO_ORIGINAL_DST otherwise."""
-    error: OSError | None = None
-    levels = [(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)] if sock.family == socket.AF_INET6 else []
-    levels.append((SOL_IP, SO_ORIGINAL_DST, 16))
-    for level, name, size in levels:
-        try:
-            raw = sock.getsockopt(level, name, size)
-        except OSError as exc:
-            error = error or exc
-            continue
-        family, addr = _parse_sockaddr(raw)
+    try:
+        family, addr = original_destination(sock)
+    except OSError as exc:
+        error = exc
+    else:
         return family, addr, "SO_ORIGINAL_DST"
     transparent = False
     with contextlib.suppress(OSError):
@@ -233,7 +216,6 @@ def original_destination(sock: Any) -> tuple[int, tuple[Any, ...], str]:
             transparent = bool(sock.getsockopt(SOL_IP, IP_TRANSPARENT))
     if transparent:
         return int(sock.family), tuple(sock.getsockname()), "TPROXY"
-    assert error is not None
     raise error
 
 
@@ -261,7 +243,7 @@ def destination_targets(transport: Any, ports: set[int], say: Say) -> list[Targe
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         raise TransparentError("Transparent destination needs a TCP client socket")
     try:
-        family, addr, how = original_destination(sock)
+        family, addr, how = destination_of(sock)
         ours = _ours(ports, family, addr, tuple(sock.getsockname()))
         if ours and how == "TPROXY":  # a transparent listener reached directly: no NAT entry
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
