@@ -50,14 +50,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import ssl
-import struct
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from tunnel.reasons import CloseReason, HandshakeFailure
+from tunnel.sockopts import set_linger_zero
 from tunnel.tls import SLOT, Notes, reason_of
 
 READ_SIZE = 65536
@@ -92,14 +91,6 @@ class Tap(Protocol):
 
     def feed(self, data: bytes) -> None: ...
     def feed_eof(self) -> None: ...
-
-
-def set_linger_zero(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 class Side(asyncio.Protocol):
@@ -411,35 +402,18 @@ class TlsSide(Side):
             self.transport.write_eof()
 
 
+# Connection's attributes (slots: a connection costs less memory while it lives)
+_SLOTS = (
+    "id owner loop plain tls linked to_tls to_sock started last_activity reason detail timer "
+    "done_dirs peer_addr ended peer_cn target target_host waiter rst_sent redirected failure "
+    "__weakref__"
+)
+
+
 class Connection:
     """One relayed connection: both sides, counters, timers and the one close reason."""
 
-    __slots__ = (
-        "id",
-        "owner",
-        "loop",
-        "plain",
-        "tls",
-        "linked",
-        "to_tls",
-        "to_sock",
-        "started",
-        "last_activity",
-        "reason",
-        "detail",
-        "timer",
-        "done_dirs",
-        "peer_addr",
-        "ended",
-        "peer_cn",
-        "target",
-        "target_host",
-        "waiter",
-        "rst_sent",
-        "redirected",
-        "failure",
-        "__weakref__",
-    )
+    __slots__ = tuple(_SLOTS.split())
 
     def __init__(self, owner: Owner, conn_id: str) -> None:
         self.id = conn_id

@@ -4,6 +4,7 @@ how they are applied to a live socket, and the ``-sockets`` listing.  A leaf but
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
@@ -172,3 +173,12 @@ def sockets_text() -> list[str]:
         lr = f"{'yes':>10}" if name == "TCP_NODELAY" else f"{'--':^10}"
         lines.append(f"    {name:<20}|{a}|{lr}|{lr}|{os_default(name):>10}")
     return lines
+
+
+def set_linger_zero(transport: Any) -> None:
+    """Close with a TCP RST: ``SO_LINGER`` on, zero seconds."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
