@@ -52,7 +52,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tunnel.reasons import CloseReason, HandshakeFailure
-from tunnel.tls import SLOT, Notes
+from tunnel.tlsnotes import SLOT, Notes
 
 if TYPE_CHECKING:
     from tunnel.protocols import Tap
@@ -379,7 +379,7 @@ class TlsSide(Side):
 
 
 def _reason(exc: BaseException) -> str:
-    from tunnel.tls import reason_of
+    from tunnel.tlsnotes import reason_of
 
     return reason_of(exc)
 

@@ -26,7 +26,9 @@ from tunnel.reasons import CloseReason, HandshakeFailure
 from tunnel.relay import Connection, PlainSide, Side, TlsSide
 from tunnel.settings import ServiceSettings, gid_of, uid_of
 from tunnel.sockopts import apply_socket_options, socket_options
-from tunnel.tls import TlsConfig, client_dn, client_sni, peer_subject, reason_of, subject_line
+from tunnel.tls import TlsConfig, client_sni
+from tunnel.tlsnotes import reason_of
+from tunnel.verify import client_dn, peer_subject, subject_line
 
 if TYPE_CHECKING:
     from tunnel.systemd import Activation
