@@ -26,11 +26,10 @@ from tunnel.settings import (
     ServiceSettings,
     Settings,
     field_meta,
-    gid_of,
     is_repeatable,
-    uid_of,
     version_range,
 )
+from tunnel.values import gid_of, uid_of
 
 MAX_INCLUDE_DEPTH = 8
 

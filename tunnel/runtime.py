@@ -23,9 +23,10 @@ from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem,
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.service import BUDGET, Listener, Service
-from tunnel.settings import ServiceSettings, Settings, gid_of, uid_of
+from tunnel.settings import ServiceSettings, Settings
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
+from tunnel.values import gid_of, uid_of
 
 if TYPE_CHECKING:
     from tunnel.health import StatusServer

@@ -24,10 +24,11 @@ from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.reasons import CloseReason, HandshakeFailure
 from tunnel.relay import Connection, PlainSide, Side, TlsSide
-from tunnel.settings import ServiceSettings, gid_of, uid_of
+from tunnel.settings import ServiceSettings
 from tunnel.sockopts import apply_socket_options, socket_options
 from tunnel.tls import TlsConfig, client_sni
 from tunnel.tlsnotes import reason_of
+from tunnel.values import gid_of, uid_of
 from tunnel.verify import client_dn, peer_subject, subject_line
 
 if TYPE_CHECKING:

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tunnel import ossl
-from tunnel.settings import SSL_OPTIONS, ServiceSettings, version_range
+from tunnel.settings import ServiceSettings, version_range
 from tunnel.tlsnotes import SLOT
+from tunnel.values import SSL_OPTIONS
 from tunnel.verify import NamesCache, Policy, check_peer, pinned_certs, policy_for
 
 if TYPE_CHECKING:

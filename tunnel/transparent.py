@@ -33,9 +33,6 @@ from tunnel.reasons import CloseReason
 if TYPE_CHECKING:
     from tunnel.relay import Connection
 
-MODES = ("none", "source", "destination", "both")
-LEGACY = {"yes": "source", "no": "none"}
-
 # linux/in.h, linux/in6.h, linux/netfilter_ipv4.h, linux/netfilter_ipv6/ip6_tables.h
 SOL_IP = 0
 IP_TRANSPARENT = 19
@@ -50,27 +47,6 @@ CAPABILITY_HINT = (
     "needs CAP_NET_ADMIN (Linux also accepts CAP_NET_RAW): run pytunnel as root without setuid, "
     "or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN)"
 )
-
-
-def parse_mode(value: object) -> object:
-    """The option's value: none|source|destination|both, or legacy yes (source) / no (none).
-
-    Any mode but ``none`` is refused outside Linux, when the configuration is read."""
-    if not isinstance(value, str):
-        return value
-    low = value.strip().lower()
-    mode = LEGACY.get(low, low)
-    if mode not in MODES:
-        raise ValueError(
-            "Selected transparent proxy mode is not available: use none, source, destination or both "
-            "(legacy: yes = source, no = none)"
-        )
-    if mode != "none" and not sys.platform.startswith("linux"):
-        raise ValueError(
-            f"transparent = {mode} is only available on Linux (IP_TRANSPARENT, SO_ORIGINAL_DST); "
-            f"this system is {sys.platform}"
-        )
-    return mode
 
 
 def uses_source(mode: str | None) -> bool:
