@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, systemd
+from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, rules, systemd
 from tunnel.addr import Endpoint
 from tunnel.certwatch import CertWatcher, record_not_after
 from tunnel.envconf import EnvConfig
@@ -134,7 +134,7 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
     problems: list[Problem] = []
     tls_of: dict[str, object] = {}
     for svc in settings.services:
-        rule = conf.names_need_verify(svc, secure)
+        rule = rules.names_need_verify(svc, secure)
         if rule is not None:
             problems.append(rule)
             continue
