@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnel import conf
+from tunnel import conf, rules
 from tunnel.addr import Endpoint
 from tunnel.errors import ConfigError, Problem
 from tunnel.settings import ServiceSettings, Settings
@@ -507,8 +507,8 @@ def test_check_host_needs_verification(tmp_path: Path) -> None:
     # at verifyChain's default the mode decides: stunnel's (and `pytunnel CONFIG`) refuse,
     # `pytunnel run` verifies by default, so the names are checked
     svc = service(load(tmp_path, CLIENT + "checkHost = a.example\n"))
-    assert conf.names_need_verify(svc, secure=True) is None
-    p = conf.names_need_verify(svc, secure=False)
+    assert rules.names_need_verify(svc, secure=True) is None
+    p = rules.names_need_verify(svc, secure=False)
     assert p is not None
     assert 'Either "verifyChain" or "verifyPeer" has to be enabled' in p.message
     assert (p.line, p.text) == (5, "checkHost = a.example")

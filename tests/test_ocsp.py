@@ -34,13 +34,13 @@ from reliability_support import Listener
 
 from tunnel.ocsp import (
     OcspPolicy,
-    ResponseCache,
     check_chain,
     check_flags,
     check_url,
     flag_notes,
     verified_chain,
 )
+from tunnel.ocspcache import ResponseCache
 
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(

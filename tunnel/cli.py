@@ -17,11 +17,11 @@ from tunnel.runtime import Ops, Source, banner, check_source, env_source, run_pa
 from tunnel.settings import (
     GLOBAL_FIELDS,
     SERVICE_FIELDS,
-    SSL_OPTIONS,
     ServiceSettings,
     field_meta,
 )
 from tunnel.sockopts import sockets_text
+from tunnel.values import SSL_OPTIONS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 WINDOWS_FLAGS = {"-install", "-uninstall", "-start", "-stop", "-reload", "-reopen", "-exit", "-quiet"}

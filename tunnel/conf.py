@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tunnel import protocols
+from tunnel import rules
 from tunnel.errors import ConfigError, Problem
 from tunnel.settings import (
     CANONICAL,
@@ -26,11 +26,9 @@ from tunnel.settings import (
     ServiceSettings,
     Settings,
     field_meta,
-    gid_of,
     is_repeatable,
-    uid_of,
-    version_range,
 )
+from tunnel.values import gid_of, uid_of
 
 MAX_INCLUDE_DEPTH = 8
 
@@ -312,31 +310,6 @@ def _validate(
         return None
 
 
-def is_secondary(svc: ServiceSettings) -> bool:
-    """A server-mode ``sni = SERVICE:PATTERN`` service rides on SERVICE's listener."""
-    return not svc.client and bool(svc.sni) and ":" in (svc.sni or "")
-
-
-def _run_decides(svc: ServiceSettings) -> bool:
-    return bool(svc.client) and svc.verifyChain is None and not svc.verifyPeer and svc.verify is None
-
-
-def names_need_verify(svc: ServiceSettings, secure: bool) -> Problem | None:
-    """stunnel's rule for a client at verifyChain's default: checkHost/checkIP/checkEmail
-    need verification, which `pytunnel run` turns on by default and stunnel does not."""
-    if secure or not _run_decides(svc) or not (svc.checkHost or svc.checkIP or svc.checkEmail):
-        return None
-    name = next(n for n in ("checkHost", "checkIP", "checkEmail") if getattr(svc, n))
-    file, line, text = svc.locations.get(name, ("", 0, ""))
-    return Problem(
-        f'Service [{svc.name}]: Either "verifyChain" or "verifyPeer" has to be enabled',
-        file,
-        line or None,
-        text or None,
-        "add verifyChain = yes",
-    )
-
-
 def _check_ids(entries: list[Entry]) -> list[Problem]:
     """Global setuid/setgid: a name this system does not know is a configuration error, as
     in stunnel (not a start-up failure after the ports are bound)."""
@@ -353,162 +326,6 @@ def _check_ids(entries: list[Entry]) -> list[Problem]:
                     f"Illegal {what}", f"no {db} {e.value!r} on this system; create it or give a number"
                 )
             )
-    return out
-
-
-def _check_service(svc: ServiceSettings, where: Problem, inetd: bool) -> list[Problem]:
-    """stunnel's cross-field rules, with its own texts where tools grep them."""
-    out: list[Problem] = []
-
-    def bad(message: str, hint: str | None = None, *options: str) -> None:
-        # point at the line that set the offending option when there is one (the
-        # section header otherwise; in inetd mode there is no header to point at)
-        file, line, text = where.file, where.line, where.text
-        for name in options:
-            if name in svc.locations:
-                file, line, text = svc.locations[name]
-                break
-        out.append(Problem(f"Service [{svc.name}]: {message}", file, line, text, hint))
-
-    ends = [n for n in ("accept", "exec", "connect") if getattr(svc, n)]
-    if svc.protocol and protocols.decides_endpoint(svc.protocol, bool(svc.client)):
-        ends.append("protocol")  # stunnel: a socks server takes each destination from the request
-    if svc.transparent in ("destination", "both"):
-        ends.append("transparent")  # stunnel: each connection's original destination
-    if inetd:
-        if svc.accept:
-            bad("accept is not valid in inetd mode", "put the options in a [service] section")
-        elif len(ends) != 1:
-            bad(
-                "Each service must define two endpoints",
-                'stdin/stdout is one: add "connect = [HOST:]PORT" or "exec = PROGRAM" (not both)',
-                "exec",
-            )
-    elif is_secondary(svc):
-        if not (svc.connect or svc.exec or "transparent" in ends):
-            bad("Each service must define two endpoints", 'add "connect = [HOST:]PORT"')
-    elif len(ends) != 2:
-        if len(ends) == 3 and "transparent" in ends:
-            hint = f"transparent = {svc.transparent} connects to each client's original destination: remove connect"
-        elif len(ends) == 3 and "protocol" in ends:
-            hint = "protocol = socks takes the destination from each request: remove connect"
-        elif len(ends) == 3:
-            hint = "exec replaces one endpoint: remove accept (exec+connect) or connect (accept+exec)"
-        elif not svc.accept and not svc.exec:
-            hint = 'add "accept = [HOST:]PORT"'
-        else:
-            hint = 'add "connect = [HOST:]PORT"'
-        bad("Each service must define two endpoints", hint, "exec")
-    if svc.pty and not svc.exec:
-        bad("pty needs exec", "add exec = /path/to/program", "pty")
-    elif svc.pty and bool(svc.client) != bool(svc.connect):
-        bad(
-            "pty = yes needs exec as the plaintext end",
-            "use accept + exec in server mode or exec + connect in client mode",
-            "pty",
-        )
-    if svc.execArgs and not svc.exec:
-        bad("execArgs needs exec", "add exec = /path/to/program", "execArgs")
-    if not svc.client and not svc.cert and not svc.PSKsecrets:
-        bad(
-            "TLS server needs a certificate",
-            "add cert = /path/to/cert.pem (or PSKsecrets = FILE), or set client = yes",
-        )
-    # legacy verify = 1..4 turns on verifyChain (1-3) and/or verifyPeer (3-4), as in stunnel
-    verifies = [n for n in ("verifyChain", "verifyPeer", "verify") if getattr(svc, n)]
-    if verifies and not (svc.CAfile or svc.CApath or svc.CAstore):
-        bad(
-            'Either "CAengine", "CAfile" or "CApath" has to be configured',
-            "add CAfile = /path/to/ca.pem",
-            *verifies,
-        )
-    if svc.protocol == "":
-        bad(
-            "Protocol not supported",
-            f"protocol = one of {', '.join(protocols.names(bool(svc.client)))}",
-            "protocol",
-        )
-    elif svc.protocol:
-        try:
-            protocols.lookup(svc.protocol, bool(svc.client))
-        except ValueError as exc:
-            bad(str(exc), f"protocol = one of {', '.join(protocols.names(bool(svc.client)))}", "protocol")
-        else:
-            problem = protocols.check(svc)
-            if problem:
-                bad(problem, "add protocolHost = HOST:PORT (the destination behind the proxy)", "protocol")
-            auth = (svc.protocolAuthentication or "").lower()
-            allowed = protocols.AUTHENTICATION.get(svc.protocol.lower(), ())
-            if auth and auth not in allowed and (auth, svc.protocol.lower()) != ("basic", "smtp"):
-                why = protocols.AUTHENTICATION_UNAVAILABLE.get(auth)
-                bad(
-                    f"protocolAuthentication = {svc.protocolAuthentication} is not valid "
-                    f"with protocol = {svc.protocol}",
-                    why or (f"use one of: {', '.join(allowed)}" if allowed else "remove the line"),
-                    "protocolAuthentication",
-                )
-    # a client left at verifyChain's default verifies under `pytunnel run`: runtime checks
-    # this rule there, knowing the mode (names_need_verify)
-    if (svc.checkHost or svc.checkIP or svc.checkEmail) and not verifies and not _run_decides(svc):
-        bad(
-            'Either "verifyChain" or "verifyPeer" has to be enabled',
-            "add verifyChain = yes",
-            "checkHost",
-            "checkIP",
-            "checkEmail",
-        )
-    versions = ["SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
-    lo, hi = version_range(svc)
-    if lo and hi and lo != "all" and hi != "all" and versions.index(lo) > versions.index(hi):
-        bad(
-            "Invalid protocol version range",
-            "sslVersionMin must not exceed sslVersionMax",
-            "sslVersionMin",
-            "sslVersionMax",
-            "sslVersion",
-        )
-    for version, option in ((lo, "sslVersionMin"), (hi, "sslVersionMax")):
-        if version in ("SSLv2", "SSLv3"):
-            bad(
-                f"{version} is not available in this OpenSSL build",
-                "use TLSv1.2 or later",
-                option if option in svc.locations else "sslVersion",
-            )
-    if svc.OCSPflag or svc.OCSP:
-        from tunnel import ocsp  # imports cryptography: only for a service that asks for OCSP
-
-        flag_problem = ocsp.check_flags(svc.OCSPflag)
-        if flag_problem:
-            bad(flag_problem, "remove the line", "OCSPflag")
-        url_problem = ocsp.check_url(svc.OCSP) if svc.OCSP else None
-        if url_problem:
-            bad(url_problem, "use the responder's http:// URL", "OCSP")
-    if svc.redirect and svc.client:
-        bad('"redirect" is unsupported in client sections', "remove the line, or set client = no", "redirect")
-    if bool(svc.ticketKeySecret) != bool(svc.ticketMacSecret):
-        bad(
-            '"ticketKeySecret" and "ticketMacSecret" must be set together',
-            "add the other one (16 or 32 bytes in hex)",
-            "ticketKeySecret" if svc.ticketKeySecret else "ticketMacSecret",
-        )
-    if svc.sni is not None and not svc.client and ":" not in svc.sni:
-        bad(
-            "Invalid SNI parameter format",
-            "server mode: sni = PRIMARY:PATTERN, e.g. primary:*.example.com",
-            "sni",
-        )
-    if svc.redirect and not svc.client and not (svc.verifyChain or svc.verifyPeer or (svc.verify or 0) >= 1):
-        bad(
-            'Either "verifyChain" or "verifyPeer" has to be enabled for "redirect" to work',
-            "add verifyChain = yes (and CAfile)",
-            "redirect",
-        )
-    if svc.cert == "" and "cert" in svc.locations:
-        bad("cert names no file", "give the certificate file's path, or remove the line", "cert")
-    file, line, text = svc.locations.get("debug", ("", 0, ""))
-    in_section = where.line is not None and file == where.file and line > where.line
-    if in_section and "." in text.partition("=")[2]:
-        bad("Illegal debug level", "a syslog facility (daemon.info) goes in the global section", "debug")
     return out
 
 
@@ -560,27 +377,11 @@ def build(raw: RawConfig) -> Settings:
             ServiceSettings, grouped, {"name": section.name, "locations": locations}, local_problems, where
         )
         if svc is not None and not local_problems:
-            local_problems.extend(_check_service(svc, where, inetd))
+            local_problems.extend(rules.check_service(svc, where, inetd))
             services.append(svc)
         problems.extend(local_problems)
 
-    by_name = {s.name: s for s in services}
-    for svc in services:
-        if svc.sni and not svc.client and ":" in svc.sni:
-            primary = by_name.get(svc.sni.split(":", 1)[0])
-            why = None
-            if primary is None or primary is svc:
-                why = (
-                    "SNI section name not found",
-                    "sni = PRIMARY:PATTERN names another [section] with accept",
-                )
-            elif primary.client:
-                why = "SNI primary service is a TLS client", "the primary must be a server (client = no)"
-            elif not primary.accept:
-                why = "SNI primary service accepts no connections", "the primary needs accept"
-            if why is not None:
-                file, line, text = svc.locations.get("sni", (raw.source, None, None))
-                problems.append(Problem(f"Service [{svc.name}]: {why[0]}", file, line, text, why[1]))
+    problems.extend(rules.check_services(services, raw.source))
 
     # duplicates across files make the same problem twice; keep the first
     unique: list[Problem] = []

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 #: stunnel exits 1 after "Configuration failed"; we keep that for config errors.
 CONFIG_FAILURE = 1
 #: Configuration was fine but the process could not start (bind, privileges, ...).
 STARTUP_FAILURE = 3
+
+
+class Severity(enum.Enum):
+    """How much a :class:`Problem` weighs."""
+
+    ERROR = "error"  # the configuration is refused
+    WARNING = "warning"  # logged; the configuration is used
 
 
 @dataclass(frozen=True)
@@ -19,6 +27,7 @@ class Problem:
     line: int | None = None
     text: str | None = None
     hint: str | None = None
+    severity: Severity = Severity.ERROR
 
     def render(self) -> str:
         where = ""

@@ -54,8 +54,10 @@ from tunnel.reasons import CloseReason, HandshakeFailure
 from tunnel.relay import Connection, PlainSide, Side, TlsSide
 from tunnel.settings import ServiceSettings
 from tunnel.sockopts import SocketOption, apply_socket_options
-from tunnel.tls import TlsConfig, client_dn, client_sni, peer_subject, reason_of, subject_line
+from tunnel.tls import TlsConfig, client_sni
+from tunnel.tlsnotes import reason_of
 from tunnel.upstream import Failed, Upstream
+from tunnel.verify import client_dn, peer_subject, subject_line
 
 
 class Venue(Protocol):

@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 from tunnel.reasons import CloseReason, HandshakeFailure
 from tunnel.sockopts import set_linger_zero
-from tunnel.tls import SLOT, Notes, reason_of
+from tunnel.tlsnotes import SLOT, Notes, reason_of
 
 READ_SIZE = 65536
 

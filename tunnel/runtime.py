@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, systemd
+from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, rules, systemd
 from tunnel.addr import Endpoint
 from tunnel.certwatch import CertWatcher, record_not_after
 from tunnel.envconf import EnvConfig
@@ -24,9 +24,10 @@ from tunnel.listener import BUDGET, Listener
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.service import Service
-from tunnel.settings import ServiceSettings, Settings, gid_of, uid_of
+from tunnel.settings import ServiceSettings, Settings
 from tunnel.tls import TlsConfigError
 from tunnel.tls import build as build_tls
+from tunnel.values import gid_of, uid_of
 
 if TYPE_CHECKING:
     from tunnel.health import StatusServer
@@ -134,7 +135,7 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
     problems: list[Problem] = []
     tls_of: dict[str, object] = {}
     for svc in settings.services:
-        rule = conf.names_need_verify(svc, secure)
+        rule = rules.names_need_verify(svc, secure)
         if rule is not None:
             problems.append(rule)
             continue

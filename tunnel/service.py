@@ -33,11 +33,12 @@ from tunnel.metrics import STATS
 from tunnel.opening import Opening
 from tunnel.reasons import CloseReason
 from tunnel.relay import Connection, PlainSide, TlsSide
-from tunnel.settings import ServiceSettings, gid_of, uid_of
+from tunnel.settings import ServiceSettings
 from tunnel.sni import SniSwitch
 from tunnel.sockopts import socket_options
 from tunnel.tls import TlsConfig
 from tunnel.upstream import Upstream
+from tunnel.values import gid_of, uid_of
 
 if TYPE_CHECKING:
     from tunnel.systemd import Activation

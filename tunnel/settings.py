@@ -3,22 +3,36 @@
 Each option is a pydantic field: its stunnel spelling is the alias, its type does
 the parsing, and ``json_schema_extra`` says whether it may repeat, where it may
 appear, and -- when pytunnel does not implement it -- exactly why.  The reader
-(``conf.py``) feeds raw strings in; everything typed comes out of here.
+(``conf.py``) feeds raw strings in; everything typed comes out of here.  The value types
+(how one value is parsed) live in ``values.py``; the rules between options in ``rules.py``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import sys
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
-from tunnel.addr import Endpoint, parse_endpoint
-from tunnel.sockopts import SocketOption, parse_socket_option
+from tunnel.values import (
+    Addr,
+    Count,
+    Debug,
+    IPText,
+    LocalAddr,
+    Retry,
+    Seconds,
+    SockOpt,
+    SslOption,
+    TicketSecret,
+    TlsVersion,
+    Transparent,
+    YesNo,
+    one_of,
+    to_int,
+)
 
 # Building these models asks pydantic for plugins, which scans the metadata of every
 # installed distribution (~50-70 ms of start-up).  pytunnel uses none: skip the scan while
@@ -26,249 +40,6 @@ from tunnel.sockopts import SocketOption, parse_socket_option
 _PLUGINS_ENV = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
 os.environ["PYDANTIC_DISABLE_PLUGINS"] = _PLUGINS_ENV if _PLUGINS_ENV is not None else "__all__"
 
-# --------------------------------------------------------------------------- types
-
-
-def _yes_no(value: object) -> object:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low == "yes":
-            return True
-        if low == "no":
-            return False
-    raise ValueError("The argument needs to be either 'yes' or 'no'")
-
-
-def _to_int(value: object) -> object:
-    if isinstance(value, str):
-        text = value.strip()
-        if not re.fullmatch(r"\+?[0-9]+", text):  # stunnel's strtol takes "+5" as 5
-            raise ValueError(f"{text!r} is not a non-negative whole number")
-        return int(text)
-    return value
-
-
-def _endpoint(value: object) -> object:
-    if isinstance(value, str):
-        return parse_endpoint(value)
-    return value
-
-
-def _enum(*choices: str) -> BeforeValidator:
-    def check(value: object) -> object:
-        if isinstance(value, str):
-            low = value.strip().lower()
-            for choice in choices:
-                if choice.lower() == low:
-                    return choice
-            raise ValueError(f"{value.strip()!r} is not one of: {', '.join(choices)}")
-        return value
-
-    return BeforeValidator(check)
-
-
-YesNo = Annotated[bool, BeforeValidator(_yes_no)]
-Seconds = Annotated[int, BeforeValidator(_to_int), Field(ge=0)]
-Count = Annotated[int, BeforeValidator(_to_int), Field(ge=0)]
-Addr = Annotated[Endpoint, BeforeValidator(_endpoint)]
-
-
-def _ticket_secret(value: object) -> object:
-    """stunnel's ticket secrets: hex digits, ':' or '-' allowed between bytes, 16 or 32 bytes."""
-    text = str(value).replace(":", "").replace("-", "")
-    try:
-        data = bytes.fromhex(text)
-    except ValueError:
-        raise ValueError("not a hex string (e.g. 00112233445566778899aabbccddeeff)") from None
-    if len(data) not in (16, 32):
-        raise ValueError(f"value has {len(data)} bytes instead of required 16 or 32 bytes")
-    return data
-
-
-TicketSecret = Annotated[bytes, BeforeValidator(_ticket_secret)]
-
-LOG_LEVELS = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
-SYSLOG_FACILITIES = [
-    "auth", "cron", "daemon", "kern", "lpr", "mail", "news", "syslog", "user", "uucp",
-    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
-    "authpriv", "ftp",
-]  # fmt: skip
-
-
-def parse_debug(value: str) -> tuple[str, int]:
-    """``debug = [FACILITY.]LEVEL`` with LEVEL 0-7 or a syslog level name."""
-    text = value.strip().lower()
-    facility = "daemon"
-    if "." in text:
-        facility, _, text = text.partition(".")
-        if facility not in SYSLOG_FACILITIES:
-            raise ValueError(f"unknown syslog facility {facility!r}")
-    if text.isascii() and text.isdigit() and 0 <= int(text) <= 7:  # not int("²")
-        return facility, int(text)
-    if text in LOG_LEVELS:
-        return facility, LOG_LEVELS.index(text)
-    # stunnel's words; its names are syslog's own ("err", "warning"), no "error" or "warn"
-    raise ValueError(f"Illegal debug level {value.strip()!r}: expected 0-7 or one of {', '.join(LOG_LEVELS)}")
-
-
-def _debug(value: object) -> object:
-    if isinstance(value, str):
-        return parse_debug(value)
-    return value
-
-
-Debug = Annotated[tuple[str, int], BeforeValidator(_debug)]
-
-# OpenSSL 3.0 SSL_OP_* values (include/openssl/ssl.h.in).  Zero = obsolete no-op,
-# exactly as OpenSSL itself defines them.
-SSL_OPTIONS: dict[str, int] = {
-    "NO_EXTENDED_MASTER_SECRET": 1 << 0,
-    "CLEANSE_PLAINTEXT": 1 << 1,
-    "LEGACY_SERVER_CONNECT": 1 << 2,
-    "ENABLE_KTLS": 1 << 3,
-    "TLSEXT_PADDING": 1 << 4,
-    "SAFARI_ECDHE_ECDSA_BUG": 1 << 6,
-    "IGNORE_UNEXPECTED_EOF": 1 << 7,
-    "ALLOW_CLIENT_RENEGOTIATION": 1 << 8,
-    "DISABLE_TLSEXT_CA_NAMES": 1 << 9,
-    "ALLOW_NO_DHE_KEX": 1 << 10,
-    "DONT_INSERT_EMPTY_FRAGMENTS": 1 << 11,
-    "NO_QUERY_MTU": 1 << 12,
-    "COOKIE_EXCHANGE": 1 << 13,
-    "NO_TICKET": 1 << 14,
-    "CISCO_ANYCONNECT": 1 << 15,
-    "NO_SESSION_RESUMPTION_ON_RENEGOTIATION": 1 << 16,
-    "NO_COMPRESSION": 1 << 17,
-    "ALLOW_UNSAFE_LEGACY_RENEGOTIATION": 1 << 18,
-    "NO_ENCRYPT_THEN_MAC": 1 << 19,
-    "ENABLE_MIDDLEBOX_COMPAT": 1 << 20,
-    "PRIORITIZE_CHACHA": 1 << 21,
-    "CIPHER_SERVER_PREFERENCE": 1 << 22,
-    "TLS_ROLLBACK_BUG": 1 << 23,
-    "NO_ANTI_REPLAY": 1 << 24,
-    "NO_SSLv3": 1 << 25,
-    "NO_TLSv1": 1 << 26,
-    "NO_TLSv1_2": 1 << 27,
-    "NO_TLSv1_1": 1 << 28,
-    "NO_TLSv1_3": 1 << 29,
-    "NO_RENEGOTIATION": 1 << 30,
-    "CRYPTOPRO_TLSEXT_BUG": 1 << 31,
-    "NO_DTLSv1": 1 << 26,
-    "NO_DTLSv1_2": 1 << 27,
-    # OpenSSL 3's SSL_OP_ALL: the harmless bug workarounds
-    "ALL": (1 << 31) | (1 << 11) | (1 << 2) | (1 << 4) | (1 << 6),
-    "NO_SSL_MASK": (1 << 25) | (1 << 26) | (1 << 28) | (1 << 27) | (1 << 29),
-    "NO_DTLS_MASK": (1 << 26) | (1 << 27),
-    "MICROSOFT_SESS_ID_BUG": 0,
-    "NETSCAPE_CHALLENGE_BUG": 0,
-    "NETSCAPE_REUSE_CIPHER_CHANGE_BUG": 0,
-    "SSLREF2_REUSE_CERT_TYPE_BUG": 0,
-    "MICROSOFT_BIG_SSLV3_BUFFER": 0,
-    "SSLEAY_080_CLIENT_DH_BUG": 0,
-    "TLS_D5_BUG": 0,
-    "TLS_BLOCK_PADDING_BUG": 0,
-    "MSIE_SSLV2_RSA_PADDING": 0,
-    "SINGLE_DH_USE": 0,
-    "SINGLE_ECDH_USE": 0,
-    "EPHEMERAL_RSA": 0,
-    "NETSCAPE_CA_DN_BUG": 0,
-    "NETSCAPE_DEMO_CIPHER_CHANGE_BUG": 0,
-    "NO_SSLv2": 0,
-    "PKCS1_CHECK_1": 0,
-    "PKCS1_CHECK_2": 0,
-}
-_OPTION_NAMES = {name.upper(): name for name in SSL_OPTIONS}
-
-
-def _ssl_option(value: object) -> object:
-    if isinstance(value, str):
-        text = value.strip()
-        neg = text.startswith("-")
-        name = text[1:] if neg else text
-        canon = _OPTION_NAMES.get(name.upper())
-        if canon is None:
-            import difflib
-
-            close = difflib.get_close_matches(name.upper(), list(_OPTION_NAMES), n=1)
-            hint = f" (did you mean {_OPTION_NAMES[close[0]]}?)" if close else ""
-            raise ValueError(f"unknown TLS option {name!r}{hint}; `pytunnel -options` lists them")
-        return ("-" if neg else "") + canon
-    return value
-
-
-SslOption = Annotated[str, BeforeValidator(_ssl_option)]
-
-
-def _sockopt(value: object) -> object:
-    if isinstance(value, str):
-        return parse_socket_option(value)
-    return value
-
-
-SockOpt = Annotated[SocketOption, BeforeValidator(_sockopt)]
-
-
-def _ip(value: object) -> object:
-    if isinstance(value, str):
-        try:
-            return str(ipaddress.ip_address(value.strip()))
-        except ValueError:
-            raise ValueError(f"{value.strip()!r} is not an IP address") from None
-    return value
-
-
-IPText = Annotated[str, BeforeValidator(_ip)]
-
-
-def _local(value: object) -> object:
-    """``local``: an IP address, or a host name resolved now (stunnel resolves it when it
-    reads the file) to its first address."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return _ip(value)
-    except ValueError:
-        pass
-    import socket
-
-    text = value.strip()
-
-    try:
-        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise ValueError(f'Error resolving "{text}": {exc.strerror or exc}') from None
-    return str(infos[0][4][0])
-
-
-LocalAddr = Annotated[str, BeforeValidator(_local)]
-
-
-def _retry(value: object) -> object:
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low == "yes":
-            return 1000
-        if low == "no":
-            return 0
-        if low.isascii() and low.isdigit():  # not int("²")
-            return int(low)
-        raise ValueError("expected yes, no or a delay in milliseconds")
-    return value
-
-
-Retry = Annotated[int, BeforeValidator(_retry), Field(ge=0)]
-
-
-def _transparent(value: object) -> object:
-    from tunnel.transparent import parse_mode  # here: the reader need not import the data path
-
-    return parse_mode(value)
-
-
-TLS_VERSIONS = ("all", "SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
-TlsVersion = Annotated[str, _enum(*TLS_VERSIONS)]
 
 # ------------------------------------------------------------------ field helper
 
@@ -368,11 +139,11 @@ class ServiceSettings(BaseModel):
     )
     debug: Debug = opt(("daemon", 5), "debug", "log level 0-7 or emerg..debug, with optional syslog facility")
     delay: YesNo = opt(False, "delay", "resolve connect names at connection time (implies failover = prio)")
-    failover: Annotated[str, _enum("rr", "prio")] = opt(
+    failover: Annotated[str, one_of("rr", "prio")] = opt(
         "prio", "failover", "strategy for several connect targets: rr or prio"
     )
     local: LocalAddr | None = opt(None, "local", "source address (IP or host name) for outgoing connections")
-    logId: Annotated[str, _enum("sequential", "unique", "thread", "process")] = opt(
+    logId: Annotated[str, one_of("sequential", "unique", "thread", "process")] = opt(
         "sequential", "logId", "connection id in log lines"
     )
     options: list[SslOption] = opt(
@@ -382,7 +153,7 @@ class ServiceSettings(BaseModel):
     requireCert: YesNo = opt(False, "requireCert", "require a peer certificate")
     reset: YesNo = opt(True, "reset", "signal TLS errors to the plaintext peer with a TCP RST")
     retry: Retry = opt(0, "retry", "restart an exec+connect service: yes, no, or a delay in ms")
-    securityLevel: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=5)] = opt(
+    securityLevel: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=5)] = opt(
         2, "securityLevel", "OpenSSL security level 0-5"
     )
     sessionCacheSize: Count = opt(1000, "sessionCacheSize", "server session cache entries (0 = unlimited)")
@@ -408,7 +179,7 @@ class ServiceSettings(BaseModel):
     )
     TIMEOUTconnect: Seconds = opt(10, "TIMEOUTconnect", "seconds to connect to the remote (TCP)")
     TIMEOUTidle: Seconds = opt(43200, "TIMEOUTidle", "seconds an idle connection is kept")
-    verify: Annotated[int, BeforeValidator(_to_int), Field(ge=0, le=4)] | None = opt(
+    verify: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=4)] | None = opt(
         None, "verify", "legacy verify level 0-4 (use verifyChain/verifyPeer)"
     )
     verifyChain: YesNo | None = opt(None, "verifyChain", "verify the peer certificate chain")
@@ -502,7 +273,7 @@ class ServiceSettings(BaseModel):
     ticketMacSecret: TicketSecret | None = opt(
         None, "ticketMacSecret", "server: session ticket HMAC key, 16 or 32 bytes in hex"
     )
-    transparent: Annotated[str, BeforeValidator(_transparent)] = opt(
+    transparent: Transparent = opt(
         "none",
         "transparent",
         "transparent proxy (Linux): none, source (upstream from the client's address), destination "
@@ -517,13 +288,13 @@ class GlobalSettings(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
     chroot: str | None = opt(None, "chroot", "chroot jail directory", scope="global")
-    foreground: Annotated[str, _enum("yes", "quiet", "no")] = opt(
+    foreground: Annotated[str, one_of("yes", "quiet", "no")] = opt(
         "no",
         "foreground",
         "stay in the foreground: yes (also log to stderr), quiet, or no (daemonize)",
         scope="global",
     )
-    log: Annotated[str, _enum("append", "overwrite")] = opt(
+    log: Annotated[str, one_of("append", "overwrite")] = opt(
         "append", "log", "how the output file is opened", scope="global"
     )
     output: str | None = opt(None, "output", "append log lines to this file", scope="global")
@@ -666,18 +437,3 @@ def version_range(svc: ServiceSettings) -> tuple[str | None, str | None]:
         if hi is None or written_after(svc, "sslVersion", "sslVersionMax"):
             hi = svc.sslVersion
     return lo, hi
-
-
-def uid_of(user: str) -> int:
-    """``setuid``'s value as a number: digits as they are, a name looked up (KeyError when
-    this system has no such user)."""
-    import pwd
-
-    return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-
-
-def gid_of(group: str) -> int:
-    """``setgid``'s value as a number, as :func:`uid_of` (KeyError for an unknown group)."""
-    import grp
-
-    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid

@@ -1,4 +1,8 @@
-"""SSLContext builders and peer checks, built once per (re)load, never per connection.
+"""SSLContext builders: one :class:`TlsConfig` per service per (re)load, never per connection.
+
+:func:`build` runs one named step per group of options, in the order stunnel applies them;
+the checks made after the handshake live in tunnel/verify.py, and what the handshake's
+callbacks note for the data path in tunnel/tlsnotes.py.
 
 Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
 
@@ -7,8 +11,8 @@ Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
 * ``verifyPeer = yes``: the peer's leaf must be one of the certificates in
   CAfile/CApath.  ``VERIFY_X509_PARTIAL_CHAIN`` lets OpenSSL accept a leaf that is
   itself in the trust store; then the leaf is compared byte for byte.
-* ``checkHost``/``checkIP``/``checkEmail``: checked on the leaf after the handshake;
-  any one match is enough, as in stunnel.
+* ``checkHost``/``checkIP``/``checkEmail``: checked on the leaf after the handshake
+  (tunnel/verify.py); any one match is enough, as in stunnel.
 * ``verify = 0..4``: the legacy levels, mapped onto the above.
 * ``pytunnel run`` (secure mode) verifies a client-mode upstream by default: the chain
   and the name it connects to (``sni`` or the ``connect`` host).
@@ -17,8 +21,6 @@ Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
 from __future__ import annotations
 
 import contextlib
-import functools
-import ipaddress
 import os
 import ssl
 import tempfile
@@ -27,16 +29,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tunnel import ossl
-from tunnel.settings import SSL_OPTIONS, ServiceSettings, version_range, written_after
+from tunnel.settings import ServiceSettings, version_range
+from tunnel.tlsnotes import SLOT
+from tunnel.values import SSL_OPTIONS
+from tunnel.verify import NamesCache, Policy, check_peer, pinned_certs, policy_for
 
 if TYPE_CHECKING:
-    # cryptography is imported where a certificate is parsed, not at start-up: a client
-    # that only verifies with OpenSSL never loads it before it accepts a connection
-    from cryptography import x509
-
     from tunnel.ocsp import OcspPolicy
 
-_MISSING = object()
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
     "TLSv1.1": ssl.TLSVersion.TLSv1_1,
@@ -55,88 +55,10 @@ class TlsConfigError(Exception):
 
 
 @dataclass
-class Notes:
-    """What OpenSSL's callbacks learn during one connection's handshake."""
-
-    psk_identity: str | None = None  # the PSK identity offered (server) or sent (client)
-    psk_known: bool = False  # server: the identity was found in PSKsecrets
-    verify_errors: list[tuple[str, int]] | None = None  # redirect: (reason, depth) OpenSSL let pass
-
-
-class _Slot:
-    """The notes of the connection whose ``do_handshake()`` is running right now.
-
-    OpenSSL's callbacks receive no Python object of ours; a handshake step runs to its
-    end on the event loop's thread, so this one slot is enough (each worker is a process).
-    """
-
-    notes: Notes | None = None
-
-
-SLOT = _Slot()
-
-
-@dataclass(frozen=True)
-class Policy:
-    """What a service verifies, after the legacy ``verify`` level and mode defaults."""
-
-    request_cert: bool
-    require_cert: bool
-    verify_chain: bool
-    verify_peer: bool
-    check_hosts: tuple[str, ...]
-    check_ips: tuple[str, ...]
-    check_emails: tuple[str, ...]
-    default_name_check: bool  # secure mode: check the name we connect to
-
-
-def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
-    level = svc.verify
-    chain = bool(svc.verifyChain) or level in (1, 2, 3)
-    peer = bool(svc.verifyPeer) or level in (3, 4)
-    request = level is not None or chain or peer or svc.requireCert
-    # verifyChain/verifyPeer/verify >= 2 make a client certificate required, as they do in
-    # stunnel when they are read: a requireCert = no written after them keeps it optional
-    # (verified when one is sent), one written before them does not
-    makers = [
-        name
-        for name, on in (
-            ("verifyChain", svc.verifyChain),
-            ("verifyPeer", svc.verifyPeer),
-            ("verify", (level or 0) >= 2),
-        )
-        if on
-    ]
-    if "requireCert" in svc.model_fields_set and all(written_after(svc, "requireCert", m) for m in makers):
-        require = bool(svc.requireCert)
-    else:
-        require = bool(svc.requireCert) or bool(makers)
-    default_check = False
-    if (
-        secure
-        and svc.client
-        and svc.verifyChain is None
-        and svc.verifyPeer is None
-        and level is None
-        and not svc.PSKsecrets  # the key authenticates the server
-    ):
-        chain = request = require = True
-        default_check = not (svc.checkHost or svc.checkIP or svc.checkEmail)
-    return Policy(
-        request_cert=request,
-        require_cert=require,
-        verify_chain=chain,
-        verify_peer=peer,
-        check_hosts=tuple(svc.checkHost),
-        check_ips=tuple(svc.checkIP),
-        check_emails=tuple(svc.checkEmail),
-        default_name_check=default_check,
-    )
-
-
-@dataclass
 class TlsConfig:
-    """Everything a connection needs from TLS: the context and the post-handshake checks."""
+    """Everything a connection needs from TLS: the context and the post-handshake checks.
+
+    One per service per (re)load: :func:`build` makes it, connections only read it."""
 
     context: ssl.SSLContext
     policy: Policy
@@ -144,146 +66,195 @@ class TlsConfig:
     generation: int = 0
     redirect: bool = False  # server: a client failing verification goes to `redirect`
     ocsp: OcspPolicy | None = None  # OCSP / OCSPaia with verifyChain: checked after the handshake
-    _names_cache: dict[tuple[bytes, tuple[str, ...], tuple[str, ...]], str | None] = field(
-        default_factory=dict, repr=False
-    )
+    _names_cache: NamesCache = field(default_factory=dict, repr=False)
 
     def check_peer(self, der: bytes | None, expected_name: str | None) -> str | None:
         """Return None when the peer passes, else the reason (OpenSSL-like wording)."""
-        pol = self.policy
-        if der is None:
-            if pol.require_cert:
-                return "peer did not return a certificate"
-            return None
-        if pol.verify_peer and der not in self.pinned:
-            return "certificate verify failed: peer certificate not found in CAfile/CApath"
-        hosts = pol.check_hosts
-        ips = pol.check_ips
-        if pol.default_name_check and expected_name:
-            if _is_ip(expected_name):
-                ips = (expected_name,)
-            else:
-                hosts = (expected_name,)
-        if not (hosts or ips or pol.check_emails):
-            return None
-        # Parsing the certificate costs more than a resumed handshake: remember the verdict
-        # for the few (certificate, name) pairs a service sees.  The chain itself was
-        # verified by OpenSSL on this very connection; only the name match is cached.
-        key = (der, hosts, ips)
-        verdict = self._names_cache.get(key, _MISSING)
-        if verdict is _MISSING:
-            verdict = self._match_names(der, hosts, ips)
-            if len(self._names_cache) >= 64:
-                self._names_cache.clear()
-            self._names_cache[key] = verdict
-        return verdict  # type: ignore[return-value]
-
-    def _match_names(self, der: bytes, hosts: tuple[str, ...], ips: tuple[str, ...]) -> str | None:
-        from cryptography import x509
-
-        emails = self.policy.check_emails
-        cert = x509.load_der_x509_certificate(der)
-        if hosts and any(match_host(cert, h) for h in hosts):
-            return None
-        if ips and any(match_ip(cert, ip) for ip in ips):
-            return None
-        if emails and any(match_email(cert, e) for e in emails):
-            return None
-        wanted = ", ".join([*hosts, *ips, *emails])
-        kinds = [k for k, v in (("Hostname", hosts), ("IP address", ips), ("Email address", emails)) if v]
-        what = kinds[0] if len(kinds) == 1 else "Hostname, IP address and email"
-        return f"certificate verify failed: {what} mismatch (expected {wanted})"
+        return check_peer(self.policy, self.pinned, self._names_cache, der, expected_name)
 
 
-def _is_ip(text: str) -> bool:
+def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
+    """Build the TLS configuration of one service.  Raises TlsConfigError."""
+    pol = policy_for(svc, secure)
+    server = not svc.client
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    _set_versions(ctx, svc)
+    _set_options(ctx, svc)
+    _set_ciphers(ctx, svc)
+    _set_groups(ctx, svc)
+    _set_ciphersuites(ctx, svc)
+    if svc.cert:
+        _load_cert_chain(ctx, svc.cert, svc.key)
+    elif svc.key:
+        raise TlsConfigError("key", "key is set but cert is not")
+    _load_trust(ctx, svc, pol)
+    _load_crls(ctx, svc)
+    if pol.verify_peer:
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if svc.PSKsecrets:
+        _set_psk(ctx, svc)
+    _set_verify_mode(ctx, svc, pol)
+    _sessions(ctx, svc)
+    if svc.config:
+        _conf_commands(ctx, svc)
+    _set_verify_callback(ctx, svc, pol)
+    return TlsConfig(
+        context=ctx,
+        policy=pol,
+        pinned=pinned_certs(svc) if pol.verify_peer else frozenset(),
+        generation=generation,
+        redirect=bool(svc.redirect) and server,
+        ocsp=_ocsp_policy(svc) if (svc.OCSP or svc.OCSPaia) and pol.verify_chain else None,
+    )
+
+
+def _set_versions(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """Protocol versions: TLS 1.2 is the floor unless configured."""
+    lo, hi = version_range(svc)
     try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+        ctx.minimum_version = (
+            ssl.TLSVersion.MINIMUM_SUPPORTED
+            if lo == "all"
+            else _VERSIONS.get(lo or "TLSv1.2", ssl.TLSVersion.TLSv1_2)
+        )
+        ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED if hi in (None, "all") else _VERSIONS[hi or ""]
+    except (ValueError, KeyError) as exc:
+        raise TlsConfigError("sslVersion", str(exc)) from None
 
 
-def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
-    from cryptography import x509
+def _set_options(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """stunnel's defaults plus the configured options, in order.  CPython turns on
+    CIPHER_SERVER_PREFERENCE for every context; stunnel does not (the client's order wins)."""
+    opts = (ctx.options & ~ssl.OP_CIPHER_SERVER_PREFERENCE) | ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3
+    for item in svc.options:
+        if item.startswith("-"):
+            opts &= ~SSL_OPTIONS[item[1:]]
+        else:
+            opts |= SSL_OPTIONS[item]
+    if not svc.renegotiation:
+        opts |= ssl.OP_NO_RENEGOTIATION
+    ctx.options = opts
 
+
+def _set_ciphers(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """``ciphers`` and ``securityLevel``: a "@SECLEVEL=N" in ciphers is honoured unless
+    securityLevel is set as well."""
+    own_level = "@SECLEVEL" in svc.ciphers.upper() and "securityLevel" not in svc.model_fields_set
     try:
-        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
+        ctx.set_ciphers(svc.ciphers if own_level else f"{svc.ciphers}:@SECLEVEL={svc.securityLevel}")
+    except ssl.SSLError:
+        raise TlsConfigError("ciphers", f"no usable cipher in {svc.ciphers!r}") from None
 
 
-def _dns_match(pattern: str, host: str) -> bool:
-    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
-    if pattern == host:
-        return True
-    if pattern.startswith("*.") and "." in host:
-        # RFC 6125: the wildcard covers exactly one left-most label
-        return host.split(".", 1)[1] == pattern[2:] and bool(host.split(".", 1)[0])
-    return False
-
-
-def match_host(cert: x509.Certificate, host: str) -> bool:
-    from cryptography import x509
-
-    san = _san(cert)
-    names = san.get_values_for_type(x509.DNSName) if san else []
-    if not names:  # no SAN DNS names: fall back to the subject CN, as OpenSSL does
-        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-    return any(_dns_match(n, host) for n in names)
-
-
-def match_ip(cert: x509.Certificate, ip: str) -> bool:
-    from cryptography import x509
-
-    san = _san(cert)
-    if not san:
-        return False
-    want = ipaddress.ip_address(ip)
-    return any(addr == want for addr in san.get_values_for_type(x509.IPAddress))
-
-
-def match_email(cert: x509.Certificate, email: str) -> bool:
-    from cryptography import x509
-
-    san = _san(cert)
-    names = san.get_values_for_type(x509.RFC822Name) if san else []
-    return any(n.lower() == email.lower() for n in names)
-
-
-def client_dn(der: bytes | None) -> tuple[str, str] | None:
-    """(subject, issuer) of a peer certificate as stunnel puts them in SSL_CLIENT_DN/_I_DN
-    (``O=Org, OU=Unit, CN=name``: in certificate order)."""
-    from cryptography import x509
-
-    if not der:
-        return None
+def _set_groups(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """``curves``: OpenSSL's group list, as stunnel sets it (names in any case: x25519,
+    secp256r1, P-256)."""
+    default_curves = ServiceSettings.model_fields["curves"].default
+    if (
+        svc.curves == default_curves
+    ):  # stunnel's default groups and order (OpenSSL's would add the FFDHE groups)
+        _ossl_default(lambda: ossl.groups(ctx, default_curves))
+        return
     try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return None
-
-    def oneline(name: x509.Name) -> str:
-        return ", ".join(f"{a.rfc4514_attribute_name}={a.value!s}" for a in name)
-
-    return oneline(cert.subject), oneline(cert.issuer)
-
-
-@functools.lru_cache(maxsize=256)
-def subject_line(der: bytes) -> str:
-    """A certificate's subject as stunnel logs it (``O=Org, OU=Unit, CN=name``)."""
-    dn = client_dn(der)
-    return dn[0] if dn else "?"
+        ok = ossl.groups(ctx, svc.curves)
+    except ossl.Unavailable as exc:
+        if ":" in svc.curves:
+            raise TlsConfigError(
+                "curves", f"a list of groups is not available with this Python: {exc}"
+            ) from None
+        try:  # one group: Python's own call
+            ctx.set_ecdh_curve(_CURVE_NAMES.get(svc.curves, svc.curves))
+            ok = True
+        except (ValueError, ssl.SSLError):
+            ok = False
+    if not ok:
+        raise TlsConfigError("curves", f"unknown group in {svc.curves!r}")
 
 
-def peer_subject(der: bytes | None) -> str:
-    from cryptography import x509
+def _set_ciphersuites(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    if svc.ciphersuites == ServiceSettings.model_fields["ciphersuites"].default:
+        _ossl_default(lambda: ossl.ciphersuites(ctx, svc.ciphersuites))  # stunnel's order
+    else:
+        _ossl(
+            "ciphersuites",
+            lambda: ossl.ciphersuites(ctx, svc.ciphersuites),
+            f"no usable TLS 1.3 ciphersuite in {svc.ciphersuites!r}",
+        )
 
-    if not der:
-        return ""
+
+def _load_trust(ctx: ssl.SSLContext, svc: ServiceSettings, pol: Policy) -> None:
+    """CAfile, CApath, CAstore; the system store when the chain is verified without them."""
     try:
-        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
-    except ValueError:
-        return ""
+        if svc.CAfile:
+            ctx.load_verify_locations(cafile=svc.CAfile)
+        if svc.CApath:
+            if not os.path.isdir(svc.CApath):
+                raise TlsConfigError("CApath", f"{svc.CApath} is not a directory")
+            ctx.load_verify_locations(capath=svc.CApath)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError(
+            "CAfile" if svc.CAfile else "CApath", f"cannot load {svc.CAfile or svc.CApath}: {exc}"
+        ) from None
+    if svc.CAstore:
+        _ossl("CAstore", lambda: ossl.verify_store(ctx, svc.CAstore or ""), f"cannot load {svc.CAstore}")
+    if pol.verify_chain and not (svc.CAfile or svc.CApath or svc.CAstore):
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH if svc.client else ssl.Purpose.CLIENT_AUTH)
+
+
+def _load_crls(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """CRLfile and CRLpath: the leaf is checked against them."""
+    if not (svc.CRLfile or svc.CRLpath):
+        return
+    try:
+        if svc.CRLfile:
+            with open(svc.CRLfile, "rb") as fh:
+                if b"-----BEGIN X509 CRL-----" not in fh.read():
+                    raise ssl.SSLError("no CRL in it (PEM routines::no start line)")
+            ctx.load_verify_locations(cafile=svc.CRLfile)
+        if svc.CRLpath:
+            ctx.load_verify_locations(capath=svc.CRLpath)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError(
+            "CRLfile" if svc.CRLfile else "CRLpath", f"cannot load {svc.CRLfile or svc.CRLpath}: {exc}"
+        ) from None
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
+def _set_verify_mode(ctx: ssl.SSLContext, svc: ServiceSettings, pol: Policy) -> None:
+    """Whether a certificate is asked for, and whether OpenSSL requires it."""
+    if svc.client:
+        ctx.verify_mode = ssl.CERT_REQUIRED if (pol.verify_chain or pol.verify_peer) else ssl.CERT_NONE
+    elif pol.request_cert:
+        # redirect: a client without a certificate completes the handshake and is redirected
+        ctx.verify_mode = ssl.CERT_REQUIRED if pol.require_cert and not svc.redirect else ssl.CERT_OPTIONAL
+        if svc.CAfile or svc.CApath:  # the CA names clients choose their certificate by
+            _ossl_default(lambda: ossl.client_ca_list(ctx, svc.CAfile, svc.CApath))
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+
+
+def _conf_commands(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """``config = COMMAND:VALUE`` lines through OpenSSL's SSL_CONF."""
+    commands = [(c.partition(":")[0].strip(), c.partition(":")[2].strip()) for c in svc.config]
+    try:
+        ossl.conf_commands(ctx, commands, not svc.client)
+    except ValueError as exc:
+        raise TlsConfigError("config", str(exc)) from None
+    except ossl.Unavailable as exc:
+        raise TlsConfigError("config", f"not available with this Python: {exc}") from None
+
+
+def _set_verify_callback(ctx: ssl.SSLContext, svc: ServiceSettings, pol: Policy) -> None:
+    """A server whose OpenSSL verdict is noted (redirect) or overruled (verification off)."""
+    server = not svc.client
+    if svc.redirect and server:
+        _ossl("redirect", lambda: ossl.verify_errors(ctx, _note_verify_error), "")
+    elif server and pol.request_cert and not (pol.verify_chain or pol.verify_peer):
+        # verify = 0, or requireCert = yes alone: ask for a certificate and take any (stunnel's
+        # "Certificate verification disabled"); Python's ssl verifies every certificate it asks
+        # for, so OpenSSL's verdict is overruled through a verify callback
+        _ossl("requireCert" if svc.requireCert else "verify", lambda: ossl.verify_errors(ctx, _ignore), "")
 
 
 def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
@@ -326,176 +297,6 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
         ctx.load_cert_chain(tmp)
     finally:
         os.unlink(tmp)
-
-
-def _pinned(svc: ServiceSettings) -> frozenset[bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    out: set[bytes] = set()
-    files: list[str] = []
-    if svc.CAfile:
-        files.append(svc.CAfile)
-    if svc.CApath and os.path.isdir(svc.CApath):
-        files += [
-            os.path.join(svc.CApath, n)
-            for n in sorted(os.listdir(svc.CApath))
-            if os.path.isfile(os.path.join(svc.CApath, n))
-        ]
-    for path in files:
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        try:
-            for cert in x509.load_pem_x509_certificates(data):
-                out.add(cert.public_bytes(Encoding.DER))
-        except ValueError:
-            continue
-    return frozenset(out)
-
-
-def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
-    """Build the TLS configuration of one service.  Raises TlsConfigError."""
-    pol = policy_for(svc, secure)
-    server = not svc.client
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-
-    # protocol versions: TLS 1.2 is the floor unless configured
-    lo, hi = version_range(svc)
-    try:
-        ctx.minimum_version = (
-            ssl.TLSVersion.MINIMUM_SUPPORTED
-            if lo == "all"
-            else _VERSIONS.get(lo or "TLSv1.2", ssl.TLSVersion.TLSv1_2)
-        )
-        ctx.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED if hi in (None, "all") else _VERSIONS[hi or ""]
-    except (ValueError, KeyError) as exc:
-        raise TlsConfigError("sslVersion", str(exc)) from None
-
-    # options: stunnel's defaults plus the configured ones, in order.  CPython turns on
-    # CIPHER_SERVER_PREFERENCE for every context; stunnel does not (the client's order wins)
-    opts = (ctx.options & ~ssl.OP_CIPHER_SERVER_PREFERENCE) | ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3
-    for item in svc.options:
-        if item.startswith("-"):
-            opts &= ~SSL_OPTIONS[item[1:]]
-        else:
-            opts |= SSL_OPTIONS[item]
-    if not svc.renegotiation:
-        opts |= ssl.OP_NO_RENEGOTIATION
-    ctx.options = opts
-
-    # a "@SECLEVEL=N" in ciphers is honoured unless securityLevel is set as well
-    own_level = "@SECLEVEL" in svc.ciphers.upper() and "securityLevel" not in svc.model_fields_set
-    try:
-        ctx.set_ciphers(svc.ciphers if own_level else f"{svc.ciphers}:@SECLEVEL={svc.securityLevel}")
-    except ssl.SSLError:
-        raise TlsConfigError("ciphers", f"no usable cipher in {svc.ciphers!r}") from None
-    default_curves = ServiceSettings.model_fields["curves"].default
-    if svc.curves != default_curves:
-        # OpenSSL's group list, as stunnel sets it (names in any case: x25519, secp256r1, P-256)
-        try:
-            ok = ossl.groups(ctx, svc.curves)
-        except ossl.Unavailable as exc:
-            if ":" in svc.curves:
-                raise TlsConfigError(
-                    "curves", f"a list of groups is not available with this Python: {exc}"
-                ) from None
-            try:  # one group: Python's own call
-                ctx.set_ecdh_curve(_CURVE_NAMES.get(svc.curves, svc.curves))
-                ok = True
-            except (ValueError, ssl.SSLError):
-                ok = False
-        if not ok:
-            raise TlsConfigError("curves", f"unknown group in {svc.curves!r}")
-    else:  # stunnel's default groups and order (OpenSSL's would add the FFDHE groups)
-        _ossl_default(lambda: ossl.groups(ctx, default_curves))
-    if svc.ciphersuites == ServiceSettings.model_fields["ciphersuites"].default:
-        _ossl_default(lambda: ossl.ciphersuites(ctx, svc.ciphersuites))  # stunnel's order
-    else:
-        _ossl(
-            "ciphersuites",
-            lambda: ossl.ciphersuites(ctx, svc.ciphersuites),
-            f"no usable TLS 1.3 ciphersuite in {svc.ciphersuites!r}",
-        )
-
-    if svc.cert:
-        _load_cert_chain(ctx, svc.cert, svc.key)
-    elif svc.key:
-        raise TlsConfigError("key", "key is set but cert is not")
-
-    try:
-        if svc.CAfile:
-            ctx.load_verify_locations(cafile=svc.CAfile)
-        if svc.CApath:
-            if not os.path.isdir(svc.CApath):
-                raise TlsConfigError("CApath", f"{svc.CApath} is not a directory")
-            ctx.load_verify_locations(capath=svc.CApath)
-    except (ssl.SSLError, OSError) as exc:
-        raise TlsConfigError(
-            "CAfile" if svc.CAfile else "CApath", f"cannot load {svc.CAfile or svc.CApath}: {exc}"
-        ) from None
-    if svc.CAstore:
-        _ossl("CAstore", lambda: ossl.verify_store(ctx, svc.CAstore or ""), f"cannot load {svc.CAstore}")
-    if pol.verify_chain and not (svc.CAfile or svc.CApath or svc.CAstore):
-        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH if svc.client else ssl.Purpose.CLIENT_AUTH)
-    if svc.CRLfile or svc.CRLpath:
-        try:
-            if svc.CRLfile:
-                with open(svc.CRLfile, "rb") as fh:
-                    if b"-----BEGIN X509 CRL-----" not in fh.read():
-                        raise ssl.SSLError("no CRL in it (PEM routines::no start line)")
-                ctx.load_verify_locations(cafile=svc.CRLfile)
-            if svc.CRLpath:
-                ctx.load_verify_locations(capath=svc.CRLpath)
-        except (ssl.SSLError, OSError) as exc:
-            raise TlsConfigError(
-                "CRLfile" if svc.CRLfile else "CRLpath", f"cannot load {svc.CRLfile or svc.CRLpath}: {exc}"
-            ) from None
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-
-    if pol.verify_peer:
-        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    if svc.PSKsecrets:
-        _set_psk(ctx, svc)
-    if server:
-        if pol.request_cert:
-            # redirect: a client without a certificate completes the handshake and is redirected
-            ctx.verify_mode = (
-                ssl.CERT_REQUIRED if pol.require_cert and not svc.redirect else ssl.CERT_OPTIONAL
-            )
-            if svc.CAfile or svc.CApath:  # the CA names clients choose their certificate by
-                _ossl_default(lambda: ossl.client_ca_list(ctx, svc.CAfile, svc.CApath))
-        else:
-            ctx.verify_mode = ssl.CERT_NONE
-    else:
-        ctx.verify_mode = ssl.CERT_REQUIRED if (pol.verify_chain or pol.verify_peer) else ssl.CERT_NONE
-    _sessions(ctx, svc)
-    if svc.config:
-        commands = [(c.partition(":")[0].strip(), c.partition(":")[2].strip()) for c in svc.config]
-        try:
-            ossl.conf_commands(ctx, commands, server)
-        except ValueError as exc:
-            raise TlsConfigError("config", str(exc)) from None
-        except ossl.Unavailable as exc:
-            raise TlsConfigError("config", f"not available with this Python: {exc}") from None
-    if svc.redirect and server:
-        _ossl("redirect", lambda: ossl.verify_errors(ctx, _note_verify_error), "")
-    elif server and pol.request_cert and not (pol.verify_chain or pol.verify_peer):
-        # verify = 0, or requireCert = yes alone: ask for a certificate and take any (stunnel's
-        # "Certificate verification disabled"); Python's ssl verifies every certificate it asks
-        # for, so OpenSSL's verdict is overruled through a verify callback
-        _ossl("requireCert" if svc.requireCert else "verify", lambda: ossl.verify_errors(ctx, _ignore), "")
-    return TlsConfig(
-        context=ctx,
-        policy=pol,
-        pinned=_pinned(svc) if pol.verify_peer else frozenset(),
-        generation=generation,
-        redirect=bool(svc.redirect) and server,
-        ocsp=_ocsp_policy(svc) if (svc.OCSP or svc.OCSPaia) and pol.verify_chain else None,
-    )
 
 
 def _ocsp_policy(svc: ServiceSettings) -> OcspPolicy:
@@ -670,13 +471,3 @@ def client_sni(svc: ServiceSettings, target_host: str | None) -> str | None:
     if target_host:
         return target_host
     return "localhost"
-
-
-def reason_of(exc: BaseException) -> str:
-    """OpenSSL's reason text where there is one (tools grep for it)."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        return reason.replace("_", " ").lower() if reason.isupper() else reason
-    return str(exc) or type(exc).__name__

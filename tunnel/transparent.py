@@ -23,15 +23,11 @@ import contextlib
 import errno
 import os
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from tunnel.addr import format_sockaddr, original_destination
 from tunnel.logs import log
-
-MODES = ("none", "source", "destination", "both")
-LEGACY = {"yes": "source", "no": "none"}
 
 # linux/in.h, linux/in6.h
 SOL_IP = 0
@@ -53,27 +49,6 @@ CAPABILITY_HINT = (
     "needs CAP_NET_ADMIN (Linux also accepts CAP_NET_RAW): run pytunnel as root without setuid, "
     "or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN)"
 )
-
-
-def parse_mode(value: object) -> object:
-    """The option's value: none|source|destination|both, or legacy yes (source) / no (none).
-
-    Any mode but ``none`` is refused outside Linux, when the configuration is read."""
-    if not isinstance(value, str):
-        return value
-    low = value.strip().lower()
-    mode = LEGACY.get(low, low)
-    if mode not in MODES:
-        raise ValueError(
-            "Selected transparent proxy mode is not available: use none, source, destination or both "
-            "(legacy: yes = source, no = none)"
-        )
-    if mode != "none" and not sys.platform.startswith("linux"):
-        raise ValueError(
-            f"transparent = {mode} is only available on Linux (IP_TRANSPARENT, SO_ORIGINAL_DST); "
-            f"this system is {sys.platform}"
-        )
-    return mode
 
 
 def uses_source(mode: str | None) -> bool:

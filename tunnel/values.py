@@ -1,0 +1,303 @@
+"""The value types of stunnel options: how one ``name = value`` line's value is parsed.
+
+Each type is an ``Annotated`` type whose ``BeforeValidator`` turns stunnel's text into the
+typed value (or raises ValueError with the one sentence the reader reports); the models in
+``settings.py`` use them for their fields.  Also the tables values are checked against
+(log levels, OpenSSL's SSL_OP_* names, TLS versions, transparent modes) and the lookups of
+``setuid``/``setgid`` names.
+
+Imports addr and sockopts (the endpoint and socket-option parsers), nothing above them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field
+
+from tunnel.addr import Endpoint, parse_endpoint
+from tunnel.sockopts import SocketOption, parse_socket_option
+
+
+def _yes_no(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "yes":
+            return True
+        if low == "no":
+            return False
+    raise ValueError("The argument needs to be either 'yes' or 'no'")
+
+
+def to_int(value: object) -> object:
+    """A non-negative whole number written in decimal (stunnel's strtol, without the sign)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not re.fullmatch(r"\+?[0-9]+", text):  # stunnel's strtol takes "+5" as 5
+            raise ValueError(f"{text!r} is not a non-negative whole number")
+        return int(text)
+    return value
+
+
+def _endpoint(value: object) -> object:
+    if isinstance(value, str):
+        return parse_endpoint(value)
+    return value
+
+
+def one_of(*choices: str) -> BeforeValidator:
+    """One of ``choices`` in any case; the value becomes the choice as spelled here."""
+
+    def check(value: object) -> object:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            for choice in choices:
+                if choice.lower() == low:
+                    return choice
+            raise ValueError(f"{value.strip()!r} is not one of: {', '.join(choices)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+YesNo = Annotated[bool, BeforeValidator(_yes_no)]
+Seconds = Annotated[int, BeforeValidator(to_int), Field(ge=0)]
+Count = Annotated[int, BeforeValidator(to_int), Field(ge=0)]
+Addr = Annotated[Endpoint, BeforeValidator(_endpoint)]
+
+
+def _ticket_secret(value: object) -> object:
+    """stunnel's ticket secrets: hex digits, ':' or '-' allowed between bytes, 16 or 32 bytes."""
+    text = str(value).replace(":", "").replace("-", "")
+    try:
+        data = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError("not a hex string (e.g. 00112233445566778899aabbccddeeff)") from None
+    if len(data) not in (16, 32):
+        raise ValueError(f"value has {len(data)} bytes instead of required 16 or 32 bytes")
+    return data
+
+
+TicketSecret = Annotated[bytes, BeforeValidator(_ticket_secret)]
+
+LOG_LEVELS = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
+SYSLOG_FACILITIES = [
+    "auth", "cron", "daemon", "kern", "lpr", "mail", "news", "syslog", "user", "uucp",
+    "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7",
+    "authpriv", "ftp",
+]  # fmt: skip
+
+
+def parse_debug(value: str) -> tuple[str, int]:
+    """``debug = [FACILITY.]LEVEL`` with LEVEL 0-7 or a syslog level name."""
+    text = value.strip().lower()
+    facility = "daemon"
+    if "." in text:
+        facility, _, text = text.partition(".")
+        if facility not in SYSLOG_FACILITIES:
+            raise ValueError(f"unknown syslog facility {facility!r}")
+    if text.isascii() and text.isdigit() and 0 <= int(text) <= 7:  # not int("²")
+        return facility, int(text)
+    if text in LOG_LEVELS:
+        return facility, LOG_LEVELS.index(text)
+    # stunnel's words; its names are syslog's own ("err", "warning"), no "error" or "warn"
+    raise ValueError(f"Illegal debug level {value.strip()!r}: expected 0-7 or one of {', '.join(LOG_LEVELS)}")
+
+
+def _debug(value: object) -> object:
+    if isinstance(value, str):
+        return parse_debug(value)
+    return value
+
+
+Debug = Annotated[tuple[str, int], BeforeValidator(_debug)]
+
+# OpenSSL 3.0 SSL_OP_* values (include/openssl/ssl.h.in).  Zero = obsolete no-op,
+# exactly as OpenSSL itself defines them.
+SSL_OPTIONS: dict[str, int] = {
+    "NO_EXTENDED_MASTER_SECRET": 1 << 0,
+    "CLEANSE_PLAINTEXT": 1 << 1,
+    "LEGACY_SERVER_CONNECT": 1 << 2,
+    "ENABLE_KTLS": 1 << 3,
+    "TLSEXT_PADDING": 1 << 4,
+    "SAFARI_ECDHE_ECDSA_BUG": 1 << 6,
+    "IGNORE_UNEXPECTED_EOF": 1 << 7,
+    "ALLOW_CLIENT_RENEGOTIATION": 1 << 8,
+    "DISABLE_TLSEXT_CA_NAMES": 1 << 9,
+    "ALLOW_NO_DHE_KEX": 1 << 10,
+    "DONT_INSERT_EMPTY_FRAGMENTS": 1 << 11,
+    "NO_QUERY_MTU": 1 << 12,
+    "COOKIE_EXCHANGE": 1 << 13,
+    "NO_TICKET": 1 << 14,
+    "CISCO_ANYCONNECT": 1 << 15,
+    "NO_SESSION_RESUMPTION_ON_RENEGOTIATION": 1 << 16,
+    "NO_COMPRESSION": 1 << 17,
+    "ALLOW_UNSAFE_LEGACY_RENEGOTIATION": 1 << 18,
+    "NO_ENCRYPT_THEN_MAC": 1 << 19,
+    "ENABLE_MIDDLEBOX_COMPAT": 1 << 20,
+    "PRIORITIZE_CHACHA": 1 << 21,
+    "CIPHER_SERVER_PREFERENCE": 1 << 22,
+    "TLS_ROLLBACK_BUG": 1 << 23,
+    "NO_ANTI_REPLAY": 1 << 24,
+    "NO_SSLv3": 1 << 25,
+    "NO_TLSv1": 1 << 26,
+    "NO_TLSv1_2": 1 << 27,
+    "NO_TLSv1_1": 1 << 28,
+    "NO_TLSv1_3": 1 << 29,
+    "NO_RENEGOTIATION": 1 << 30,
+    "CRYPTOPRO_TLSEXT_BUG": 1 << 31,
+    "NO_DTLSv1": 1 << 26,
+    "NO_DTLSv1_2": 1 << 27,
+    # OpenSSL 3's SSL_OP_ALL: the harmless bug workarounds
+    "ALL": (1 << 31) | (1 << 11) | (1 << 2) | (1 << 4) | (1 << 6),
+    "NO_SSL_MASK": (1 << 25) | (1 << 26) | (1 << 28) | (1 << 27) | (1 << 29),
+    "NO_DTLS_MASK": (1 << 26) | (1 << 27),
+    "MICROSOFT_SESS_ID_BUG": 0,
+    "NETSCAPE_CHALLENGE_BUG": 0,
+    "NETSCAPE_REUSE_CIPHER_CHANGE_BUG": 0,
+    "SSLREF2_REUSE_CERT_TYPE_BUG": 0,
+    "MICROSOFT_BIG_SSLV3_BUFFER": 0,
+    "SSLEAY_080_CLIENT_DH_BUG": 0,
+    "TLS_D5_BUG": 0,
+    "TLS_BLOCK_PADDING_BUG": 0,
+    "MSIE_SSLV2_RSA_PADDING": 0,
+    "SINGLE_DH_USE": 0,
+    "SINGLE_ECDH_USE": 0,
+    "EPHEMERAL_RSA": 0,
+    "NETSCAPE_CA_DN_BUG": 0,
+    "NETSCAPE_DEMO_CIPHER_CHANGE_BUG": 0,
+    "NO_SSLv2": 0,
+    "PKCS1_CHECK_1": 0,
+    "PKCS1_CHECK_2": 0,
+}
+_OPTION_NAMES = {name.upper(): name for name in SSL_OPTIONS}
+
+
+def _ssl_option(value: object) -> object:
+    if isinstance(value, str):
+        text = value.strip()
+        neg = text.startswith("-")
+        name = text[1:] if neg else text
+        canon = _OPTION_NAMES.get(name.upper())
+        if canon is None:
+            import difflib
+
+            close = difflib.get_close_matches(name.upper(), list(_OPTION_NAMES), n=1)
+            hint = f" (did you mean {_OPTION_NAMES[close[0]]}?)" if close else ""
+            raise ValueError(f"unknown TLS option {name!r}{hint}; `pytunnel -options` lists them")
+        return ("-" if neg else "") + canon
+    return value
+
+
+SslOption = Annotated[str, BeforeValidator(_ssl_option)]
+
+
+def _sockopt(value: object) -> object:
+    if isinstance(value, str):
+        return parse_socket_option(value)
+    return value
+
+
+SockOpt = Annotated[SocketOption, BeforeValidator(_sockopt)]
+
+
+def _ip(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"{value.strip()!r} is not an IP address") from None
+    return value
+
+
+IPText = Annotated[str, BeforeValidator(_ip)]
+
+
+def _local(value: object) -> object:
+    """``local``: an IP address, or a host name resolved now (stunnel resolves it when it
+    reads the file) to its first address."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return _ip(value)
+    except ValueError:
+        pass
+    import socket
+
+    text = value.strip()
+
+    try:
+        infos = socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f'Error resolving "{text}": {exc.strerror or exc}') from None
+    return str(infos[0][4][0])
+
+
+LocalAddr = Annotated[str, BeforeValidator(_local)]
+
+
+def _retry(value: object) -> object:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "yes":
+            return 1000
+        if low == "no":
+            return 0
+        if low.isascii() and low.isdigit():  # not int("²")
+            return int(low)
+        raise ValueError("expected yes, no or a delay in milliseconds")
+    return value
+
+
+Retry = Annotated[int, BeforeValidator(_retry), Field(ge=0)]
+
+
+TRANSPARENT_MODES = ("none", "source", "destination", "both")
+TRANSPARENT_LEGACY = {"yes": "source", "no": "none"}
+
+
+def parse_mode(value: object) -> object:
+    """The option's value: none|source|destination|both, or legacy yes (source) / no (none).
+
+    Any mode but ``none`` is refused outside Linux, when the configuration is read."""
+    if not isinstance(value, str):
+        return value
+    low = value.strip().lower()
+    mode = TRANSPARENT_LEGACY.get(low, low)
+    if mode not in TRANSPARENT_MODES:
+        raise ValueError(
+            "Selected transparent proxy mode is not available: use none, source, destination or both "
+            "(legacy: yes = source, no = none)"
+        )
+    if mode != "none" and not sys.platform.startswith("linux"):
+        raise ValueError(
+            f"transparent = {mode} is only available on Linux (IP_TRANSPARENT, SO_ORIGINAL_DST); "
+            f"this system is {sys.platform}"
+        )
+    return mode
+
+
+Transparent = Annotated[str, BeforeValidator(parse_mode)]
+
+TLS_VERSIONS = ("all", "SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+TlsVersion = Annotated[str, one_of(*TLS_VERSIONS)]
+
+
+def uid_of(user: str) -> int:
+    """``setuid``'s value as a number: digits as they are, a name looked up (KeyError when
+    this system has no such user)."""
+    import pwd
+
+    return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+
+
+def gid_of(group: str) -> int:
+    """``setgid``'s value as a number, as :func:`uid_of` (KeyError for an unknown group)."""
+    import grp
+
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
