@@ -225,6 +225,7 @@ class Server:
                 log.ui(3, err)
 
     def close_all(self) -> None:
+        """Close every listening socket and the status port (live connections go on)."""
         for service in self.services:
             service.close_listeners()
         if self.status is not None:
