@@ -862,7 +862,7 @@ def test_group_readable_key_is_warned(
     tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, tmp_path: Path
 ) -> None:
     """A private key readable by group or others: stunnel's warning `Insecure file permissions on
-    FILE` (pytunnel gained it during this work: tunnel/runtime.py)."""
+    FILE` (pytunnel gained it during this work: tunnel/process.py)."""
     key = tmp_path / "loose.pem"
     key.write_bytes(certs.server_pem.read_bytes())
     key.chmod(0o644)

@@ -15,16 +15,15 @@ import asyncio
 import datetime
 import hashlib
 import os
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from tunnel.logs import log
 from tunnel.metrics import STATS
-from tunnel.tls import TlsConfigError
+from tunnel.tls import TlsConfig, TlsConfigError
 from tunnel.tls import build as build_tls
 
 if TYPE_CHECKING:
-    from tunnel.service import Service
     from tunnel.settings import ServiceSettings
 
 FILE_OPTIONS = ("cert", "key", "CAfile", "CRLfile", "PSKsecrets")
@@ -84,18 +83,33 @@ def cert_not_after(path: str) -> float | None:
     return when.timestamp()
 
 
+class Watched(Protocol):
+    """What the watcher needs of a service: its settings (the files), its TLS context
+    (the generation) and a way to swap that context; SNI secondaries are watched too."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> ServiceSettings: ...
+    @property
+    def tls(self) -> TlsConfig: ...
+    @property
+    def secondaries(self) -> Sequence[Watched]: ...
+    def swap_tls(self, tls: TlsConfig) -> None: ...
+
+
 class CertWatcher:
     """Polls every ``interval`` seconds; ``services()`` gives the services in use now."""
 
-    def __init__(self, services: Callable[[], list[Service]], secure: bool, interval: float) -> None:
+    def __init__(self, services: Callable[[], Sequence[Watched]], secure: bool, interval: float) -> None:
         self._services = services
         self.secure = secure
         self.interval = interval
         self.seen: dict[int, str] = {}  # id(service) -> digest last acted on
         self.task: asyncio.Task[None] | None = None
 
-    def current(self) -> list[Service]:
-        out: list[Service] = []
+    def current(self) -> list[Watched]:
+        out: list[Watched] = []
         for service in self._services():
             out.append(service)
             out.extend(service.secondaries)
@@ -131,7 +145,7 @@ class CertWatcher:
             self.seen[id(service)] = now
             self.reload(service)
 
-    def reload(self, service: Service) -> bool:
+    def reload(self, service: Watched) -> bool:
         svc = service.settings
         try:
             new = build_tls(svc, self.secure, service.tls.generation + 1)

@@ -8,12 +8,16 @@ keep working.  ``pytunnel run CONFIG`` applies pytunnel's secure defaults.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from tunnel import __version__, envconf
+from tunnel.config import OPS, Config, Ops, Source, banner, env_source, fd_source
 from tunnel.errors import CONFIG_FAILURE
-from tunnel.runtime import Ops, Source, banner, check_source, env_source, run_path, run_source
+from tunnel.logs import log
+from tunnel.server import Server
 from tunnel.settings import (
     GLOBAL_FIELDS,
     SERVICE_FIELDS,
@@ -21,8 +25,11 @@ from tunnel.settings import (
     field_meta,
 )
 from tunnel.sockopts import sockets_text
+from tunnel.status import probe
 from tunnel.values import SSL_OPTIONS
+from tunnel.workers import Supervisor
 
+F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 WINDOWS_FLAGS = {"-install", "-uninstall", "-start", "-stop", "-reload", "-reopen", "-exit", "-quiet"}
 STUNNEL_FLAGS = {"-version", "-help", "-sockets", "-options", "-fd"} | WINDOWS_FLAGS
@@ -59,77 +66,86 @@ def _source(config: str | None) -> Source | int:
     )
 
 
-def _workers(value: str | None) -> str | None:
-    if not value:
-        return None
-    from tunnel.workers import worker_count
+def ops_option(attr: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
+    """``click.option`` for the ``Ops`` field ``attr``: its variables and parser from OPS."""
+    var = OPS[attr]
 
+    def parse(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return var.parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc) if var.names_value else f"{value!r}: {exc}") from None
+
+    return click.option(*decls, type=str, envvar=list(var.envvars), callback=parse, **kwargs)
+
+
+def start(config: Config) -> int:
+    """Load ``config`` and run it: inetd's one connection, one process, or pre-forked workers."""
+    code = config.load()
+    if code:
+        return code
+    assert config.settings is not None
+    if config.settings.inetd:
+        return Server(config).run_inetd()
     try:
-        worker_count(value)
+        workers = config.worker_count()
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
-
-
-def _status_address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    if value is None or value == "":
-        return None
-    from tunnel.health import parse_status
-
-    try:
-        parse_status(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
+        log.ui(3, str(exc))
+        log.ui(3, "Configuration failed")
+        return CONFIG_FAILURE
+    server = Server(config, workers=workers)
+    if workers == 1:
+        return server.run()
+    return server.prepare() or Supervisor(server, workers).run()
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("config", type=click.Path(dir_okay=False), envvar="PYTUNNEL_CONFIG", required=False)
-@click.option(
+@ops_option(
+    "drain_timeout",
     "--drain-timeout",
-    type=click.FloatRange(min=0),
+    metavar="SECONDS",
     default=5.0,
     show_default=True,
-    envvar=["PYTUNNEL_DRAIN_TIMEOUT", "PYTUNNEL_RUN_DRAIN_TIMEOUT"],
     help="Seconds to let live connections finish after SIGTERM/SIGINT before closing them.",
 )
-@click.option(
+@ops_option(
+    "pre_drain_delay",
     "--pre-drain-delay",
-    type=click.FloatRange(min=0),
+    metavar="SECONDS",
     default=0.0,
     show_default=True,
-    envvar="PYTUNNEL_PRE_DRAIN_DELAY",
     help="After SIGTERM, seconds to keep accepting while /readyz says 503 (for load balancers).",
 )
-@click.option(
+@ops_option(
+    "status",
     "--status",
     metavar="HOST:PORT",
-    envvar="PYTUNNEL_STATUS",
-    callback=_status_address,
     help="Serve /livez, /readyz and /metrics (Prometheus) on this address.  Off by default.",
 )
-@click.option(
+@ops_option(
+    "cert_reload_interval",
     "--cert-reload-interval",
-    type=click.FloatRange(min=0),
+    metavar="SECONDS",
     default=10.0,
     show_default=True,
-    envvar="PYTUNNEL_CERT_RELOAD_INTERVAL",
     help="Seconds between checks of cert/key/CAfile/CRL contents; a change is loaded "
     "without a restart (0 = off).",
 )
-@click.option(
+@ops_option(
+    "log_format",
     "--log-format",
-    type=click.Choice(["text", "json"]),
+    metavar="[text|json]",
     default="text",
     show_default=True,
-    envvar="PYTUNNEL_LOG_FORMAT",
     help="text: stunnel's log lines; json: one object a line.",
 )
-@click.option(
+@ops_option(
+    "workers",
     "--workers",
     metavar="N|auto",
-    envvar="PYTUNNEL_WORKERS",
-    callback=lambda _c, _p, v: _workers(v),
     help="Processes serving the same ports (auto: one per usable CPU).  Default: the config's "
     "`workers`, else 1.",
 )
@@ -175,7 +191,7 @@ def run(
         log_format=log_format,
         workers=workers,
     )
-    sys.exit(run_source(source, secure=True, ops=ops))
+    sys.exit(start(Config(source, secure=True, ops=ops)))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -199,15 +215,14 @@ def check(config: str | None, stunnel_defaults: bool) -> None:
     source = _source(config)
     if isinstance(source, int):
         sys.exit(source)
-    sys.exit(check_source(source, secure=not stunnel_defaults))
+    sys.exit(Config(source, secure=not stunnel_defaults).check())
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option(
+@ops_option(
+    "status",
     "--status",
     metavar="HOST:PORT",
-    envvar="PYTUNNEL_STATUS",
-    callback=_status_address,
     help="The status address pytunnel serves (its --status / PYTUNNEL_STATUS).",
 )
 @click.option("--ready", is_flag=True, help="Ask /readyz (503 while draining) instead of /livez.")
@@ -222,8 +237,6 @@ def healthcheck(status: str | None, ready: bool, timeout: float) -> None:
     if not status:
         click.echo("healthcheck: no status address: pass --status HOST:PORT or set PYTUNNEL_STATUS", err=True)
         sys.exit(1)
-    from tunnel.health import probe
-
     ok, why = probe(status, "/readyz" if ready else "/livez", timeout)
     click.echo(f"{'healthy' if ok else 'unhealthy'}: {why}", err=not ok)
     sys.exit(0 if ok else 1)
@@ -322,22 +335,21 @@ def stunnel_main(args: list[str]) -> int:
             err.write("-fd needs a file descriptor number, e.g. pytunnel -fd 3\n")
             return CONFIG_FAILURE
         ops = _env_ops()
-        return ops if isinstance(ops, int) else run_path(f"FD={args[1]}", False, ops, fd=int(args[1]))
+        if isinstance(ops, int):
+            return ops
+        source = fd_source(int(args[1]))
+        return source if isinstance(source, int) else start(Config(source, secure=False, ops=ops))
     if len(args) > 1:
         err.write(f"unexpected arguments after {first}: {' '.join(args[1:])}\n{STUNNEL_HELP}")
         return CONFIG_FAILURE
     ops = _env_ops()
-    return ops if isinstance(ops, int) else run_path(first, secure=False, ops=ops)
+    return ops if isinstance(ops, int) else start(Config(Source(first), secure=False, ops=ops))
 
 
 def _env_ops() -> Ops | int:
     """stunnel's command line has no room for pytunnel's flags: PYTUNNEL_* variables instead."""
     try:
         ops = Ops.from_env()
-        if ops.status:
-            from tunnel.health import parse_status
-
-            parse_status(ops.status)
     except ValueError as exc:
         sys.stderr.write(f"[!] {exc}\n[!] Configuration failed\n")
         return CONFIG_FAILURE

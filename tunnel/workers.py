@@ -13,7 +13,14 @@ It forwards TERM/INT/QUIT/HUP/USR1/USR2 to the workers, restarts a worker that e
 unexpectedly (back-off 1 s doubling to 30 s, reset after a worker lived 60 s), waits
 for every worker to drain on stop, and answers ``/livez``, ``/readyz`` and ``/metrics``
 for all of them: it asks each worker for a snapshot over its control socket and merges
-them (``health.merge``).
+them (``status.merge``).
+
+This room sits above the server: the parent runs :meth:`Server.prepare` (bind, chroot,
+setuid, pid file), then forks; each child keeps its own share of the sockets and runs
+:meth:`Server.serve`, telling the parent it is ready through the server's ``on_ready``
+callback.  The server never imports this module.
+
+May import: server, status, systemd, logs (and service for types).
 """
 
 from __future__ import annotations
@@ -28,35 +35,18 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tunnel import health, systemd
+from tunnel import process, status, systemd
+from tunnel.errors import STARTUP_FAILURE
 from tunnel.logs import log
+from tunnel.server import HANDLED_SIGNALS, Server
 
 if TYPE_CHECKING:
     from tunnel.listener import Listener
-    from tunnel.runtime import Runtime
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 STATS_TIMEOUT = 2.0
-
-
-def worker_count(value: str | int | None) -> int:
-    """``N`` or ``auto`` (the CPUs this process may run on).  ValueError otherwise."""
-    if value is None or value == "":
-        return 1
-    if isinstance(value, int):
-        n = value
-    elif str(value).strip().lower() == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
-    else:
-        text = str(value).strip()
-        if not text.isdigit():
-            raise ValueError(f"workers = {value!r}: expected a number of processes or auto")
-        n = int(text)
-    if not 1 <= n <= 256:
-        raise ValueError(f"workers = {n}: expected 1 to 256")
-    return n
 
 
 @dataclass
@@ -73,10 +63,12 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, runtime: Runtime, count: int, sets: list[list[list[Listener]]]) -> None:
-        self.rt = runtime
+    """The parent of ``count`` workers that each run ``server`` (prepared: bound, jailed)."""
+
+    def __init__(self, server: Server, count: int) -> None:
+        self.server = server
         self.count = count
-        self.sets = sets  # sets[worker][service] -> that worker's listeners of the service
+        self.sets: list[list[list[Listener]]] = []  # [worker][service] -> its listeners
         self.workers = [Worker(i) for i in range(count)]
         self.stopping = 0
         self.sel = selectors.DefaultSelector()
@@ -91,7 +83,7 @@ class Supervisor:
             parent_end.close()
             code = 1
             try:
-                code = self.rt.run_worker(w.index, self.sets[w.index], child_end, self._close_in_child())
+                code = run_worker(self.server, self.sets[w.index], child_end, self._close_in_child())
             finally:
                 os._exit(code)
         child_end.close()
@@ -104,8 +96,8 @@ class Supervisor:
     def _close_in_child(self) -> list[socket.socket]:
         """What a worker must not keep: the other workers' control sockets and the status port."""
         out = [w.control for w in self.workers if w.control is not None]
-        if self.rt.status is not None and self.rt.status.sock is not None:
-            out.append(self.rt.status.sock)
+        if self.server.status is not None and self.server.status.sock is not None:
+            out.append(self.server.status.sock)
         return out
 
     def reap(self) -> None:
@@ -144,6 +136,27 @@ class Supervisor:
 
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> int:
+        """Fork the workers and supervise them until they have all stopped; the exit code."""
+        server = self.server
+        if server.loop is not None:
+            server.loop.close()  # the parent runs no event loop; each worker makes its own
+            server.loop = None
+        try:
+            self.sets = [[s.listeners for s in server.services]]
+            for _ in range(self.count - 1):
+                self.sets.append([s.clone_listeners() for s in server.services])
+        except OSError as exc:
+            log.ui(3, f"Binding the workers' sockets: {exc.strerror} ({exc.errno})")
+            server.close_all()
+            return STARTUP_FAILURE
+        log.ui(5, f"Starting {self.count} workers")
+        try:
+            return self._supervise()
+        finally:
+            server.close_all()
+            process.remove_pid_file(server.pidfile)
+
+    def _supervise(self) -> int:
         rfd, wfd = os.pipe()
         os.set_blocking(rfd, False)
         os.set_blocking(wfd, False)
@@ -155,11 +168,11 @@ class Supervisor:
         for w in self.workers:
             self.spawn(w)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {*FORWARDED, signal.SIGCHLD})
-        status = self.rt.status
-        if status is not None and status.sock is not None:
-            status.sock.setblocking(False)
-            self.sel.register(status.sock, selectors.EVENT_READ, ("status", None))
-            log.ui(5, f"Status server listening on http://{status.address()} (/livez /readyz /metrics)")
+        port = self.server.status
+        if port is not None and port.sock is not None:
+            port.sock.setblocking(False)
+            self.sel.register(port.sock, selectors.EVENT_READ, ("status", None))
+            log.ui(5, f"Status server listening on http://{port.address()} (/livez /readyz /metrics)")
         while True:
             for key, _ in self.sel.select(timeout=0.5):
                 kind, obj = key.data
@@ -266,23 +279,23 @@ class Supervisor:
         return snap
 
     def _status(self) -> None:
-        status = self.rt.status
-        assert status is not None and status.sock is not None
+        port = self.server.status
+        assert port is not None and port.sock is not None
         try:
-            conn, _ = status.sock.accept()
+            conn, _ = port.sock.accept()
         except OSError:
             return
         with conn:
-            conn.settimeout(health.REQUEST_TIMEOUT)
+            conn.settimeout(status.REQUEST_TIMEOUT)
             try:
                 request = conn.recv(8192).split(b"\r\n", 1)[0]
                 answer = self._answer(request)
-                conn.sendall(health.http_response(request, *answer))
+                conn.sendall(status.http_response(request, *answer))
             except OSError:
                 return
 
-    def _answer(self, request: bytes) -> health.Answer:
-        target = health.request_target(request)
+    def _answer(self, request: bytes) -> status.Answer:
+        target = status.request_target(request)
         if isinstance(target, tuple):
             return target
         if target == "/livez":
@@ -292,19 +305,55 @@ class Supervisor:
             return ("200 OK" if ok else "503 Service Unavailable"), "text/plain", body
         if target == "/readyz":
             snaps = self._snapshots()
-            merged = health.merge(snaps)
+            merged = status.merge(snaps)
             if len(snaps) < self.count or self.stopping:
                 merged["ready"] = False
             merged["draining"] = merged["draining"] or bool(self.stopping)
-            return health.readyz(merged, workers=len(snaps))
+            return status.readyz(merged, workers=len(snaps))
         if target == "/metrics":
             if self._prom is None:
-                self._prom = health.load_prometheus()
-            return health.metrics(self._prom, health.merge(self._snapshots()))
-        return health.NOT_FOUND
+                self._prom = status.load_prometheus()
+            return status.metrics(self._prom, status.merge(self._snapshots()))
+        return status.NOT_FOUND
 
 
-def serve_control(runtime: Runtime, sock: socket.socket) -> None:
+# ---- in a worker ---------------------------------------------------------------------------
+def run_worker(
+    server: Server, listeners: list[list[Listener]], control: socket.socket, foreign: list[socket.socket]
+) -> int:
+    """In a forked worker: serve ``listeners`` (one list per service) until told to stop."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS | {signal.SIGCHLD})
+    signal.set_wakeup_fd(-1)
+    # a terminal's Ctrl-C reaches the parent only; it forwards one signal (not two)
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    for sig in (*HANDLED_SIGNALS, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    mine = {id(lst) for group in listeners for lst in group}
+    for service in server.services:
+        for lst in service.listeners:
+            if id(lst) not in mine and lst.endpoint.path is None:
+                lst.sock.close()
+    for service, group in zip(server.services, listeners, strict=True):
+        service.listeners = group
+    for sock in foreign:
+        sock.close()
+    if server.status is not None:
+        server.status.sock = None  # the parent serves the status port
+    server.status = None
+    server.pidfile = None
+    os.environ.pop("NOTIFY_SOCKET", None)  # the parent speaks to systemd
+
+    def ready(_server: Server) -> None:
+        serve_control(server, control)
+        control.sendall(b"ready\n")
+
+    server.on_ready = ready
+    return server.serve()
+
+
+def serve_control(server: Server, sock: socket.socket) -> None:
     """In a worker: answer the parent's ``stats`` requests with a snapshot line."""
     import asyncio
 
@@ -322,14 +371,14 @@ def serve_control(runtime: Runtime, sock: socket.socket) -> None:
         if not data:  # the parent is gone: nobody supervises this worker any more
             loop.remove_reader(sock.fileno())
             log.ui(3, "Worker: the supervising process is gone; stopping")
-            runtime.request_stop()
+            server.request_stop()
             return
         buffer.extend(data)
         while b"\n" in buffer:
             line, _, rest = bytes(buffer).partition(b"\n")
             buffer[:] = rest
             if line == b"stats":
-                payload = json.dumps(health.snapshot(runtime), separators=(",", ":")).encode() + b"\n"
+                payload = json.dumps(server.snapshot(), separators=(",", ":")).encode() + b"\n"
                 with contextlib.suppress(OSError):
                     sock.setblocking(True)
                     sock.sendall(payload)

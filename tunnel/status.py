@@ -5,6 +5,12 @@ It runs on the tunnel's own event loop and answers one request per connection
 loop when the server starts, so neither start-up nor the first scrape waits for it;
 metric values come from ``tunnel.metrics.STATS`` and the live connections at
 scrape time (nothing is counted per byte).
+
+It never sees the server itself: the server hands it a ``snapshot()`` callable that
+returns plain data, built by :func:`snapshot` from the narrow views below (``Served``:
+a name, listeners, live connections).  A worker sends the same data to its supervisor,
+which merges the workers' snapshots (:func:`merge`).  :func:`probe` is the client side:
+``pytunnel healthcheck``.  This module imports nothing above addr, logs and metrics.
 """
 
 from __future__ import annotations
@@ -15,16 +21,13 @@ import importlib
 import json
 import socket
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any, Protocol
 
 from tunnel import __version__
 from tunnel.addr import format_sockaddr, parse_endpoint
 from tunnel.logs import log
 from tunnel.metrics import BUCKETS, STATS
-
-if TYPE_CHECKING:
-    from tunnel.runtime import Runtime
 
 DEFAULT_PORT = 9102
 REQUEST_TIMEOUT = 5.0
@@ -41,9 +44,14 @@ def parse_status(value: str) -> tuple[str, int]:
     return ep.host or "127.0.0.1", ep.port
 
 
+Snapshot = dict[str, Any]  # plain data (JSON-able, summable): see `snapshot`
+
+
 class StatusServer:
-    def __init__(self, runtime: Runtime, address: str) -> None:
-        self.runtime = runtime
+    """Serves what ``snapshot()`` says; the server that owns it builds the snapshot."""
+
+    def __init__(self, address: str, snapshot: Callable[[], Snapshot]) -> None:
+        self.snapshot = snapshot
         self.host, self.port = parse_status(address)
         self.server: asyncio.Server | None = None
         self.sock: socket.socket | None = None
@@ -115,10 +123,10 @@ class StatusServer:
         if target == "/livez":
             return "200 OK", "text/plain", b"ok\n"
         if target == "/readyz":
-            return readyz(snapshot(self.runtime))
+            return readyz(self.snapshot())
         if target == "/metrics":
             prom = await self._prometheus()
-            return metrics(prom, snapshot(self.runtime))
+            return metrics(prom, self.snapshot())
         return NOT_FOUND
 
     # ---- metrics --------------------------------------------------------------------
@@ -186,26 +194,65 @@ def _row(
     }
 
 
-def snapshot(runtime: Runtime) -> dict[str, Any]:
-    """Everything /readyz and /metrics show, as plain data (JSON-able, summable)."""
+class Counted(Protocol):
+    """A live connection, as a snapshot reads it."""
+
+    @property
+    def to_tls(self) -> int: ...
+    @property
+    def to_sock(self) -> int: ...
+
+
+class Shown(Protocol):
+    """A listening socket, as a snapshot names it."""
+
+    @property
+    def display(self) -> str: ...
+
+
+class Accepting(Protocol):
+    """A service's settings, as far as a snapshot looks: does it have accept lines?"""
+
+    @property
+    def accept(self) -> Sequence[object]: ...
+
+
+class Served(Protocol):
+    """A service, as far as a snapshot looks: its name, listeners and live connections."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def connections(self) -> Collection[Counted]: ...
+    @property
+    def listeners(self) -> Sequence[Shown]: ...
+    @property
+    def settings(self) -> Accepting: ...
+
+
+def snapshot(ready: bool, draining: bool, current: Sequence[Served], everyone: Sequence[Served]) -> Snapshot:
+    """Everything /readyz and /metrics show, as plain data (JSON-able, summable).
+
+    ``current``: the services of the configuration in use; ``everyone``: those plus the
+    ones a reload retired whose connections go on."""
     services: dict[str, dict[str, Any]] = {}
     for name, stats in STATS.services.items():
         services[name] = _row(
             dict(stats.closed), stats.to_tls, stats.to_plain, dict(stats.handshake_failures)
         )
-    for service in runtime.all_services():
+    for service in everyone:
         row = services.setdefault(service.name, _row())
         for conn in service.connections:
             row["active"] += 1
             row["to_tls"] += conn.to_tls
             row["to_plain"] += conn.to_sock
-    for service in runtime.services:
+    for service in current:
         services[service.name]["listening"] = [lst.display for lst in service.listeners]
         services[service.name]["accepts"] = bool(service.settings.accept)
     return {
-        "ready": runtime.ready and not runtime.draining,
-        "draining": runtime.draining,
-        "current": [s.name for s in runtime.services],
+        "ready": ready and not draining,
+        "draining": draining,
+        "current": [s.name for s in current],
         "services": services,
         "handshake_buckets": list(STATS.handshake_buckets),
         "handshake_sum": STATS.handshake_sum,

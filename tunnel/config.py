@@ -1,0 +1,455 @@
+"""The configuration of one run: where it comes from, how the process is operated, and the
+services it describes (uvicorn's ``Config``: the command line builds one, the server runs it).
+
+``Source`` says where stunnel.conf comes from (a path, bytes read once from ``-fd N``, the
+environment); ``Ops`` holds what stunnel.conf cannot say (drain timeouts, the status
+address, the certificate watcher, the log format, the workers).  ``OPS`` is the one parser
+of those settings: ``pytunnel run``'s flags and their PYTUNNEL_* variables (click) and
+``pytunnel CONFIG``'s PYTUNNEL_* variables (:meth:`Ops.from_env`) both go through it.
+``Config.load`` reads and checks everything, builds every TLS context and ``Service``, and
+binds nothing; ``check`` is ``pytunnel check``.
+
+May import: settings, conf, envconf, tls, service (to build services), certwatch's
+``record_not_after``, status's ``parse_status``, logs, metrics, errors.  Nothing above.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import platform
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, envconf, rules
+from tunnel.certwatch import record_not_after
+from tunnel.errors import CONFIG_FAILURE, ConfigError, Problem
+from tunnel.logs import log
+from tunnel.metrics import STATS
+from tunnel.service import Service
+from tunnel.settings import ServiceSettings, Settings
+from tunnel.status import parse_status
+from tunnel.tls import TlsConfigError
+from tunnel.tls import build as build_tls
+
+
+def banner() -> list[str]:
+    machine = platform.machine() or "unknown"
+    system = platform.system().lower() or "unknown"
+    ver = ssl.OPENSSL_VERSION.removeprefix("OpenSSL ")
+    return [
+        f"stunnel {STUNNEL_COMPAT_VERSION} (pytunnel {__version__}) on {machine}-{system} platform",
+        f"Compiled/running with OpenSSL {ver}",
+        "Threading:ASYNCIO Sockets:UVLOOP,IPv6 TLS:"
+        + ("PSK,SNI" if hasattr(ssl.SSLContext, "set_psk_client_callback") else "SNI"),
+    ]
+
+
+# ---- Ops: how the process is operated, and the one parser of its settings ------------------
+def worker_count(value: str | int | None) -> int:
+    """``N`` or ``auto`` (the CPUs this process may run on).  ValueError otherwise."""
+    if value is None or value == "":
+        return 1
+    if isinstance(value, int):
+        n = value
+    elif str(value).strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    else:
+        text = str(value).strip()
+        if not text.isdigit():
+            raise ValueError(f"workers = {value!r}: expected a number of processes or auto")
+        n = int(text)
+    if not 1 <= n <= 256:
+        raise ValueError(f"workers = {n}: expected 1 to 256")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+        if value < 0 or value != value:
+            raise ValueError
+    except ValueError:
+        raise ValueError("expected a number of seconds >= 0") from None
+    return value
+
+
+def _status(text: str) -> str | None:
+    if not text:
+        return None
+    parse_status(text)
+    return text
+
+
+def _workers(text: str) -> str | None:
+    if not text:
+        return None
+    worker_count(text)
+    return text
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return text
+
+
+@dataclass(frozen=True)
+class OpsVar:
+    """One ``Ops`` setting: its field, its variables and its parser."""
+
+    attr: str
+    envvars: tuple[str, ...]  # `pytunnel CONFIG` reads the first; `pytunnel run` reads each
+    parse: Callable[[str], Any]  # the value, or ValueError saying what is expected
+    names_value: bool = False  # the parser's message quotes the value itself
+
+    def error(self, var: str, text: str, why: str) -> str:
+        return f"{var}: {why}" if self.names_value else f"{var}={text!r}: {why}"
+
+
+OPS = {
+    v.attr: v
+    for v in (
+        OpsVar("drain_timeout", ("PYTUNNEL_DRAIN_TIMEOUT", "PYTUNNEL_RUN_DRAIN_TIMEOUT"), _seconds),
+        OpsVar("pre_drain_delay", ("PYTUNNEL_PRE_DRAIN_DELAY",), _seconds),
+        OpsVar("cert_reload_interval", ("PYTUNNEL_CERT_RELOAD_INTERVAL",), _seconds),
+        OpsVar("status", ("PYTUNNEL_STATUS",), _status, names_value=True),
+        OpsVar("workers", ("PYTUNNEL_WORKERS",), _workers, names_value=True),
+        OpsVar("log_format", ("PYTUNNEL_LOG_FORMAT",), _log_format),
+    )
+}
+
+
+@dataclass
+class Ops:
+    """How the process is operated, beyond stunnel.conf: flags of `pytunnel run`, or
+    PYTUNNEL_* variables for stunnel's command line (`pytunnel CONFIG`)."""
+
+    drain_timeout: float = 5.0
+    pre_drain_delay: float = 0.0
+    status: str | None = None  # HOST:PORT of /livez /readyz /metrics
+    cert_reload_interval: float = 10.0  # 0 turns the certificate watcher off
+    log_format: str = "text"
+    workers: str | None = None  # N or auto; None: the config's `workers`, else 1
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Ops:
+        """For `pytunnel CONFIG`: the same settings from PYTUNNEL_* variables.  ValueError names one."""
+        env = dict(os.environ) if env is None else env
+        ops = cls()
+        for var in OPS.values():
+            text = env.get(var.envvars[0])
+            if text:
+                try:
+                    setattr(ops, var.attr, var.parse(text))
+                except ValueError as exc:
+                    raise ValueError(var.error(var.envvars[0], text, str(exc))) from None
+        return ops
+
+
+# ---- Source: where stunnel.conf comes from ---------------------------------------------------
+@dataclass
+class Source:
+    """Where the configuration comes from: a path, bytes read once from ``-fd N``, or
+    the environment (``envconf``)."""
+
+    path: str
+    data: bytes | None = None
+    env: envconf.EnvConfig | None = None
+
+    def load(self) -> Settings:
+        if self.env is not None:
+            return self.env.load()
+        if self.data is not None:
+            return conf.load_bytes(self.data, self.path)
+        return conf.load(os.path.abspath(self.path))
+
+    def text(self) -> str:
+        """The effective stunnel.conf (`--print-config`)."""
+        if self.env is not None:
+            return self.env.text
+        if self.data is not None:
+            return self.data.decode("utf-8", "replace")
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+
+def fd_source(fd: int) -> Source | int:
+    """``-fd N``: the configuration read once from a descriptor, or CONFIG_FAILURE after
+    printing why it cannot be read."""
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read()
+    except OSError as exc:  # stunnel's words, then why
+        sys.stderr.write(f"[!] Cannot open configuration file\n[!] -fd {fd}: {exc.strerror}\n")
+        sys.stderr.write("[!] Configuration failed\n")
+        return CONFIG_FAILURE
+    return Source(f"FD={fd}", data)
+
+
+def env_source() -> Source | int:
+    """The env-only service, or CONFIG_FAILURE after printing why it cannot be built."""
+    try:
+        return Source(envconf.SOURCE, env=envconf.build())
+    except ConfigError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(f"[!] {problem.render()}\n")
+        sys.stderr.write("[!] Configuration failed\n")
+        return CONFIG_FAILURE
+
+
+def _has_bom(source: Source) -> bool:
+    try:
+        data = source.data
+        if data is None:
+            with open(source.path, "rb") as fh:
+                data = fh.read(3)
+    except OSError:
+        return False
+    return data.startswith(b"\xef\xbb\xbf")
+
+
+# ---- services built from settings -------------------------------------------------------------
+def build_services(settings: Settings, secure: bool, generation: int = 0) -> list[Service]:
+    """TLS contexts for every service (once per load); raises ConfigError."""
+    problems: list[Problem] = []
+    tls_of: dict[str, object] = {}
+    for svc in settings.services:
+        rule = rules.names_need_verify(svc, secure)
+        if rule is not None:
+            problems.append(rule)
+            continue
+        try:
+            tls_of[svc.name] = build_tls(svc, secure, generation)
+            if svc.cert:  # stunnel's lines: "HUP, then grep" confirms a rotation
+                log.ui(6, f"Initializing service [{svc.name}]")
+                log.ui(6, f"Certificate loaded from file: {svc.cert}")
+                log.ui(6, f"Private key loaded from file: {svc.key or svc.cert}")
+        except TlsConfigError as exc:
+            file, line, text = svc.locations.get(exc.option, (settings.source, 0, ""))
+            problems.append(
+                Problem(
+                    f"Service [{svc.name}]: {exc}",
+                    file,
+                    line or None,
+                    text or None,
+                    "Failed to initialize TLS context",
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
+    secondaries: dict[str, list[ServiceSettings]] = {}
+    for svc in settings.services:
+        if not svc.client and svc.sni and ":" in svc.sni:
+            secondaries.setdefault(svc.sni.split(":", 1)[0], []).append(svc)
+    made: dict[str, Service] = {}
+    for svc in settings.services:
+        if svc.name in {s.name for group in secondaries.values() for s in group}:
+            made[svc.name] = Service(svc, tls_of[svc.name], secure)  # type: ignore[arg-type]
+    out: list[Service] = []
+    for svc in settings.services:
+        if svc.name in made:
+            continue
+        subs = [made[s.name] for s in secondaries.get(svc.name, [])]
+        out.append(Service(svc, tls_of[svc.name], secure, subs))  # type: ignore[arg-type]
+    for service in out + list(made.values()):
+        service.set_env = list(settings.globals.setEnv)
+        service.foreground = settings.globals.foreground == "yes"
+    return out
+
+
+def record_certs(services: list[Service]) -> None:
+    """``pytunnel_cert_not_after_seconds`` for every service's own certificate, afresh."""
+    STATS.cert_not_after.clear()
+    for service in services:
+        for s in (service, *service.secondaries):
+            record_not_after(s.name, s.settings.cert)
+
+
+PROTOCOL_OPTIONS = (
+    "protocolAuthentication",
+    "protocolHost",
+    "protocolUsername",
+    "protocolPassword",
+    "protocolHeader",
+)
+
+
+def warn_services(services: list[Service], secure: bool) -> None:
+    for service in services:
+        svc = service.settings
+        pol = service.tls.policy
+        if svc.client and not (pol.verify_chain or pol.verify_peer or svc.PSKsecrets):
+            log.ui(4, f"Service [{svc.name}] needs authentication to prevent MITM attacks")
+            if secure:
+                log.ui(
+                    4, f"Service [{svc.name}]: upstream certificate verification is OFF (verifyChain = no)"
+                )
+        if svc.client:
+            for ep in svc.accept:
+                if ep.path is None and not _is_loopback(ep.host):
+                    log.ui(
+                        4,
+                        f"Service [{svc.name}]: plaintext listener {ep.display()} is not on loopback; "
+                        "anyone who can reach it can use the tunnel (use accept = 127.0.0.1:PORT)",
+                    )
+        if svc.cert:
+            _warn_cert(svc.name, svc.cert)
+            _warn_key_mode(svc.key or svc.cert)
+        if (svc.OCSP or svc.OCSPaia) and not pol.verify_chain:
+            log.ui(4, f"Service [{svc.name}]: OCSP has no effect without verifyChain = yes")
+        elif svc.OCSPflag:
+            from tunnel import ocsp
+
+            for note in ocsp.flag_notes(svc.OCSPflag):
+                log.ui(4 if "forged" in note else 5, f"Service [{svc.name}]: {note}")
+        if svc.PSKsecrets:
+            _warn_key_mode(svc.PSKsecrets)
+        if svc.PSKidentity and not (svc.client and svc.PSKsecrets):
+            why = "in server mode (the client chooses)" if not svc.client else "without PSKsecrets"
+            log.ui(4, f"Service [{svc.name}]: PSKidentity has no effect {why}")
+        if not svc.protocol:
+            idle = [n for n in PROTOCOL_OPTIONS if getattr(svc, n)]
+            if idle:
+                log.ui(
+                    4,
+                    f"Service [{svc.name}]: {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without protocol",
+                )
+        elif svc.protocol.lower() == "smtp" and (svc.protocolAuthentication or "").lower() == "basic":
+            log.ui(
+                4,
+                f"Service [{svc.name}]: protocolAuthentication = basic is not an SMTP method; "
+                "plain is used, as stunnel does",
+            )
+        if svc.retry and not (svc.exec and svc.connect):
+            log.ui(4, f"Service [{svc.name}]: retry has no effect without exec and connect")
+        if svc.stack != 65536:
+            log.ui(4, f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "0.0.0.0").is_loopback  # noqa: S104
+    except ValueError:
+        return False
+
+
+def _warn_key_mode(path: str) -> None:
+    """stunnel's warning (same text, same rule) for a private key that others may read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o007:
+        log.ui(4, f"Insecure file permissions on {path}")
+
+
+def _warn_cert(name: str, path: str) -> None:
+    """`check` and start-up say when a service's own certificate is expired or about to."""
+    import datetime
+
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN CERT" in data else []
+    except (OSError, ValueError):
+        return
+    if not certs:
+        return
+    leaf = certs[0]
+    now = datetime.datetime.now(datetime.UTC)
+    if leaf.not_valid_after_utc < now:
+        log.ui(4, f"Service [{name}]: certificate {path} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    elif leaf.not_valid_after_utc - now < datetime.timedelta(days=14):
+        log.ui(4, f"Service [{name}]: certificate {path} expires on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    if leaf.not_valid_before_utc > now:
+        log.ui(
+            4,
+            f"Service [{name}]: certificate {path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}",
+        )
+
+
+# ---- Config: one run's configuration, loaded and checked ------------------------------------------
+class Config:
+    """Everything one run needs: ``source``, ``secure`` (``pytunnel run``'s defaults or
+    stunnel's), ``ops``; after :meth:`load`, the ``settings`` and the ``services``."""
+
+    def __init__(self, source: Source, secure: bool, ops: Ops | None = None) -> None:
+        self.source = source
+        self.secure = secure
+        self.ops = ops or Ops()
+        self.settings: Settings | None = None
+        self.services: list[Service] = []
+
+    def load(self, apply_log: bool = True) -> int:
+        """Read and check everything; bind nothing.  Returns 0 or an exit code."""
+        log.json = self.ops.log_format == "json"
+        for line in banner():
+            log.ui(5, line)
+        log.ui(5, f"Reading configuration from file {self.source.path}")
+        try:
+            settings = self.source.load()
+            log.ui(
+                5,
+                "UTF-8 byte order mark detected"
+                if _has_bom(self.source)
+                else "UTF-8 byte order mark not detected",
+            )
+            log.ui(5, "FIPS mode disabled")
+            try:
+                services = build_services(settings, self.secure)
+            except ConfigError as exc:
+                if self.source.env is not None:  # name the variable, not a generated line
+                    raise ConfigError([self.source.env.rename(p) for p in exc.problems]) from None
+                raise
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.ui(3, problem.render())
+            log.ui(3, "Configuration failed")
+            log.flush_early()
+            return CONFIG_FAILURE
+        self.settings = settings
+        self.services = services
+        if not apply_log:
+            warn_services(services, self.secure)
+            return 0
+        g = settings.globals
+        opened = log.configure(
+            level=settings.log_level,
+            foreground=g.foreground,
+            output=g.output,
+            overwrite=g.log == "overwrite",
+            use_syslog=g.syslog,
+            ident=g.service,
+            facility=settings.defaults.debug[0],
+            root=g.chroot,
+        )
+        if not opened:
+            log.ui(3, "Configuration failed")
+            return CONFIG_FAILURE
+        warn_services(services, self.secure)
+        record_certs(services)
+        log.ui(5, "Configuration successful")
+        return 0
+
+    def check(self) -> int:
+        """`pytunnel check`: parse, validate, load every certificate/key/CA; bind nothing."""
+        log.early = True
+        log.level = 5
+        code = self.load(apply_log=False)
+        log.flush_early()
+        if code == 0:
+            sys.stderr.write(f"{self.source.path}: configuration OK ({len(self.services)} service(s))\n")
+        return code
+
+    def worker_count(self) -> int:
+        """``--workers`` / PYTUNNEL_WORKERS, else the config's ``workers``, else 1.  ValueError."""
+        assert self.settings is not None
+        return worker_count(self.ops.workers or self.settings.globals.workers)
