@@ -276,8 +276,8 @@ def process_line(view: View, now: float) -> str:
     if prev is not None and cur.buckets:
         done = per_second(prev.buckets[-1][1] if prev.buckets else 0, cur.buckets[-1][1], cur.at - prev.at)
         times = [quantile(q, prev.buckets, cur.buckets) for q in (0.5, 0.99)]
-        shown = " ".join(f"{n} {t * 1000:.1f} ms" for n, t in zip(("p50", "p99"), times, strict=True) if t)
-        parts.append(f"handshakes {done:.1f}/s" + (f" {shown}" if shown else ""))
+        shown = " | ".join(f"{n} {t * 1000:.1f} ms" for n, t in zip(("p50", "p99"), times, strict=True) if t)
+        return " | ".join(parts) + f"\nhandshakes {done:.1f}/s" + (f" | {shown}" if shown else "")
     return " | ".join(parts)
 
 
