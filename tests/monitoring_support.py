@@ -48,9 +48,10 @@ def poll(what: str, check: Callable[[], T | None], timeout: float = 60.0, every:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
-def start_with_status(tunnels: TunnelFactory, body: str, **env: str) -> tuple[Tunnel, str]:
-    """`pytunnel run` with a status server on a free loopback port: (tunnel, "HOST:PORT")."""
-    conf = tunnels.conf(body)
+def start_with_status(tunnels: TunnelFactory, body: str | Path, **env: str) -> tuple[Tunnel, str]:
+    """`pytunnel run` (a config's text or file) with a status server on a free loopback port:
+    (tunnel, "HOST:PORT")."""
+    conf = body if isinstance(body, Path) else tunnels.conf(body)
     t = tunnels.start(conf, mode="run", extra_env={"PYTUNNEL_STATUS": "127.0.0.1:0", **env})
     t.wait_for("Accepting new connections|All \\d+ workers accept connections")
     m = t.wait_for(STATUS_LINE)
