@@ -171,6 +171,7 @@ def substitute(expr: str, instances: list[str]) -> str:
     return expr
 
 
+@pytest.mark.timeout(300)  # Prometheus' start and a few scrapes, on a loaded machine
 def test_every_dashboard_and_alert_expression_returns_data(
     tunnels: TunnelFactory,
     certs: Certs,

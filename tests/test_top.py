@@ -110,6 +110,7 @@ def churning(screen: str) -> bool:
     return cells is not None and cells[3] != "…" and float(cells[3]) > 0 and "protocol_error" in cells
 
 
+@pytest.mark.timeout(300)  # several waits of up to 60 s each on a loaded machine
 def test_top_in_a_terminal_shows_traffic_moving_sorts_and_quits(
     tunnels: TunnelFactory, certs: Certs, echo: EchoServer, tmux: Tmux
 ) -> None:
