@@ -37,8 +37,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
 DEFAULT_STATUS = "127.0.0.1:9102"  # the image's PYTUNNEL_STATUS
-QUIT_KEYS = frozenset("qQ")
-# sort keys and what the footer calls them
+QUIT_KEYS = frozenset("qQ")  # and below, the sort keys with what the footer calls them
 SORT_NAMES = {"n": "name", "a": "active", "c": "conn/s", "b": "bytes/s", "f": "failures/s", "e": "expiry"}
 
 
@@ -265,7 +264,9 @@ def _uptime(seconds: float) -> str:
 
 def process_line(view: View, now: float) -> str:
     cur, prev = view.cur, view.prev
-    state = "draining" if cur.draining else ("ready" if cur.ready else "NOT READY")
+    state = (
+        "UNREACHABLE" if view.error else "draining" if cur.draining else "ready" if cur.ready else "NOT READY"
+    )
     parts = [f"pytunnel {cur.version} at {view.address}", state]
     if cur.started is not None:
         parts.append(f"up {_uptime(now - cur.started)}")
