@@ -47,7 +47,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 # the newest version kubernetes-validate 1.37 ships schemas for; raise it with the package
 K8S_VERSION = "1.37.0"
 # kinds whose schema is a CRD that kubernetes-validate does not ship: checked by hand below
-CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+OPERATOR_KINDS = {kind for _, kind in CRD_KINDS}  # only in the prometheus-operator overlay
 KUSTOMIZE_API = "kustomize.config.k8s.io/"
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
 
@@ -250,7 +251,7 @@ def _cert_paths(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
 def test_the_manifests_are_there() -> None:
     kinds = sorted(d["kind"] for _, d in RESOURCES)
     print(f"\n{len(MANIFEST_FILES)} YAML files, resources: {', '.join(kinds)}")
-    for kind in ("Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "PodMonitor"):
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "PodMonitor", "PrometheusRule"):
         assert kind in kinds, f"no {kind} in deploy/kubernetes"
     assert len(PYTUNNEL) >= 2, "expected a sidecar and a standalone pytunnel container"
     assert (DEPLOY / "kustomization.yaml").is_file()
@@ -265,7 +266,7 @@ def _validate(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
     for where, doc in docs:
         name = f"{doc['kind'].lower()}/{doc['metadata']['name']}"
         if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
-            print(f"SKIP {where} {name}: a CRD kind without a bundled schema (checked by test_podmonitor)")
+            print(f"SKIP {where} {name}: a CRD kind without a bundled schema (checked by its own test)")
             continue
         try:
             version = kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -342,12 +343,13 @@ def test_default_build_and_prometheus_overlay(kustomize: None) -> None:
     default = _build(DEPLOY)
     overlay = _build(DEPLOY / "overlays" / "prometheus-operator")
     kinds = {d["kind"] for d in default}
-    assert "PodMonitor" not in kinds, "the PodMonitor belongs in the component (its CRD may be absent)"
+    assert not kinds & OPERATOR_KINDS, "PodMonitor/PrometheusRule belong in components (CRDs may be absent)"
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds
     # the overlay repeats labels/images (it cannot include ../..): it must stay in step
-    rest = sorted((d for d in overlay if d["kind"] != "PodMonitor"), key=_key)
+    rest = sorted((d for d in overlay if d["kind"] not in OPERATOR_KINDS), key=_key)
     assert rest == sorted(default, key=_key), "overlays/prometheus-operator drifted from the default build"
-    assert [d["kind"] for d in overlay].count("PodMonitor") == 1
+    for kind in OPERATOR_KINDS:
+        assert [d["kind"] for d in overlay].count(kind) == 1, kind
     for doc in default:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "pytunnel", _key(doc)
         if doc["kind"] == "Deployment":

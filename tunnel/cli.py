@@ -243,6 +243,48 @@ def healthcheck(status: str | None, ready: bool, timeout: float) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.option(
+    "--status",
+    metavar="HOST:PORT",
+    envvar="PYTUNNEL_STATUS",
+    callback=_status_address,
+    help="The status address pytunnel serves (its --status / PYTUNNEL_STATUS).  "
+    "Default: 127.0.0.1:9102, the image's.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between scrapes.",
+)
+@click.option(
+    "--sort",
+    type=click.Choice(["n", "a", "c", "b", "f", "e"]),
+    default="n",
+    show_default=True,
+    help="First sort key: n name, a active, c conn/s, b bytes/s, f failures/s, e expiry.",
+)
+@click.option("--once", is_flag=True, help="Print one screen (two scrapes --interval apart) and exit.")
+def top(status: str | None, interval: float, sort: str, once: bool) -> None:
+    """A live view of a running pytunnel: per service, connections, bytes/s, failures, expiry.
+
+    Reads the status server's /metrics and /readyz once a second; rates are the change
+    between two scrapes.  Keys: n a c b f e sort, q quits (Ctrl-C too).  Needs the `top`
+    extra: pip install 'pytunnel[top]'.
+
+    \b
+    Examples:
+      pytunnel top                          # PYTUNNEL_STATUS, else 127.0.0.1:9102
+      pytunnel top --status 127.0.0.1:9200 --sort b
+    """
+    from tunnel.top import DEFAULT_STATUS
+    from tunnel.top import main as top_main
+
+    sys.exit(top_main(status or DEFAULT_STATUS, interval=interval, once=once, sort=sort))
+
+
+@cli.command(context_settings=CONTEXT)
 def version() -> None:
     """Print pytunnel's version and the stunnel-style banner."""
     click.echo(f"pytunnel {__version__}")
