@@ -243,11 +243,10 @@ def healthcheck(status: str | None, ready: bool, timeout: float) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option(
+@ops_option(
+    "status",
     "--status",
     metavar="HOST:PORT",
-    envvar="PYTUNNEL_STATUS",
-    callback=_status_address,
     help="The status address pytunnel serves (its --status / PYTUNNEL_STATUS).  "
     "Default: 127.0.0.1:9102, the image's.",
 )
