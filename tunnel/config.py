@@ -15,7 +15,6 @@ May import: settings, conf, envconf, tls, service (to build services), certwatch
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import platform
 import ssl
@@ -26,7 +25,7 @@ from typing import Any
 
 from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, envconf, rules
 from tunnel.certwatch import record_not_after
-from tunnel.errors import CONFIG_FAILURE, ConfigError, Problem
+from tunnel.errors import CONFIG_FAILURE, ConfigError, Problem, Severity
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.service import Service
@@ -269,111 +268,13 @@ def record_certs(services: list[Service]) -> None:
             record_not_after(s.name, s.settings.cert)
 
 
-PROTOCOL_OPTIONS = (
-    "protocolAuthentication",
-    "protocolHost",
-    "protocolUsername",
-    "protocolPassword",
-    "protocolHeader",
-)
-
-
 def warn_services(services: list[Service], secure: bool) -> None:
+    """The start-up warnings (rules.START_RULES) of every built service, logged."""
     for service in services:
-        svc = service.settings
         pol = service.tls.policy
-        if svc.client and not (pol.verify_chain or pol.verify_peer or svc.PSKsecrets):
-            log.ui(4, f"Service [{svc.name}] needs authentication to prevent MITM attacks")
-            if secure:
-                log.ui(
-                    4, f"Service [{svc.name}]: upstream certificate verification is OFF (verifyChain = no)"
-                )
-        if svc.client:
-            for ep in svc.accept:
-                if ep.path is None and not _is_loopback(ep.host):
-                    log.ui(
-                        4,
-                        f"Service [{svc.name}]: plaintext listener {ep.display()} is not on loopback; "
-                        "anyone who can reach it can use the tunnel (use accept = 127.0.0.1:PORT)",
-                    )
-        if svc.cert:
-            _warn_cert(svc.name, svc.cert)
-            _warn_key_mode(svc.key or svc.cert)
-        if (svc.OCSP or svc.OCSPaia) and not pol.verify_chain:
-            log.ui(4, f"Service [{svc.name}]: OCSP has no effect without verifyChain = yes")
-        elif svc.OCSPflag:
-            from tunnel import ocsp
-
-            for note in ocsp.flag_notes(svc.OCSPflag):
-                log.ui(4 if "forged" in note else 5, f"Service [{svc.name}]: {note}")
-        if svc.PSKsecrets:
-            _warn_key_mode(svc.PSKsecrets)
-        if svc.PSKidentity and not (svc.client and svc.PSKsecrets):
-            why = "in server mode (the client chooses)" if not svc.client else "without PSKsecrets"
-            log.ui(4, f"Service [{svc.name}]: PSKidentity has no effect {why}")
-        if not svc.protocol:
-            idle = [n for n in PROTOCOL_OPTIONS if getattr(svc, n)]
-            if idle:
-                log.ui(
-                    4,
-                    f"Service [{svc.name}]: {', '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without protocol",
-                )
-        elif svc.protocol.lower() == "smtp" and (svc.protocolAuthentication or "").lower() == "basic":
-            log.ui(
-                4,
-                f"Service [{svc.name}]: protocolAuthentication = basic is not an SMTP method; "
-                "plain is used, as stunnel does",
-            )
-        if svc.retry and not (svc.exec and svc.connect):
-            log.ui(4, f"Service [{svc.name}]: retry has no effect without exec and connect")
-        if svc.stack != 65536:
-            log.ui(4, f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host or "0.0.0.0").is_loopback  # noqa: S104
-    except ValueError:
-        return False
-
-
-def _warn_key_mode(path: str) -> None:
-    """stunnel's warning (same text, same rule) for a private key that others may read."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if mode & 0o007:
-        log.ui(4, f"Insecure file permissions on {path}")
-
-
-def _warn_cert(name: str, path: str) -> None:
-    """`check` and start-up say when a service's own certificate is expired or about to."""
-    import datetime
-
-    from cryptography import x509
-
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN CERT" in data else []
-    except (OSError, ValueError):
-        return
-    if not certs:
-        return
-    leaf = certs[0]
-    now = datetime.datetime.now(datetime.UTC)
-    if leaf.not_valid_after_utc < now:
-        log.ui(4, f"Service [{name}]: certificate {path} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
-    elif leaf.not_valid_after_utc - now < datetime.timedelta(days=14):
-        log.ui(4, f"Service [{name}]: certificate {path} expires on {leaf.not_valid_after_utc:%Y-%m-%d}")
-    if leaf.not_valid_before_utc > now:
-        log.ui(
-            4,
-            f"Service [{name}]: certificate {path} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}",
-        )
+        seen = rules.Started(service.settings, pol.verify_chain, pol.verify_peer, secure)
+        for problem in rules.start_warnings(seen):
+            log.ui(5 if problem.severity is Severity.NOTICE else 4, problem.message)
 
 
 # ---- Config: one run's configuration, loaded and checked ------------------------------------------

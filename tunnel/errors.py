@@ -16,6 +16,7 @@ class Severity(enum.Enum):
 
     ERROR = "error"  # the configuration is refused
     WARNING = "warning"  # logged; the configuration is used
+    NOTICE = "notice"  # logged at LOG5; the configuration is used
 
 
 @dataclass(frozen=True)
