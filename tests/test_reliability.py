@@ -547,13 +547,19 @@ def test_upstream_faults_close_promptly(
             prompt = promised + (resolver if svc == "nodns" else 0.0)
             patience = prompt + 5 if impl == "pytunnel" else max(prompt + 5, 60.0)
             t0 = time.monotonic()
-            with socket.create_connection(("127.0.0.1", t.port(svc)), timeout=10) as app:
-                local = app.getsockname()[1]
-                if svc == "reset":
-                    app.settimeout(10)
-                    with contextlib.suppress(OSError):
-                        app.sendall(os.urandom(512 * 1024))  # 64 KiB come back, then the RST
-                how = wait_closed(app, patience)
+            with socket.socket() as app:
+                app.bind(("127.0.0.1", 0))  # the port names the connection in the log, even if
+                local = app.getsockname()[1]  # connect() fails
+                app.settimeout(10)
+                try:
+                    app.connect(("127.0.0.1", t.port(svc)))
+                except ConnectionResetError:  # accepted, refused upstream and reset before this
+                    how = "reset"  # process saw its connect() complete (a loaded machine)
+                else:
+                    if svc == "reset":
+                        with contextlib.suppress(OSError):
+                            app.sendall(os.urandom(512 * 1024))  # 64 KiB come back, then the RST
+                    how = wait_closed(app, patience)
             took = time.monotonic() - t0
 
             def accepted(svc: str = svc, local: int = local) -> str | None:
