@@ -531,12 +531,14 @@ def settle_states(
     quiet: float = 1.0,
     timeout: float = 30.0,
     close_done: bool = False,
+    initial: list[str] | None = None,
 ) -> list[str]:
     """Poll every client's :func:`app_state` until ``enough(states)`` holds and no state has
     changed for ``quiet`` seconds, or ``timeout`` passes; return the states.  'served', 'eof' and
     'reset' are final (the echoed byte is read once); 'waiting' ones are polled again.
-    ``close_done``: close each client as soon as its state is final (frees the tunnel's fds)."""
-    states = ["waiting"] * len(socks)
+    ``close_done``: close each client as soon as its state is final (frees the tunnel's fds).
+    ``initial``: states already known (a client reset before its connect() returned)."""
+    states = list(initial) if initial is not None else ["waiting"] * len(socks)
     deadline = time.monotonic() + timeout
     changed = time.monotonic()
     while True:
