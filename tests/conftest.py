@@ -15,16 +15,61 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import pytest
 import trustme
 
 ROOT = Path(__file__).resolve().parent.parent
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
+T = TypeVar("T")
 BOUND = re.compile(r"Service \[([^\]]+)\] \(FD=\d+\) bound to (.+):(\d+)$", re.M)
+
+
+def in_ci() -> bool:
+    """CI sets CI (.ci/run runs with CI=true): there every tool the tests need is installed."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def cannot_run_here(reason: str) -> NoReturn:
+    """The one way to skip for a reason on our side (a missing tool, no root, a host without
+    what the test needs): a skip on a developer's machine, a failure in CI, where .ci/run
+    installs and sets up everything.  Only :func:`stunnel4_lacks` may skip in CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: .ci/run should have provided it)", pytrace=False)
+    pytest.skip(reason)
+
+
+def stunnel4_lacks(what: str) -> NoReturn:
+    """The only skip allowed in CI: the control run with stunnel4 cannot do what the test
+    checks, because Debian's stunnel 5.68 lacks it.  ``what`` says why, in a sentence."""
+    pytest.skip(f"stunnel4 {STUNNEL_VERSION} lacks this: {what}")
+
+
+def need_tool(name: str, package: str | None = None) -> str:
+    """The path of a command the test needs; see :func:`cannot_run_here`."""
+    path = shutil.which(name)
+    if path is None:
+        cannot_run_here(f"{name} is not installed (apt-get install {package or name}; .ci/run installs it)")
+    return path
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        cannot_run_here(f"{what} needs root (CI runs as root)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A skip raised by one of the helpers above is reported at the test that skipped
+    (``-rs`` prints node id and reason), not at the helper's line in this file."""
+    report: pytest.TestReport = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and report.longrepr[0] == __file__:
+        report.longrepr = (item.nodeid, item.location[1] or 0, report.longrepr[2])
+    return report
 
 
 def find_py313() -> str | None:
@@ -40,7 +85,7 @@ def find_py313() -> str | None:
 def need_py313() -> str:
     py = find_py313()
     if py is None:
-        pytest.skip(
+        cannot_run_here(
             "TLS-PSK needs Python >= 3.13 and none is set up: .ci/run builds .venv313 from "
             "python3.13 (or pyenv's 3.13); or set PYTUNNEL_PY313=/path/to/python3.13"
         )
@@ -49,8 +94,35 @@ def need_py313() -> str:
 
 def need_stunnel() -> str:
     if STUNNEL is None:
-        pytest.skip("stunnel4 is not installed (apt-get install stunnel4; .ci/run installs it)")
+        cannot_run_here("stunnel4 is not installed (apt-get install stunnel4; .ci/run installs it)")
     return STUNNEL
+
+
+def _stunnel_version() -> str:
+    if STUNNEL is None:
+        return "5.68"
+    try:
+        out = subprocess.run([STUNNEL, "-version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "5.68"
+    m = re.search(r"stunnel (\d+\.\d+)", out.stdout + out.stderr)
+    return m.group(1) if m else "5.68"
+
+
+STUNNEL_VERSION = _stunnel_version()
+
+
+def wait_until(condition: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy (returned) or ``timeout`` seconds
+    pass (AssertionError naming ``what``).  The deadlines are generous: a loaded 2-core CI VM."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = condition()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(interval)
 
 
 # ------------------------------------------------------------------ certificates

@@ -525,6 +525,48 @@ def app_state(s: socket.socket) -> str:
     return "served" if data else "eof"
 
 
+def settle_states(
+    socks: list[socket.socket],
+    enough: Callable[[list[str]], bool],
+    quiet: float = 1.0,
+    timeout: float = 30.0,
+    close_done: bool = False,
+    initial: list[str] | None = None,
+) -> list[str]:
+    """Poll every client's :func:`app_state` until ``enough(states)`` holds and no state has
+    changed for ``quiet`` seconds, or ``timeout`` passes; return the states.  'served', 'eof' and
+    'reset' are final (the echoed byte is read once); 'waiting' ones are polled again.
+    ``close_done``: close each client as soon as its state is final (frees the tunnel's fds).
+    ``initial``: states already known (a client reset before its connect() returned)."""
+    states = list(initial) if initial is not None else ["waiting"] * len(socks)
+    deadline = time.monotonic() + timeout
+    changed = time.monotonic()
+    while True:
+        for i, s in enumerate(socks):
+            if states[i] == "waiting":
+                states[i] = app_state(s)
+                if states[i] != "waiting":
+                    changed = time.monotonic()
+                    if close_done:
+                        s.close()
+        now = time.monotonic()
+        if (enough(states) and now - changed >= quiet) or now > deadline:
+            return states
+        time.sleep(0.05)
+
+
+def settle_value(read: Callable[[], int], quiet: float = 1.0, timeout: float = 30.0) -> int:
+    """Poll ``read()`` until it has not changed for ``quiet`` seconds (or ``timeout``); return it."""
+    deadline = time.monotonic() + timeout
+    last, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def rst_close(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()

@@ -75,11 +75,9 @@ def test_chroot_and_setuid_keep_serving_tls(tmp_path: Path, echo: EchoServer) ->
     """Everything a connection needs is loaded before chroot and setuid (nothing to import after)."""
 
     import trustme
+    from conftest import need_root
 
-    if os.getuid() != 0:
-        import pytest
-
-        pytest.skip("chroot and setuid need root (CI runs as root)")
+    need_root("chroot and setuid")
     jail = tmp_path / "jail"
     jail.mkdir()
     ca = trustme.CA()
@@ -130,12 +128,10 @@ def test_debian_chroot_layout(tmp_path: Path, echo: EchoServer, impl: str) -> No
     never at the host path), and the tunnel serves and stops cleanly."""
     import uuid
 
-    import pytest
     import trustme
-    from conftest import TunnelFactory
+    from conftest import TunnelFactory, need_root
 
-    if os.getuid() != 0:
-        pytest.skip("chroot and setuid need root (CI runs as root)")
+    need_root("chroot and setuid")
     import pwd
 
     nobody = pwd.getpwnam("nobody").pw_uid
@@ -189,11 +185,9 @@ def test_debian_chroot_layout(tmp_path: Path, echo: EchoServer, impl: str) -> No
 def test_pid_file_is_written_after_setuid(tmp_path: Path, echo: EchoServer, impl: str) -> None:
     """stunnel writes the pid file as the user it runs as (so it can remove it at the end):
     a directory only root may write is refused with stunnel's lines, never left stale."""
-    import pytest
-    from conftest import TunnelFactory
+    from conftest import TunnelFactory, need_root
 
-    if os.getuid() != 0:
-        pytest.skip("setuid needs root (CI runs as root)")
+    need_root("setuid")
     piddir = tmp_path / "piddir"
     piddir.mkdir(mode=0o755)
     tmp_path.chmod(0o755)

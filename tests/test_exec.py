@@ -175,14 +175,28 @@ def test_closing_stdout_ends_the_connection(
     tunnels: TunnelFactory, certs: Certs, impl: str, tmp_path: Path
 ) -> None:
     """A program that closes its stdin/stdout and goes on living (a daemon-like helper) ends
-    the connection at once: no other copy of its socket may stay open in the child."""
-    prog = script(tmp_path, "closer.sh", "echo hello\nexec 0<&- 1>&- 2>&-\nsleep 8\n")
+    the connection at once: no other copy of its socket may stay open in the child.  The
+    program lives until the test lets it go (a file appears), so the EOF cannot come from its
+    exit however slow the machine is; reading waits up to 30 s."""
+    go = tmp_path / "go"
+    prog = script(
+        tmp_path,
+        "closer.sh",
+        f"echo hello\nexec 0<&- 1>&- 2>&-\nwhile [ ! -e {go} ]; do sleep 0.1; done\n",
+    )
     conf = tunnels.conf(f"[c]\naccept = 127.0.0.1:0\nexec = {prog}\ncert = {certs.server_pem}\n")
     t = tunnels.start(conf, impl=impl)
-    with tls(t.port("c"), certs) as s:
-        start = time.monotonic()
-        assert read_all(s) == b"hello\n"
-        assert time.monotonic() - start < 4, "the connection waited for the program to exit"
+    try:
+        with tls(t.port("c"), certs) as s:
+            s.settimeout(30)
+            try:
+                assert read_all(s) == b"hello\n"
+            except TimeoutError:
+                raise AssertionError("no EOF in 30 s: the connection waits for the program to exit") from None
+            alive = [c for c in children_of(t.proc.pid) if not c[1].startswith("Z")]
+            assert alive, "the program had exited: this EOF proves nothing"
+    finally:
+        go.touch()
     assert t.stop() == 0
 
 

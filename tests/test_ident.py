@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import Certs, EchoServer, TunnelFactory
+from conftest import Certs, EchoServer, TunnelFactory, need_root
 
 
 class Identd:
@@ -38,8 +37,7 @@ class Identd:
 
 @pytest.fixture
 def identd() -> Iterator[Identd]:
-    if os.getuid() != 0:
-        pytest.skip("port 113 needs root (CI runs as root)")
+    need_root("port 113")
     d = Identd("alice")
     yield d
     d.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() so the port is free for the next test

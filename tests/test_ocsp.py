@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need_tool
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -43,9 +44,13 @@ from tunnel.ocsp import (
 from tunnel.ocspcache import ResponseCache
 
 OPENSSL = shutil.which("openssl")
-pytestmark = pytest.mark.skipif(
-    OPENSSL is None, reason="the openssl command is needed for its OCSP responder"
-)
+
+
+@pytest.fixture(autouse=True)
+def _openssl() -> None:
+    """The openssl command is the OCSP responder here (.ci/run installs it)."""
+    need_tool("openssl")
+
 
 NOW = datetime.datetime.now(datetime.UTC)
 Key = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey

@@ -8,7 +8,6 @@ AUTH PLAIN required).  A real client (smtplib, and swaks) speaks plaintext to th
 from __future__ import annotations
 
 import hashlib
-import shutil
 import smtplib
 import socket
 import ssl
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from conftest import Certs, TunnelFactory
+from conftest import Certs, TunnelFactory, need_tool
 
 USER, PASSWORD = "moo", "secret"
 
@@ -209,9 +208,7 @@ def test_secure_default_refuses_untrusted_upstream_without_verify_options(
 
 
 def test_swaks_through_the_tunnel(tunnels: TunnelFactory, certs: Certs, smtps: tuple[int, Recorder]) -> None:
-    swaks = shutil.which("swaks")
-    if swaks is None:
-        pytest.skip("swaks is not installed (apt-get install swaks; .ci/run installs it)")
+    swaks = need_tool("swaks")
     port, rec = smtps
     t = tunnels.start(tunnel_conf(tunnels, certs, port))
     out = subprocess.run(

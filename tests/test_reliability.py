@@ -32,12 +32,22 @@ import ssl
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import BOUND, Certs, EchoServer, Tunnel, TunnelFactory, roundtrip
+from conftest import (
+    BOUND,
+    Certs,
+    EchoServer,
+    Tunnel,
+    TunnelFactory,
+    cannot_run_here,
+    need_root,
+    roundtrip,
+    wait_until,
+)
 from reliability_support import (
     Bulk,
     Echo,
@@ -63,6 +73,8 @@ from reliability_support import (
     rss_kib,
     rst_close,
     send_rotated,
+    settle_states,
+    settle_value,
     short_roundtrip,
     start_limited,
     status_field,
@@ -488,8 +500,20 @@ FAULTS = {
     "down": (r"Connection refused \(111\)", 3.0),
     "hole": (r"TIMEOUTbusy exceeded", 2 + 4.0),
     "reset": (r"Connection reset by peer|reset by peer|\(104\)", 3.0),
-    "nodns": (r"Error resolving|No host resolved|EAI_NONAME|Name or service not known", 5.0),
+    "nodns": (
+        r"Error resolving|No host resolved|EAI_NONAME|Name or service not known",
+        5.0,
+    ),  # + the resolver's
 }
+
+
+def resolver_seconds(name: str) -> float:
+    """How long this host's resolver takes to say that ``name`` does not resolve: a tunnel
+    cannot close a delay = yes connection sooner (/etc/resolv.conf's timeouts, not ours)."""
+    t0 = time.monotonic()
+    with contextlib.suppress(OSError):
+        socket.getaddrinfo(name, 443, type=socket.SOCK_STREAM)
+    return time.monotonic() - t0
 
 
 def test_upstream_faults_close_promptly(
@@ -499,7 +523,12 @@ def test_upstream_faults_close_promptly(
     TIMEOUTbusy = 2), an upstream that resets mid-stream, and a name that does not resolve
     (delay = yes): the app's connection closes promptly, the log names the reason, and a good
     connection through the same process works afterwards.  (test_faults.py has the refused and
-    black-hole cases with stunnel's exact wording; here they are timed side by side.)"""
+    black-hole cases with stunnel's exact wording; here they are timed side by side.)
+
+    "Promptly" is pytunnel's promise, counted from what the host allows: the unresolvable name
+    gets the time this host's resolver takes to fail (measured here) on top.  stunnel4's times
+    are recorded; for it the connection has to close, the log to say why, and the process to
+    keep serving, within a generous minute."""
     good, hole, resetting = Echo(certs.server_pem), Silent(), Echo(certs.server_pem, reset_after=65536)
     verify = f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckHost = localhost\n"
     try:
@@ -513,27 +542,45 @@ def test_upstream_faults_close_promptly(
             impl,
         )
         results: dict[str, dict[str, object]] = {}
-        for svc, (reason, prompt) in FAULTS.items():
+        resolver = resolver_seconds("no-such-host.invalid")
+        for svc, (reason, promised) in FAULTS.items():
+            prompt = promised + (resolver if svc == "nodns" else 0.0)
+            patience = prompt + 5 if impl == "pytunnel" else max(prompt + 5, 60.0)
             t0 = time.monotonic()
-            with socket.create_connection(("127.0.0.1", t.port(svc)), timeout=10) as app:
-                local = app.getsockname()[1]
-                if svc == "reset":
-                    app.settimeout(10)
-                    with contextlib.suppress(OSError):
-                        app.sendall(os.urandom(512 * 1024))  # 64 KiB come back, then the RST
-                how = wait_closed(app, prompt + 5)
+            with socket.socket() as app:
+                app.bind(("127.0.0.1", 0))  # the port names the connection in the log, even if
+                local = app.getsockname()[1]  # connect() fails
+                app.settimeout(10)
+                try:
+                    app.connect(("127.0.0.1", t.port(svc)))
+                except ConnectionResetError:  # accepted, refused upstream and reset before this
+                    how = "reset"  # process saw its connect() complete (a loaded machine)
+                else:
+                    if svc == "reset":
+                        with contextlib.suppress(OSError):
+                            app.sendall(os.urandom(512 * 1024))  # 64 KiB come back, then the RST
+                    how = wait_closed(app, patience)
             took = time.monotonic() - t0
-            cid = conn_id_of(t.log, svc, local)
-            assert cid is not None, t.log[-3000:]
-            deadline = time.monotonic() + 5
-            while not re.search(reason, "\n".join(lines_of(t.log, cid))) and time.monotonic() < deadline:
-                time.sleep(0.05)
+
+            def accepted(svc: str = svc, local: int = local) -> str | None:
+                return conn_id_of(t.log, svc, local)  # the log as it is now
+
+            cid = wait_until(accepted, 10, f"[{svc}] accepted connection line")
+
+            def says_why(cid: str = cid, reason: str = reason) -> bool:
+                return bool(re.search(reason, "\n".join(lines_of(t.log, cid))))
+
+            with contextlib.suppress(AssertionError):  # asserted below, with the lines
+                wait_until(says_why, 10, "the reason")
             errors = lines_of(t.log, cid, max_level=3)
             named = [ln for ln in lines_of(t.log, cid, max_level=6) if re.search(reason, ln)]
             results[svc] = {"seconds": round(took, 2), "app_saw": how, "error_lines": len(errors)}
             results[svc]["reason_line"] = named[0] if named else ""
+            if svc == "nodns":
+                results[svc]["resolver_seconds"] = round(resolver, 2)
             assert how in ("eof", "reset"), (svc, how)
-            assert took < prompt, (svc, took)
+            if impl == "pytunnel":
+                assert took < prompt, (svc, took, f"resolver {resolver:.2f} s")
             assert named, (svc, lines_of(t.log, cid))
             data = os.urandom(50_000)
             assert roundtrip(t.port("good"), data) == data  # the process keeps serving
@@ -564,13 +611,45 @@ def test_upstream_reset_mid_stream_reaches_the_app_as_a_reset(tunnels: TunnelFac
         resetting.close()
 
 
+AT_ONCE = 15  # pytunnel serves (64 - reserve) / 2 = 20 at once under RLIMIT_NOFILE 64 (service.BUDGET)
+
+
+def connect_many(port: int, n: int) -> tuple[list[socket.socket], list[str]]:
+    """``n`` clients, each has sent one byte to echo; and their states: 'reset' for one the
+    tunnel accepted and reset before its connect() or send returned (stunnel4 sheds clients
+    that fast: a race on a loaded machine), else 'waiting'."""
+    held, states = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.settimeout(30)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"x")
+            states.append("waiting")
+        except ConnectionResetError:
+            states.append("reset")
+        held.append(s)
+    return held, states
+
+
+def at_the_limit(impl: str, at_once: int = AT_ONCE) -> Callable[[list[str]], bool]:
+    """When the first wave is over: pytunnel has served ``at_once`` (its bound, polled for rather
+    than slept for); stunnel4 (its own sizing) has served some.  settle_states then waits for a
+    second with no client changing state."""
+    need = at_once if impl == "pytunnel" else 1
+    return lambda states: states.count("served") >= need
+
+
 @pytest.mark.slow
 def test_out_of_fds_no_busy_loop_and_recovery(
     tunnels: TunnelFactory, certs: Certs, impl: str, figures: Figures
 ) -> None:
     """`ulimit -n 256` and 400 concurrent connections (client mode, each needs two fds): the
     tunnel does not spin on EMFILE (CPU stays low while saturated), and serves again once the
-    connections go away."""
+    connections go away.  The CPU is measured once the tunnel is saturated (no client changes
+    state for a second), not after a fixed sleep that may end mid-handshakes on a loaded
+    machine.  stunnel4 sleeps a second on EMFILE; its CPU share is recorded, not asserted: what
+    stunnel guarantees is that it keeps running, serves again and gives its fds back."""
     backend = Echo(certs.server_pem)
     try:
         conf = tunnels.conf(client_body(certs, backend.port))
@@ -588,25 +667,24 @@ def test_out_of_fds_no_busy_loop_and_recovery(
                 held.append(s)
             except OSError:
                 refused += 1
-        time.sleep(1.0)  # let it reach the limit
-        fds_full = fd_count(pid)
+        seen = settle_states(held, at_the_limit(impl, 100))
+        fds_full = settle_value(lambda: fd_count(pid))
         cpu0, w0 = cpu_seconds(pid), time.monotonic()
-        time.sleep(2.5)
+        time.sleep(2.5)  # the measuring window, saturated
         cpu_pct = 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - w0)
-        seen = [app_state(s) for s in held]
+        seen = [app_state(s) if state == "waiting" else state for s, state in zip(held, seen, strict=True)]
         for s in held:
             s.close()
         t0 = time.monotonic()
         resumed = None
-        while time.monotonic() - t0 < 20:
-            try:
-                if short_roundtrip(port, b"again", timeout=3):
+        while resumed is None and time.monotonic() - t0 < 60:
+            # one patient client: it may queue behind the closed ones the tunnel still has to accept
+            with contextlib.suppress(OSError):
+                if short_roundtrip(port, b"again", timeout=max(1.0, 60 - (time.monotonic() - t0))):
                     resumed = time.monotonic() - t0
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        fds1 = wait_fds(pid, fds0, timeout=15)
+            if resumed is None:
+                time.sleep(0.2)
+        fds1 = wait_fds(pid, fds0, timeout=60)
         emfile_lines = len(re.findall(r"Too many open files|too many clients", t.log))
         figures.record(
             "ulimit -n 256, 400 concurrent",
@@ -623,9 +701,10 @@ def test_out_of_fds_no_busy_loop_and_recovery(
             limit_log_lines=emfile_lines,
             tracebacks=t.log.count("Traceback"),
         )
-        assert cpu_pct < 50, f"{cpu_pct:.0f}% of a core while saturated: a busy loop on EMFILE?"
+        if impl == "pytunnel":
+            assert cpu_pct < 50, f"{cpu_pct:.0f}% of a core while saturated: a busy loop on EMFILE?"
         assert "Internal error" not in t.log and "Traceback" not in t.log
-        assert resumed is not None, "no good connection within 20 s after the fds were freed"
+        assert resumed is not None, "no good connection within 60 s after the fds were freed"
         assert fds1 <= fds0
         assert t.proc.poll() is None
         assert t.stop() == 0
@@ -637,43 +716,48 @@ def test_out_of_fds_no_busy_loop_and_recovery(
 def test_slowloris_does_not_starve_real_clients(
     tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, figures: Figures
 ) -> None:
-    """Server mode, TIMEOUTbusy = 3: 1,000 TCP connections that never finish a handshake (half
-    send part of a ClientHello, half nothing) do not stop 20 real clients; each of the 1,000 is
-    closed by TIMEOUTbusy, and the fds come back."""
-    busy = 3
+    """Server mode, TIMEOUTbusy = 10: 1,000 TCP connections that never finish a handshake (half
+    send part of a ClientHello, half nothing) do not stop 20 real clients, served while the
+    1,000 are still held; each of the 1,000 is closed by TIMEOUTbusy, and the fds come back.
+    TIMEOUTbusy is long enough that a loaded machine still serves the real clients inside it
+    (they take well under a second idle); every other wait polls with a generous deadline."""
+    busy = 10
     t = started(tunnels, server_body(certs, echo.port, f"TIMEOUTbusy = {busy}\n"), impl)
     pid, port = t.proc.pid, t.port("srv")
     assert tls_echo_once(port, certs.ca_pem, b"warm") == b"warm"
-    fds0, rss0 = fd_count(pid), rss_kib(pid)
+    fds0 = settle_value(lambda: fd_count(pid), quiet=0.5)
+    rss0 = rss_kib(pid)
     hello = client_hello()
     loris: list[socket.socket] = []
-    t_open = time.monotonic()
     for i in range(1000):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
         if i % 2:
             s.sendall(hello[: 10 + i % 50])
         loris.append(s)
-    time.sleep(0.5)
-    fds_loaded, rss_loaded = fd_count(pid), rss_kib(pid)
+    t_opened = time.monotonic()  # TIMEOUTbusy runs from each accept: the last one is no earlier
+    fds_loaded = settle_value(lambda: fd_count(pid), quiet=0.5, timeout=10)
+    rss_loaded = rss_kib(pid)
     latencies: list[float] = []
 
     def legit(i: int) -> bool:
         t0 = time.monotonic()
         data = os.urandom(10_000)
-        ok = tls_echo_once(port, certs.ca_pem, data, timeout=busy + 5) == data
+        ok = tls_echo_once(port, certs.ca_pem, data, timeout=busy) == data
         latencies.append(time.monotonic() - t0)
         return ok
 
     with ThreadPoolExecutor(20) as pool:
         oks = list(pool.map(legit, range(20)))
+    served_while_held = time.monotonic() - t_opened < busy
+    still_held = sum(wait_closed(s, 0.001) == "open" for s in loris[-10:])
     closed = 0
-    deadline = t_open + busy + 15
+    deadline = t_opened + busy + 30
     for s in loris:
         if wait_closed(s, max(0.01, deadline - time.monotonic())) != "open":
             closed += 1
         s.close()
-    all_closed_s = time.monotonic() - t_open
-    fds1 = wait_fds(pid, fds0, timeout=10)
+    all_closed_s = time.monotonic() - t_opened
+    fds1 = wait_fds(pid, fds0, timeout=30)
     figures.record(
         "slowloris: 1,000 stalled handshakes + 20 real clients",
         impl,
@@ -686,9 +770,11 @@ def test_slowloris_does_not_starve_real_clients(
         fds_before=fds0,
         fds_after=fds1,
     )
-    assert all(oks)
-    assert closed == 1000
-    assert fds1 <= fds0
+    assert all(oks), f"{20 - sum(oks)} of 20 real clients not served within TIMEOUTbusy ({busy} s)"
+    # the real clients were served while the stalled ones stood (not after TIMEOUTbusy freed them)
+    assert served_while_held and still_held == 10, (served_while_held, still_held)
+    assert closed == 1000, f"{1000 - closed} stalled connection(s) still open {busy + 30} s after TIMEOUTbusy"
+    assert fds1 <= fds0, (fds0, fds1)
     assert t.stop() == 0
 
 
@@ -763,33 +849,41 @@ def test_connections_shed_at_the_fd_limit_are_logged(
 ) -> None:
     """At the fd limit every connection the tunnel closes unserved leaves a log line.  Found by
     this module: uvloop's accept (libuv's EMFILE trick) accepted and closed them silently; fixed
-    by tunnel/service.py accepting itself.  stunnel4 logs `local socket: Too many open files (24)`
-    and leaves the rest waiting in the kernel's backlog."""
+    by tunnel/service.py accepting itself.  stunnel4 logs `local socket: Too many open files (24)`,
+    sheds a varying number of clients (`remote socket: Too many open files`, `too many
+    clients`: 1 to 28 of 60 in runs here, depending on thread timing) and leaves the rest
+    waiting in the kernel's backlog: its figures are recorded, and only that it says so when it
+    sheds is asserted."""
     backend = Echo(certs.server_pem)
     try:
         conf = tunnels.conf(client_body(certs, backend.port))
         t = start_limited(tunnels, conf, impl, lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
-        port = t.port("cli")
-        held = []
-        for _ in range(60):
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            s.sendall(b"x")
-            held.append(s)
-        time.sleep(1.5)
-        seen = [app_state(s) for s in held]
+        held, shed = connect_many(t.port("cli"), 60)
+        seen = settle_states(held, at_the_limit(impl), initial=shed)
+        unserved = seen.count("eof") + seen.count("reset")
+
+        def lines() -> int:
+            return len(re.findall(r"Too many open files|too many clients", t.log))
+
+        with contextlib.suppress(AssertionError):  # the line may follow the close: give it time
+            wait_until(lambda: lines() >= unserved, 10, "a log line for each connection shed")
         for s in held:
             s.close()
-        unserved = seen.count("eof") + seen.count("reset")
-        lines = len(re.findall(r"Too many open files|too many clients", t.log))
         figures.record(
             "fd limit: connections shed vs log lines",
             impl,
             app_closed_unserved=unserved,
             app_waiting=seen.count("waiting"),
             app_served=seen.count("served"),
-            limit_log_lines=lines,
+            limit_log_lines=lines(),
         )
-        assert lines >= unserved, f"{unserved} connection(s) closed unserved, {lines} log line(s) say why"
+        if impl == "pytunnel":
+            assert seen.count("served") >= AT_ONCE, seen
+            assert lines() >= unserved, (
+                f"{unserved} connection(s) closed unserved, {lines()} log line(s) say why"
+            )
+        elif unserved:
+            assert lines(), f"stunnel4 shed {unserved} connection(s) without a line about the limit"
         assert t.stop() == 0
     finally:
         backend.close()
@@ -801,38 +895,25 @@ def test_excess_clients_wait_at_the_fd_limit(
     """At the fd limit the excess clients wait in the kernel's backlog and are served once fds
     free up.  Each client-mode connection needs two descriptors, so pytunnel stops accepting at
     (RLIMIT_NOFILE - reserve) / 2 connections (service.BUDGET), as stunnel sizes its limit;
-    before that fix accepted clients held the descriptors their upstreams needed."""
+    before that fix accepted clients held the descriptors their upstreams needed.
+
+    stunnel4 accepts past what its descriptors allow and closes a varying share of the excess
+    unserved (4 to 23 of 60 in runs here: its threads race for the last fds), so for it the
+    figures are recorded and only that every client ends, served or closed, is asserted."""
     backend = Echo(certs.server_pem)
     try:
         conf = tunnels.conf(client_body(certs, backend.port))
         t = start_limited(tunnels, conf, impl, lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
-        port = t.port("cli")
-        held = []
-        for _ in range(60):
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
-            s.sendall(b"x")
-            held.append(s)
-        time.sleep(1.5)
-        first = [app_state(s) for s in held]
+        held, shed = connect_many(t.port("cli"), 60)
+        first = settle_states(held, at_the_limit(impl), initial=shed)
         for s, state in zip(held, first, strict=True):
             if state != "waiting":
                 s.close()  # frees the tunnel's fds for the ones still waiting
         waiting = [s for s, state in zip(held, first, strict=True) if state == "waiting"]
-        later: list[str] = []
-        deadline = time.monotonic() + 10
-        pending = list(waiting)
-        while pending and time.monotonic() < deadline:
-            time.sleep(0.2)
-            still = []
-            for s in pending:
-                state = app_state(s)
-                if state == "waiting":
-                    still.append(s)
-                else:
-                    later.append(state)
-                    s.close()
-            pending = still
-        for s in pending:
+        later = settle_states(
+            waiting, lambda states: "waiting" not in states, quiet=0, timeout=60, close_done=True
+        )
+        for s in waiting:
             s.close()
         closed = first.count("eof") + first.count("reset") + later.count("eof") + later.count("reset")
         served = first.count("served") + later.count("served")
@@ -842,14 +923,15 @@ def test_excess_clients_wait_at_the_fd_limit(
             served_at_once=first.count("served"),
             waited_then_served=later.count("served"),
             closed_unserved=closed,
-            never_served=len(pending),
+            never_served=later.count("waiting"),
         )
-        assert first.count("served") >= 15, (
-            f"only {first.count('served')} of 60 served at once: are accepted clients holding the fds "
-            "their upstream sockets need (a deadlock until something times out)?"
-        )
-        assert closed <= 15, f"{closed} of 60 clients were closed unserved instead of waiting"
-        assert served + closed == 60 and not pending
+        assert served + closed == 60, f"{later.count('waiting')} client(s) still waiting after 60 s"
+        if impl == "pytunnel":
+            assert first.count("served") >= AT_ONCE, (
+                f"only {first.count('served')} of 60 served at once: are accepted clients holding the fds "
+                "their upstream sockets need (a deadlock until something times out)?"
+            )
+            assert closed <= 15, f"{closed} of 60 clients were closed unserved instead of waiting"
         assert t.stop() == 0
     finally:
         backend.close()
@@ -914,7 +996,7 @@ def free_privileged_port() -> int:
             except OSError:
                 continue
             return port
-    pytest.skip("no free port below 1024")
+    cannot_run_here("no free port below 1024")
 
 
 def test_setuid_setgid_drop_privileges_after_binding(
@@ -922,8 +1004,7 @@ def test_setuid_setgid_drop_privileges_after_binding(
 ) -> None:
     """`setuid = nobody`, `setgid = nogroup`: the listener on a privileged port is bound (as
     root), then every uid and gid of the process is nobody/nogroup, and it serves."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+    need_root("binding a privileged port and setuid")
     uid, gid = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
     port = free_privileged_port()
     t = started(
@@ -1082,8 +1163,7 @@ def test_chroot_then_serve(
     module: pytunnel exited 1 with a Traceback, `ModuleNotFoundError: No module named 'grp'`, as
     it imported modules after os.chroot(); the same late imports (ctypes) broke `setuid` where
     the Python installation is not readable by the new user (here /root/.pyenv, mode 0700)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
+    need_root("chroot")
     jail = tmp_path / "jail"
     jail.mkdir()
     t = tunnels.start(

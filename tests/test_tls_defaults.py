@@ -4,13 +4,12 @@ only make a default: both implementations, the same config, asserted on the wire
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import ssl
 import subprocess
 
 import pytest
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_tool
 
 
 def server(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, extra: str = "") -> Tunnel:
@@ -38,9 +37,7 @@ def client_ctx(certs: Certs, cert: bool = False) -> ssl.SSLContext:
 
 
 def s_client(port: int, *args: str) -> str:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is not installed (.ci/run installs it)")
+    openssl = need_tool("openssl")
     out = subprocess.run(
         [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", *args],
         input=b"",

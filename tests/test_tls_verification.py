@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory, roundtrip
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_tool, roundtrip
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
@@ -182,9 +182,7 @@ def test_revoked_certificate_is_refused(
     """CRLfile, or CRLpath: a directory of hashed CRLs (`openssl rehash`'s HASH.r0 names)."""
     where = str(extra.crl_pem)
     if option == "CRLpath":
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            pytest.skip("the openssl command is not installed (it names the CRLpath entries by hash)")
+        openssl = need_tool("openssl")  # it names the CRLpath entries by hash
         crl_dir = tmp_path / "crl.d"
         crl_dir.mkdir()
         name_hash = subprocess.run(

@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import itertools
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -35,7 +34,17 @@ from typing import Any, TypeVar
 
 import pytest
 import trustme
-from conftest import BOUND, ROOT, Tunnel, need_stunnel, pytunnel_cmd
+from conftest import (
+    BOUND,
+    ROOT,
+    Tunnel,
+    cannot_run_here,
+    need_root,
+    need_stunnel,
+    need_tool,
+    pytunnel_cmd,
+    stunnel4_lacks,
+)
 
 from tunnel import conf
 from tunnel.errors import ConfigError
@@ -54,8 +63,8 @@ TLS_PORT = 8443  # S: TLS echo server (and the "arbitrary" destination clients a
 MARK_TABLE = "pytunnel_transparent"  # R: the socket-transparent marking (module-wide)
 RULES_TABLE = "pytunnel_test"  # R: the per-test REDIRECT / TPROXY rules
 STUNNEL_NO_TPROXY = (
-    "stunnel 5.68 sets IP_TRANSPARENT only on its outgoing sockets (src/client.c connect_init), "
-    "never on its listening ones, so a TPROXY rule cannot deliver connections to it"
+    "TPROXY on its listener: it sets IP_TRANSPARENT only on its outgoing sockets (src/client.c "
+    "connect_init), never on its listening ones, so a TPROXY rule cannot deliver connections to it"
 )
 
 
@@ -64,12 +73,10 @@ STUNNEL_NO_TPROXY = (
 
 def _need_tools() -> None:
     if sys.platform != "linux":
-        pytest.skip(f"transparent proxying is Linux-only; this is {sys.platform}")
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces, veth pairs and IP_TRANSPARENT need root")
+        cannot_run_here(f"transparent proxying is Linux-only; this is {sys.platform}")
+    need_root("network namespaces, veth pairs and IP_TRANSPARENT")
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("sysctl", "procps")):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install {package}; .ci/run installs it)")
+        need_tool(tool, package)
 
 
 def run(*args: str, ns: str | None = None, stdin: str | None = None) -> str:
@@ -263,12 +270,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     try:
         try:
             _topology(c, r, s)
-        except RuntimeError as exc:
-            if "nft" in str(exc) and ("socket" in str(exc) or "No such file" in str(exc)):
-                pytest.skip(f"this kernel lacks nftables' socket expression: {exc}")
-            if "netns add" in str(exc) or "veth" in str(exc):
-                pytest.skip(f"cannot create network namespaces/veth pairs here: {exc}")
-            raise
+        except RuntimeError as exc:  # a set-up that did not work is a failure, with its error
+            pytest.fail(f"setting up the namespaces, veth pairs and nft rules failed: {exc}", pytrace=False)
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_ctx.load_cert_chain(str(d / "server.pem"))
         network = Net(c=c, r=r, s=s, certs=d, ca=ca)
@@ -517,8 +520,7 @@ def test_source_server_sees_the_client_address(
 def test_source_without_cap_net_admin(net: Net, router: RouterTunnels, impl: str) -> None:
     """Without CAP_NET_ADMIN IP_TRANSPARENT fails: the connection fails and says why; the
     tunnel keeps serving."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+    need_tool("setpriv", "util-linux")
     body = (
         f"[src]\naccept = {hostport(R4C, 4430)}\nconnect = {hostport(S4, PLAIN_PORT)}\n"
         f"cert = {net.certs / 'server.pem'}\ntransparent = source\n"
@@ -609,10 +611,10 @@ def test_destination_not_redirected_with_conntrack_does_not_loop(
     """With conntrack on (any nat rule), SO_ORIGINAL_DST of a direct connection is the
     listener itself: pytunnel refuses to connect to itself."""
     if impl == "stunnel4":
-        pytest.skip(
-            "stunnel 5.68 takes that answer and connects to its own listener, again and again "
-            "(observed: ~5000 connections in a second, then 'INTERNAL ERROR: Uninitialized client "
-            "session cache'): nothing to compare"
+        stunnel4_lacks(
+            "a guard against its own listening address: it takes that answer and connects to its "
+            "own listener, again and again (observed: ~5000 connections in a second, then "
+            "'INTERNAL ERROR: Uninitialized client session cache'): nothing to compare"
         )
     net.rules(
         """  chain prerouting {
@@ -643,7 +645,7 @@ def test_destination_with_tproxy(net: Net, router: RouterTunnels, impl: str, fam
     tunnel's (IP_TRANSPARENT) listener, whose accepted socket's local address is the
     original destination."""
     if impl == "stunnel4":
-        pytest.skip(STUNNEL_NO_TPROXY)
+        stunnel4_lacks(STUNNEL_NO_TPROXY)
     _client, _rtr, server = ADDRS[family]
     port = 4450 + family
     net.rules(_tproxy_rules(family, port))
@@ -668,7 +670,7 @@ def test_both_with_tproxy(net: Net, router: RouterTunnels, impl: str, family: in
     """Client mode: C's plaintext to S's TLS port is diverted by TPROXY; the tunnel
     TLS-connects to that original destination from C's own address and port."""
     if impl == "stunnel4":
-        pytest.skip(STUNNEL_NO_TPROXY)
+        stunnel4_lacks(STUNNEL_NO_TPROXY)
     client, _rtr, server = ADDRS[family]
     port = 4460 + family
     net.rules(_tproxy_rules(family, port))
@@ -688,10 +690,10 @@ def test_both_with_redirect(net: Net, router: RouterTunnels, impl: str, family: 
     would have exactly the addresses of C's REDIRECTed connection, whose conntrack entry would
     capture it; pytunnel keeps C's address but takes an ephemeral port for it."""
     if impl == "stunnel4":
-        pytest.skip(
-            "stunnel 5.68 binds the client's own port here too, so its upstream has the addresses "
-            "of the client's REDIRECTed connection: conntrack treats it as that connection and the "
-            "connect never completes (observed: 'TIMEOUTconnect exceeded')"
+        stunnel4_lacks(
+            "an ephemeral source port with REDIRECT: it binds the client's own port here too, so "
+            "its upstream has the addresses of the client's REDIRECTed connection: conntrack treats "
+            "it as that connection and the connect never completes (observed: 'TIMEOUTconnect exceeded')"
         )
     client, rtr, server = ADDRS[family]
     port = 4470 + family
