@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, envconf, rules
+from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, envconf, ossl, rules
 from tunnel.certwatch import record_not_after
 from tunnel.errors import CONFIG_FAILURE, ConfigError, Problem
 from tunnel.logs import log
@@ -254,7 +254,21 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
         if svc.name in made:
             continue
         subs = [made[s.name] for s in secondaries.get(svc.name, [])]
-        out.append(Service(svc, tls_of[svc.name], secure, subs))  # type: ignore[arg-type]
+        try:
+            out.append(Service(svc, tls_of[svc.name], secure, subs))  # type: ignore[arg-type]
+        except ossl.Unavailable as exc:  # the SNI switch cannot set a secondary's verification
+            first = subs[0].settings
+            file, line, text = first.locations.get("sni", (settings.source, 0, ""))
+            problems.append(
+                Problem(
+                    f"Service [{first.name}]: sni: not available with this Python: {exc}",
+                    file,
+                    line or None,
+                    text or None,
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
     for service in out + list(made.values()):
         service.set_env = list(settings.globals.setEnv)
         service.foreground = settings.globals.foreground == "yes"
