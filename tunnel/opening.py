@@ -85,6 +85,8 @@ class Venue(Protocol):
     def set_env(self) -> list[str]: ...
     @property
     def foreground(self) -> bool: ...
+    @property
+    def on_pipes(self) -> bool: ...
     def opened(self, conn: Connection) -> None: ...
     def out_of_fds(self, exc: OSError) -> None: ...
     def ports(self) -> set[int]: ...
@@ -134,9 +136,10 @@ class Opening:
 
     def _start(self) -> None:
         venue, conn = self.venue, self.conn
-        if venue.level >= 5:
+        if venue.level >= 5:  # inetd mode on pipes: no address, as stunnel says it
+            whence = "" if venue.on_pipes else f" from {conn.peer_addr}"
             conn.log(
-                5, f"Service [{venue.name}] accepted connection from {conn.peer_addr}", event="accepted",
+                5, f"Service [{venue.name}] accepted connection{whence}", event="accepted",
                 peer=conn.peer_addr,
             )  # fmt: skip
         if venue.settings.client:
