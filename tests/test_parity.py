@@ -304,3 +304,45 @@ def test_redirect_keeps_resumption_and_remembers_who_was_authenticated(
     assert t.log.count("Redirecting connection") == 6
     assert len(re.findall(r"TLS accepted: previous session reused", t.log)) == 6
     assert not any(text in t.log for text in OPENSSL_FAILURES)
+
+
+# ------------------------------------------------------------------ 6. start-up lines
+
+
+def test_startup_lines_are_stunnels(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    """debug = 7: the per-service lines stunnel prints while it builds its contexts, in its
+    words and levels (people diff these logs when they switch)."""
+    conf = tunnels.conf(
+        f"debug = 7\n[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"
+        f"CAfile = {certs.ca_pem}\nverifyChain = yes\n"
+        "[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\nsessionResume = no\n"
+    )
+    t = tunnels.start(conf, impl=impl)
+    t.wait_for(r"Accepting new connections")
+    pem = re.escape(str(certs.server_pem))
+    expected = [
+        r"LOG6\[ui\]: Initializing service \[srv\]",
+        r"LOG6\[ui\]: OpenSSL security level is used: 2",
+        r"LOG7\[ui\]: Ciphers: HIGH:!aNULL:!SSLv2:!DH:!kDHEPSK",
+        r"LOG7\[ui\]: TLSv1\.3 ciphersuites: TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256",
+        r"LOG7\[ui\]: TLS options: 0x[0-9a-f]+ \(\+0x0, -0x0\)",
+        r"LOG6\[ui\]: Session resumption enabled",
+        rf"LOG6\[ui\]: Loading certificate from file: {pem}",
+        rf"LOG6\[ui\]: Certificate loaded from file: {pem}",
+        rf"LOG6\[ui\]: Private key loaded from file: {pem}",
+        r"LOG7\[ui\]: Private key check succeeded",
+        r"LOG6\[ui\]: Configured trusted client CA: O=trustme.*Testing CA #\S+",
+        r"LOG6\[ui\]: DH initialization skipped: no DH ciphersuites",
+        r"LOG7\[ui\]: ECDH initialized with curves X25519:P-256:X448:P-521:P-384",
+        r"LOG6\[ui\]: Initializing service \[cli\]",
+        r"LOG6\[ui\]: Session resumption disabled",
+        r"LOG7\[ui\]: No certificate or private key specified",
+        r"LOG3\[ui\]: No trusted certificates found",
+        r"LOG6\[ui\]: DH initialization skipped: client section",
+        r"LOG7\[ui\]: Binding service \[srv\]",
+        r"LOG7\[ui\]: No pid file being created",
+    ]
+    missing = [line for line in expected if not re.search(line + "$", t.log, re.M)]
+    assert not missing, f"{missing}\n{t.log}"

@@ -196,6 +196,7 @@ class Server:
     def _write_pid_file(self) -> int:
         path = self.settings.globals.pid
         if not path:
+            log.ui(7, "No pid file being created")
             return 0
         try:  # after setuid, as stunnel: the user that runs can remove it at the end
             process.write_pid_file(path)

@@ -174,6 +174,8 @@ class Service:
         quiet: bool = False,
     ) -> list[str]:
         """Bind every accept address (or those of ``endpoints``).  Returns errors."""
+        if self.settings.accept and not quiet:
+            log.ui(7, f"Binding service [{self.name}]")
         errors = self.bound.bind(self.settings.accept if endpoints is None else endpoints, activation, quiet)
         if self.settings.accept and not self.bound.items and not quiet:
             log.ui(3, f"Binding service [{self.name}] failed")
