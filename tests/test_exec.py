@@ -241,7 +241,7 @@ def test_inetd_mode_server_exec(certs: Certs, impl: str, tmp_path: Path) -> None
         assert got == b"through inetd"
     assert proc.wait(15) == 0
     log = (tmp_path / "inetd.log").read_text()
-    assert "Service [stunnel] started" in log or impl == "stunnel4", log
+    assert re.search(r"LOG5\[\d+\]: Service \[stunnel\] accepted connection from ", log), log
 
 
 def test_inetd_mode_client_connect(
@@ -264,8 +264,7 @@ def test_inetd_mode_client_connect(
         ours.shutdown(socket.SHUT_WR)
         assert read_all(ours) == b"plain in, TLS out"
     assert proc.wait(15) == 0
-    if impl == "pytunnel":
-        assert "Service [moo] started" in (tmp_path / "inetd.log").read_text()
+    assert "Service [moo] accepted connection" in (tmp_path / "inetd.log").read_text()
     assert server.stop() == 0
 
 

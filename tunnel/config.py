@@ -23,15 +23,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, envconf, rules
+from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, envconf, ossl, rules
 from tunnel.certwatch import record_not_after
 from tunnel.errors import CONFIG_FAILURE, ConfigError, Problem, Severity
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.service import Service
 from tunnel.settings import ServiceSettings, Settings
+from tunnel.startlines import service_lines
 from tunnel.status import parse_status
-from tunnel.tls import TlsConfigError
+from tunnel.tls import TlsConfig, TlsConfigError
 from tunnel.tls import build as build_tls
 
 
@@ -215,18 +216,16 @@ def _has_bom(source: Source) -> bool:
 def build_services(settings: Settings, secure: bool, generation: int = 0) -> list[Service]:
     """TLS contexts for every service (once per load); raises ConfigError."""
     problems: list[Problem] = []
-    tls_of: dict[str, object] = {}
+    tls_of: dict[str, TlsConfig] = {}
     for svc in settings.services:
         rule = rules.names_need_verify(svc, secure)
         if rule is not None:
             problems.append(rule)
             continue
         try:
-            tls_of[svc.name] = build_tls(svc, secure, generation)
-            if svc.cert:  # stunnel's lines: "HUP, then grep" confirms a rotation
-                log.ui(6, f"Initializing service [{svc.name}]")
-                log.ui(6, f"Certificate loaded from file: {svc.cert}")
-                log.ui(6, f"Private key loaded from file: {svc.key or svc.cert}")
+            tls = tls_of[svc.name] = build_tls(svc, secure, generation)
+            for level, text in service_lines(svc, tls):  # stunnel's lines (HUP, then grep)
+                log.ui(level, text)
         except TlsConfigError as exc:
             file, line, text = svc.locations.get(exc.option, (settings.source, 0, ""))
             problems.append(
@@ -247,13 +246,27 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
     made: dict[str, Service] = {}
     for svc in settings.services:
         if svc.name in {s.name for group in secondaries.values() for s in group}:
-            made[svc.name] = Service(svc, tls_of[svc.name], secure)  # type: ignore[arg-type]
+            made[svc.name] = Service(svc, tls_of[svc.name], secure)
     out: list[Service] = []
     for svc in settings.services:
         if svc.name in made:
             continue
         subs = [made[s.name] for s in secondaries.get(svc.name, [])]
-        out.append(Service(svc, tls_of[svc.name], secure, subs))  # type: ignore[arg-type]
+        try:
+            out.append(Service(svc, tls_of[svc.name], secure, subs))
+        except ossl.Unavailable as exc:  # the SNI switch cannot set a secondary's verification
+            first = subs[0].settings
+            file, line, text = first.locations.get("sni", (settings.source, 0, ""))
+            problems.append(
+                Problem(
+                    f"Service [{first.name}]: sni: not available with this Python: {exc}",
+                    file,
+                    line or None,
+                    text or None,
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
     for service in out + list(made.values()):
         service.set_env = list(settings.globals.setEnv)
         service.foreground = settings.globals.foreground == "yes"

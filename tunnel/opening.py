@@ -33,8 +33,8 @@ Every failure ends the connection with one reason at the step that found it
 (``Connection.fail``); an exception that escapes a step is an internal error, logged, never
 a half-open connection (:meth:`Opening.run`).
 
-Imports: relay, upstream, listener (the budget), protocols, tls, ocsp (lazily), metrics,
-reasons, logs -- never the service registry above it: what it needs of a service is the
+Imports: relay, upstream, listener (the budget), protocols, tls, ocsp (lazily), ossl and
+osslconn (a resumed session's verification result), metrics, reasons, logs -- never the service registry above it: what it needs of a service is the
 :class:`Venue` protocol.
 """
 
@@ -46,7 +46,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from tunnel import program, protocols
+from tunnel import ossl, osslconn, program, protocols
 from tunnel.addr import format_sockaddr
 from tunnel.ident import ask_ident
 from tunnel.metrics import STATS, ServiceStats
@@ -85,6 +85,8 @@ class Venue(Protocol):
     def set_env(self) -> list[str]: ...
     @property
     def foreground(self) -> bool: ...
+    @property
+    def on_pipes(self) -> bool: ...
     def opened(self, conn: Connection) -> None: ...
     def out_of_fds(self, exc: OSError) -> None: ...
     def ports(self) -> set[int]: ...
@@ -134,9 +136,10 @@ class Opening:
 
     def _start(self) -> None:
         venue, conn = self.venue, self.conn
-        if venue.level >= 5:
+        if venue.level >= 5:  # inetd mode on pipes: no address, as stunnel says it
+            whence = "" if venue.on_pipes else f" from {conn.peer_addr}"
             conn.log(
-                5, f"Service [{venue.name}] accepted connection from {conn.peer_addr}", event="accepted",
+                5, f"Service [{venue.name}] accepted connection{whence}", event="accepted",
                 peer=conn.peer_addr,
             )  # fmt: skip
         if venue.settings.client:
@@ -313,16 +316,17 @@ class Opening:
             conn.fail(reason, f"{verb}: {reason_of(exc)}")
             return False
         der = side.sslobj.getpeercert(binary_form=True)
-        problem = tcfg.check_peer(der, expected)
-        redirect = tcfg.redirect and (problem is not None or bool(side.notes.verify_errors))
+        # a PSK handshake authenticated the peer: no certificate was asked for (stunnel)
+        psk = der is None and side.notes.psk_identity is not None
+        psk = psk and (side.notes.psk_known or not side.sslobj.server_side)
+        problem = None if psk else tcfg.check_peer(der, expected)
+        redirect = tcfg.redirect and not psk and _unauthenticated(side, der, problem)
         why: str | None = None
         if redirect:
             problem, why = None, problem
         if problem is not None:
             venue.counters.handshake_failed(HandshakeFailure.VERIFY_FAILED)
-            conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
-            if der:
-                conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
+            self._cert_lines(der, problem)
             conn.fail(CloseReason.VERIFY_FAILED, f"{verb}: {problem}")
             return False
         STATS.observe_handshake(conn.loop.time() - side.started)
@@ -337,6 +341,15 @@ class Opening:
         if redirect:
             self._redirect(der, why, side.notes.verify_errors or [])
         return True
+
+    def _cert_lines(self, der: bytes | None, problem: str) -> None:
+        """stunnel's lines for a peer check that failed after OpenSSL's: none for a missing
+        certificate (OpenSSL's own words end the handshake, or redirect follows)."""
+        if der is None:
+            return
+        conn = self.conn
+        conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
+        conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
 
     def _log_psk(self, side: TlsSide) -> None:
         conn, notes = self.conn, side.notes
@@ -363,14 +376,15 @@ class Opening:
             conn.log(6, f"{cipher[1]} ciphersuite: {cipher[0]} ({cipher[2]}-bit encryption)")
 
     def _redirect(self, der: bytes | None, problem: str | None, errors: list[tuple[str, int]]) -> None:
-        """``redirect``: stunnel's lines for each verification failure, then the other target."""
+        """``redirect``: stunnel's lines for each verification failure (never OpenSSL's
+        error texts: log watchers read those as a failed handshake), then the other target."""
         conn = self.conn
         for reason, depth in errors:
             conn.log(4, f"CERT: Pre-verification error: {reason}")
             if depth == 0 and der:
                 conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
-        if problem is not None:
-            conn.log(4, f"CERT: {problem}")
+        if problem is not None and not errors:
+            self._cert_lines(der, problem)
         self.venue.counters.handshake_failed(HandshakeFailure.REDIRECTED)
         conn.log(5, "Redirecting connection")
         conn.redirected = True
@@ -492,6 +506,20 @@ class Opening:
 
 
 _TIMED_OUT = TimeoutError("TIMEOUTbusy")
+
+
+def _unauthenticated(side: TlsSide, der: bytes | None, problem: str | None) -> bool:
+    """``redirect``: the peer was not authenticated (stunnel's per-session flag).  No
+    certificate, a failed check, an error OpenSSL let pass -- or, for a resumed session,
+    the verification result stored in the session when it was made was not X509_V_OK."""
+    if der is None or problem is not None or side.notes.verify_errors:
+        return True
+    if not side.sslobj.session_reused:
+        return False
+    try:
+        return osslconn.verify_result(side.sslobj) != osslconn.X509_V_OK
+    except ossl.Unavailable:  # cannot tell: never let a resumed session skip the redirect
+        return True
 
 
 def _handshake_waiter(loop: asyncio.AbstractEventLoop, side: TlsSide) -> asyncio.Future[BaseException | None]:

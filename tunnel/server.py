@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import ssl
 from collections.abc import Callable
 
@@ -41,6 +40,7 @@ from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.service import Service
 from tunnel.settings import Settings
+from tunnel.stdio import open_stdio
 
 HANDLED_SIGNALS = {
     signal.SIGTERM,
@@ -196,6 +196,7 @@ class Server:
     def _write_pid_file(self) -> int:
         path = self.settings.globals.pid
         if not path:
+            log.ui(7, "No pid file being created")
             return 0
         try:  # after setuid, as stunnel: the user that runs can remove it at the end
             process.write_pid_file(path)
@@ -444,27 +445,23 @@ class Server:
 
     # ---- inetd mode ------------------------------------------------------------------------
     def run_inetd(self) -> int:
-        """No [section]: serve the one connection inetd (or systemd Accept=yes) put on stdin/stdout."""
+        """No [section]: serve the one connection on standard input/output -- a socket from
+        inetd or systemd Accept=yes, or pipes, a file, /dev/null (tunnel/stdio.py).  The exit
+        status is stunnel's: 0 once the connection was served, whatever became of it."""
         service = self.services[0]
         try:
-            sock = socket.socket(fileno=os.dup(0))
-            if sock.type != socket.SOCK_STREAM:
-                raise OSError("not a stream socket")
-            sock.getsockname()
+            stdio = open_stdio()
         except OSError as exc:
-            log.ui(3, f"inetd mode needs a connected stream socket on stdin: {exc}")
+            log.ui(3, f"inetd mode needs standard input and output: {exc}")
             return STARTUP_FAILURE
-        # our copy is the connection now: stdin/stdout must not keep it open (the peer's EOF)
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.close(null)
+        sock = stdio.sock
+        service.on_pipes = stdio.piped
         try:
             process.drop_privileges(process.ids(self.settings.defaults.setuid, self.settings.defaults.setgid))
         except (OSError, KeyError) as exc:
             log.ui(3, f"Start-up failed: {exc}")
             return STARTUP_FAILURE
-        log.ui(5, f"Service [{self.settings.globals.service}] started")
+        log.ui(7, f"Service [{self.settings.globals.service}] started")
         loop = process.new_loop()
         asyncio.set_event_loop(loop)
 
@@ -482,6 +479,8 @@ class Server:
             return loop.run_until_complete(serve())
         finally:
             loop.close()
+            sock.close()
+            stdio.finish()
 
 
 def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

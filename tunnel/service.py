@@ -80,6 +80,7 @@ class Service:
         self.exec_local = bool(settings.exec) and bool(settings.connect) and not settings.accept
         self.set_env: list[str] = []  # the global setEnv lines (runtime fills them in)
         self.foreground = True
+        self.on_pipes = False  # inetd mode on pipes, not a socket (tunnel/stdio.py)
         self._local_done: asyncio.Event | None = None
         self._local_task: asyncio.Task[None] | None = None  # exec+connect's start/retry loop
         self.sockopts_l = socket_options(settings.socket, "l")
@@ -173,6 +174,8 @@ class Service:
         quiet: bool = False,
     ) -> list[str]:
         """Bind every accept address (or those of ``endpoints``).  Returns errors."""
+        if self.settings.accept and not quiet:
+            log.ui(7, f"Binding service [{self.name}]")
         errors = self.bound.bind(self.settings.accept if endpoints is None else endpoints, activation, quiet)
         if self.settings.accept and not self.bound.items and not quiet:
             log.ui(3, f"Binding service [{self.name}] failed")

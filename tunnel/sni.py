@@ -4,8 +4,17 @@ The primary's SSLContext gets a servername callback that, for the first pattern 
 name the client sent, switches the handshake to that secondary's context and notes the choice
 for the connection's opening, which then serves the connection as the secondary (its
 verification, its ``connect``).  The choice is held weakly per SSLObject, so a connection that
-dies mid-handshake leaves nothing behind for a later object to inherit.  A leaf: the secondary
-is any object with a ``name`` and a current SSLContext.
+dies mid-handshake leaves nothing behind for a later object to inherit.
+
+OpenSSL's ``SSL_set_SSL_CTX`` (what ``SSLObject.context = ...`` is) swaps the certificate, key
+and trust store only; as stunnel's servername callback does, the switch then sets the
+secondary's verify mode, verify callback, depth and flags on the connection
+(tunnel/osslconn.py), so its ``verifyChain``/``verifyPeer``/``requireCert``, CRLs and
+``redirect`` apply.  Where that cannot be done the handshake ends with an internal error
+alert: never serve a secondary without its verification.
+
+Imports osslconn (a leaf); the secondary is any object with a ``name`` and a current
+SSLContext.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import ssl
 import weakref
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
+
+from tunnel import ossl, osslconn
 
 
 class Virtual(Protocol):
@@ -36,18 +47,27 @@ class SniSwitch(Generic[T]):
         )
 
     def install(self, context: ssl.SSLContext) -> None:
+        """The callback on the primary's context; raises :class:`tunnel.ossl.Unavailable`
+        when this Python cannot give a switched connection its secondary's verification."""
+        osslconn.check_layout(context)
         context.sni_callback = self._pick
 
-    def _pick(self, sslobj: object, name: str | None, _ctx: ssl.SSLContext) -> None:
+    def _pick(self, sslobj: object, name: str | None, _ctx: ssl.SSLContext) -> int | None:
         if not name:
-            return
+            return None
         lowered = name.lower()
         for pattern, sec in self.patterns:
             if sni_matches(lowered, pattern):
                 sslobj.context = self.context_of(sec)  # type: ignore[attr-defined]
+                try:
+                    osslconn.adopt_verification(sslobj)
+                except ossl.Unavailable:
+                    self._choice[sslobj] = (None, name, "!")
+                    return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
                 self._choice[sslobj] = (sec, name, pattern)
-                return
+                return None
         self._choice[sslobj] = (None, name, "")
+        return None
 
     def chosen(self, sslobj: object, say: Callable[[int, str], None]) -> T | None:
         """The secondary the client's name chose during the handshake (None: the primary

@@ -356,12 +356,12 @@ def _note_verify_error(reason: str, depth: int) -> None:
 def _sessions(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
     """sessionCacheSize/-Timeout, sessionResume = no and ticket keys on the SSL_CTX.
 
-    A service with ``redirect`` resumes no sessions: a resumed session skips certificate
-    verification, so a redirected client could come back on it (stunnel removes such
-    sessions from its cache; pytunnel cannot reach a session it did not make the key of).
+    A service with ``redirect`` resumes sessions as stunnel does: the session keeps OpenSSL's
+    verification result and the peer's certificate, so a resumed session of a redirected
+    peer is redirected again (tunnel/opening.py), one of an authenticated peer is served.
     """
     server = not svc.client
-    resume = bool(svc.sessionResume) and not (server and svc.redirect)
+    resume = bool(svc.sessionResume)
     sized = svc.sessionCacheSize != 1000 or svc.sessionCacheTimeout != 300
     cache = lambda: ossl.session_cache(ctx, svc.sessionCacheSize, svc.sessionCacheTimeout, resume)  # noqa: E731
     if sized or (server and not resume):
