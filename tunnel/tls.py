@@ -10,7 +10,8 @@ Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
   mode under ``pytunnel run``, the system store when neither is given).
 * ``verifyPeer = yes``: the peer's leaf must be one of the certificates in
   CAfile/CApath.  ``VERIFY_X509_PARTIAL_CHAIN`` lets OpenSSL accept a leaf that is
-  itself in the trust store; then the leaf is compared byte for byte.
+  itself in the trust store (verifyPeer alone; with verifyChain the chain must still end
+  at a CA, as in stunnel); then the leaf is compared byte for byte.
 * ``checkHost``/``checkIP``/``checkEmail``: checked on the leaf after the handshake
   (tunnel/verify.py); any one match is enough, as in stunnel.
 * ``verify = 0..4``: the legacy levels, mapped onto the above.
@@ -90,7 +91,10 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         raise TlsConfigError("key", "key is set but cert is not")
     _load_trust(ctx, svc, pol)
     _load_crls(ctx, svc)
-    if pol.verify_peer:
+    if pol.verify_peer and not pol.verify_chain:
+        # verifyPeer alone: a leaf in CAfile/CApath is its own anchor; with verifyChain the
+        # chain must still end at a CA, as in stunnel (verify = 3 refuses a pinned leaf
+        # whose issuer is unknown)
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if svc.PSKsecrets:
         _set_psk(ctx, svc)
