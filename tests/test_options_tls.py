@@ -423,3 +423,52 @@ def test_pkcs12_cert_in_a_running_tunnel(
     served = x509.load_der_x509_certificate(der)
     assert served == x509.load_pem_x509_certificates(certs.server_pem.read_bytes())[0]
     assert served.public_bytes(Encoding.PEM) in certs.server_pem.read_bytes()
+
+
+@pytest.mark.parametrize("route", ["openssl", "memfd"])
+def test_pkcs12_key_never_touches_a_file_system(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """The PKCS#12 key goes to OpenSSL from memory (tunnel.ossl), or, where that bridge is
+    unavailable, through an anonymous memfd; no temporary file is ever made.  The context
+    built either way serves a real handshake."""
+    import tempfile
+
+    from tunnel import conf, ossl, tls
+
+    def no_files(*_args: object, **_kw: object) -> None:
+        raise AssertionError("a temporary file was made for the key")
+
+    for name in ("mkstemp", "NamedTemporaryFile", "TemporaryFile", "mkdtemp"):
+        monkeypatch.setattr(tempfile, name, no_files)
+    if route == "openssl":
+        monkeypatch.setattr(os, "memfd_create", no_files)
+    else:
+
+        def unavailable(*_args: object) -> None:
+            raise ossl.Unavailable("test: the bridge is away")
+
+        monkeypatch.setattr(ossl, "use_key_and_chain", unavailable)
+    p12 = pkcs12_of(certs.server_pem, tmp_path / "server.p12")
+    settings = conf.load_bytes(
+        f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:1\ncert = {p12}\n".encode(), "t"
+    )
+    ctx = tls.build(settings.services[0], secure=False).context
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        client = socket.create_connection(lsock.getsockname(), timeout=15)
+        conn, _ = lsock.accept()
+        conn.settimeout(15)
+        import threading
+
+        done: list[bytes] = []
+        server_thread = threading.Thread(
+            target=lambda: done.append(ctx.wrap_socket(conn, server_side=True).recv(4)), daemon=True
+        )
+        server_thread.start()
+        with client_ctx(certs).wrap_socket(client, server_hostname="localhost") as tls_client:
+            tls_client.sendall(b"p12!")
+            server_thread.join(15)
+        conn.close()
+    assert done == [b"p12!"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -282,6 +281,9 @@ def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
 
 
 def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
+    """A PKCS#12 ``cert`` (no password): the key never touches a file system.  It goes to
+    OpenSSL from memory through tunnel.ossl; where that bridge is unavailable, through an
+    anonymous memfd (``/proc/self/fd``), never a temporary file."""
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, pkcs12
 
     try:
@@ -290,17 +292,30 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
         raise TlsConfigError("cert", f"{path} is neither PEM nor PKCS#12: {exc}") from None
     if pkey is None or leaf is None:
         raise TlsConfigError("cert", f"PKCS#12 file {path} lacks a key or certificate")
+    chain = [leaf, *(extra or [])]
+    try:
+        key_der = pkey.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+        ossl.use_key_and_chain(
+            ctx,
+            key_der,
+            chain[0].public_bytes(Encoding.DER),
+            [c.public_bytes(Encoding.DER) for c in chain[1:]],
+        )
+        return
+    except ValueError as exc:
+        raise TlsConfigError("cert", f"cannot use PKCS#12 file {path}: {exc}") from None
+    except ossl.Unavailable:
+        pass
     pem = pkey.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    pem += leaf.public_bytes(Encoding.PEM)
-    for c in extra or []:
-        pem += c.public_bytes(Encoding.PEM)
-    fd, tmp = tempfile.mkstemp(prefix="pytunnel-p12-")
+    pem += b"".join(c.public_bytes(Encoding.PEM) for c in chain)
+    fd = os.memfd_create("pytunnel-p12", os.MFD_CLOEXEC)
     try:
         os.write(fd, pem)
-        os.close(fd)
-        ctx.load_cert_chain(tmp)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError("cert", f"cannot use PKCS#12 file {path}: {exc}") from None
     finally:
-        os.unlink(tmp)
+        os.close(fd)
 
 
 def _ocsp_policy(svc: ServiceSettings) -> OcspPolicy:
