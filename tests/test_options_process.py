@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 from conftest import BOUND, ROOT, Certs, EchoServer, Tunnel, TunnelFactory, need_stunnel, pytunnel_cmd
 
-# /dev becomes a tmpfs with the few devices a tunnel opens, /dev/log our socket and, when
-# given, /etc/hosts our file; then the tunnel is exec'd (its pid is the one we started)
+# /dev becomes a tmpfs with links to the few devices a tunnel opens (links, not bind mounts:
+# a user namespace may not open devices mounted in it), /dev/log our socket and, when given,
+# /etc/hosts our file; then the tunnel is exec'd (its pid is the one we started)
 NAMESPACE = r"""
 set -e
 old=$1 log=$2 hosts=$3
@@ -33,7 +34,7 @@ shift 3
 mount --rbind /dev "$old"
 mount -t tmpfs tmpfs /dev
 for n in null zero full random urandom tty; do
-  if [ -e "$old/$n" ]; then touch "/dev/$n"; mount --bind "$old/$n" "/dev/$n" || true; fi
+  if [ -e "$old/$n" ]; then ln -s "$old/$n" "/dev/$n"; fi
 done
 ln -s /proc/self/fd /dev/fd
 ln -s "$log" /dev/log
