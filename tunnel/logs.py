@@ -201,7 +201,10 @@ class Log:
             with contextlib.suppress(OSError, ValueError):  # ValueError: closed under us
                 self.file.write(line)
         if self.syslog is not None:
-            msg = f"<{self.facility * 8 + level}>{self.ident}[{os.getpid()}]: {body}"
+            # what glibc's syslog() sends for stunnel's openlog(ident, LOG_CONS | LOG_NDELAY):
+            # an RFC 3164 header with the C locale's time stamp, no pid
+            stamp = time.strftime("%b %e %H:%M:%S")
+            msg = f"<{self.facility * 8 + level}>{stamp} {self.ident}: {body}"
             with contextlib.suppress(OSError):
                 self.syslog.send(msg.encode("utf-8", "replace"))
 

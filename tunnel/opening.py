@@ -53,7 +53,7 @@ from tunnel.metrics import STATS, ServiceStats
 from tunnel.reasons import CloseReason, HandshakeFailure
 from tunnel.relay import Connection, PlainSide, Side, TlsSide
 from tunnel.settings import ServiceSettings
-from tunnel.sockopts import SocketOption, apply_socket_options
+from tunnel.sockopts import SocketOption, apply_socket_options, reassert_nodelay
 from tunnel.tls import TlsConfig, client_sni
 from tunnel.tlsnotes import reason_of
 from tunnel.upstream import Failed, Upstream
@@ -195,6 +195,7 @@ class Opening:
             sock.close()
             conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc}")
             return
+        reassert_nodelay(tls.transport, venue.upstream.sockopts_r)
         if ctx is not None and mode is not None and mode.middle is not None:
             ctx.remote = protocols.Tap(tls, raw=True, timeout=self.busy)
             await mode.middle(ctx)
@@ -487,6 +488,7 @@ class Opening:
             sock.close()
             conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc}")
             return None
+        reassert_nodelay(plain.transport, venue.upstream.sockopts_r)
         if conn.reason is not None:
             plain.close()
             return None

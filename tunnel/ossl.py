@@ -26,6 +26,7 @@ SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 SSL_CTRL_SET_SESS_CACHE_MODE = 44
 SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 SSL_CTRL_SET_GROUPS_LIST = 92
+SSL_CTRL_CHAIN_CERT = 88
 SSL_CONF_FLAG_FILE = 0x2
 SSL_CONF_FLAG_CLIENT = 0x4
 SSL_CONF_FLAG_SERVER = 0x8
@@ -50,6 +51,7 @@ class _Lib:
         path = getattr(_ssl, "__file__", None)
         try:
             lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
+            self.raw = lib
             self.get_options = lib.SSL_CTX_get_options
             self.get_verify_mode = lib.SSL_CTX_get_verify_mode
             self.set_verify = lib.SSL_CTX_set_verify
@@ -253,3 +255,56 @@ def conf_commands(ctx: ssl.SSLContext, commands: list[tuple[str, str]], server: 
 def verify_store(ctx: ssl.SSLContext, uri: str) -> bool:
     """``SSL_CTX_load_verify_store``: trusted certificates from an OSSL_STORE URI (OpenSSL 3)."""
     return bool(_lib().load_store(handle(ctx), uri.encode()))
+
+
+def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
+    """One more libssl/libcrypto function, with its prototype."""
+    try:
+        fn = getattr(_lib().raw, name)
+    except AttributeError as exc:
+        raise Unavailable(f"cannot reach {name} in Python's OpenSSL ({exc})") from None
+    fn.restype, fn.argtypes = restype, list(argtypes)
+    return fn
+
+
+def use_key_and_chain(ctx: ssl.SSLContext, key_der: bytes, cert_der: bytes, chain_der: list[bytes]) -> None:
+    """Load a private key (DER, any type) and its certificate chain (DER) into the context
+    from memory: no file is written (PKCS#12 ``cert``).  Raises ValueError when OpenSSL
+    refuses them, with its reason."""
+    ptr = handle(ctx)
+    vp, cp, pp = ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p)
+    d2i_key = _fn("d2i_AutoPrivateKey", vp, vp, pp, ctypes.c_long)
+    pkey_free = _fn("EVP_PKEY_free", None, vp)
+    use_key = _fn("SSL_CTX_use_PrivateKey", ctypes.c_int, vp, vp)
+    use_cert = _fn("SSL_CTX_use_certificate_ASN1", ctypes.c_int, vp, ctypes.c_int, cp)
+    d2i_x509 = _fn("d2i_X509", vp, vp, pp, ctypes.c_long)
+    x509_free = _fn("X509_free", None, vp)
+    check = _fn("SSL_CTX_check_private_key", ctypes.c_int, vp)
+    clear = _fn("ERR_clear_error", None)
+    if use_cert(ptr, len(cert_der), cert_der) != 1:
+        clear()
+        raise ValueError("OpenSSL refused the certificate (too weak for securityLevel, or malformed)")
+    key_buf = ctypes.create_string_buffer(key_der, len(key_der))
+    try:
+        cursor = ctypes.c_char_p(ctypes.addressof(key_buf))
+        pkey = d2i_key(None, ctypes.byref(cursor), len(key_der))
+        if not pkey:
+            clear()
+            raise ValueError("OpenSSL cannot read the private key")
+        try:
+            ok = use_key(ptr, pkey) == 1 and check(ptr) == 1
+        finally:
+            pkey_free(pkey)  # the context holds its own reference
+    finally:
+        ctypes.memset(key_buf, 0, len(key_der))
+    if not ok:
+        clear()
+        raise ValueError("the private key does not match the certificate")
+    for der in chain_der:
+        cursor = ctypes.c_char_p(der)
+        x509 = d2i_x509(None, ctypes.byref(cursor), len(der))
+        if not x509 or _lib().ctrl(ptr, SSL_CTRL_CHAIN_CERT, 0, x509) != 1:  # add0: the context owns it
+            if x509:
+                x509_free(x509)
+            clear()
+            raise ValueError("OpenSSL refused a chain certificate")

@@ -22,7 +22,10 @@ Ids = tuple[int | None, int | None]  # (uid, gid) to switch to; None: keep
 
 
 def seed_rng(path: str | None, nbytes: int, overwrite: bool) -> None:
-    """stunnel's RNDfile / RNDbytes / RNDoverwrite: mix the file into OpenSSL's RNG."""
+    """stunnel's RNDfile / RNDbytes / RNDoverwrite: mix ``nbytes`` of the file into OpenSSL's
+    RNG and, when it is a regular file, rewrite it with new random data (1024 bytes, as
+    OpenSSL's RAND_write_file does), with stunnel's log lines.  (stunnel 5.68 with OpenSSL 3
+    skips all of it, "No PRNG seeding was required"; pytunnel does what the option says.)"""
     if not path or nbytes == 0:
         return
     try:
@@ -31,11 +34,22 @@ def seed_rng(path: str | None, nbytes: int, overwrite: bool) -> None:
     except OSError as exc:
         log.ui(4, f"Cannot read RNDfile {path}: {exc.strerror}")
         return
+    if not data:
+        log.ui(6, f"Cannot retrieve any random data from {path}")
+        return
     ssl.RAND_add(data, len(data))
-    log.ui(7, f"Seeded PRNG with {len(data)} byte(s) from {path}")
+    log.ui(7, f"Snagged {len(data)} random bytes from {path}")
     if overwrite and os.path.isfile(path):
-        with contextlib.suppress(OSError), open(path, "wb") as fh:
-            fh.write(ssl.RAND_bytes(nbytes))
+        try:
+            with open(path, "wb") as fh:
+                fh.write(ssl.RAND_bytes(RAND_FILE_SIZE))
+        except OSError as exc:
+            log.ui(4, f"Failed to write strong random data to {path} - {exc.strerror}")
+            return
+        log.ui(7, f"Wrote {RAND_FILE_SIZE} new random bytes to {path}")
+
+
+RAND_FILE_SIZE = 1024  # what OpenSSL's RAND_write_file writes
 
 
 def ids(user: str | None, group: str | None) -> Ids:

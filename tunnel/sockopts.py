@@ -141,6 +141,15 @@ def apply_socket_options(sock: Any, family: int, opts: list[SocketOption]) -> No
             log.ui(4, f"Failed to set socket option {opt.name}: {exc.strerror}")
 
 
+def reassert_nodelay(transport: Any, opts: list[SocketOption]) -> None:
+    """asyncio and uvloop turn TCP_NODELAY on for every TCP transport they make, after
+    the options were applied: a configured ``r:TCP_NODELAY`` is set again over theirs."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    mine = [o for o in opts if o.name == "TCP_NODELAY"][-1:]
+    if sock is not None and mine and mine[0].value != 1:
+        apply_socket_options(sock, sock.family, mine)
+
+
 def os_default(name: str) -> str:
     """What a fresh TCP socket says for one option (stunnel's `OS default` column)."""
     spec = SOCKET_OPTIONS[name]

@@ -10,7 +10,8 @@ Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
   mode under ``pytunnel run``, the system store when neither is given).
 * ``verifyPeer = yes``: the peer's leaf must be one of the certificates in
   CAfile/CApath.  ``VERIFY_X509_PARTIAL_CHAIN`` lets OpenSSL accept a leaf that is
-  itself in the trust store; then the leaf is compared byte for byte.
+  itself in the trust store (verifyPeer alone; with verifyChain the chain must still end
+  at a CA, as in stunnel); then the leaf is compared byte for byte.
 * ``checkHost``/``checkIP``/``checkEmail``: checked on the leaf after the handshake
   (tunnel/verify.py); any one match is enough, as in stunnel.
 * ``verify = 0..4``: the legacy levels, mapped onto the above.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -90,7 +90,10 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         raise TlsConfigError("key", "key is set but cert is not")
     _load_trust(ctx, svc, pol)
     _load_crls(ctx, svc)
-    if pol.verify_peer:
+    if pol.verify_peer and not pol.verify_chain:
+        # verifyPeer alone: a leaf in CAfile/CApath is its own anchor; with verifyChain the
+        # chain must still end at a CA, as in stunnel (verify = 3 refuses a pinned leaf
+        # whose issuer is unknown)
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if svc.PSKsecrets:
         _set_psk(ctx, svc)
@@ -278,6 +281,9 @@ def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
 
 
 def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
+    """A PKCS#12 ``cert`` (no password): the key never touches a file system.  It goes to
+    OpenSSL from memory through tunnel.ossl; where that bridge is unavailable, through an
+    anonymous memfd (``/proc/self/fd``), never a temporary file."""
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, pkcs12
 
     try:
@@ -286,17 +292,30 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
         raise TlsConfigError("cert", f"{path} is neither PEM nor PKCS#12: {exc}") from None
     if pkey is None or leaf is None:
         raise TlsConfigError("cert", f"PKCS#12 file {path} lacks a key or certificate")
+    chain = [leaf, *(extra or [])]
+    try:
+        key_der = pkey.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+        ossl.use_key_and_chain(
+            ctx,
+            key_der,
+            chain[0].public_bytes(Encoding.DER),
+            [c.public_bytes(Encoding.DER) for c in chain[1:]],
+        )
+        return
+    except ValueError as exc:
+        raise TlsConfigError("cert", f"cannot use PKCS#12 file {path}: {exc}") from None
+    except ossl.Unavailable:
+        pass
     pem = pkey.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-    pem += leaf.public_bytes(Encoding.PEM)
-    for c in extra or []:
-        pem += c.public_bytes(Encoding.PEM)
-    fd, tmp = tempfile.mkstemp(prefix="pytunnel-p12-")
+    pem += b"".join(c.public_bytes(Encoding.PEM) for c in chain)
+    fd = os.memfd_create("pytunnel-p12", os.MFD_CLOEXEC)
     try:
         os.write(fd, pem)
-        os.close(fd)
-        ctx.load_cert_chain(tmp)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError("cert", f"cannot use PKCS#12 file {path}: {exc}") from None
     finally:
-        os.unlink(tmp)
+        os.close(fd)
 
 
 def _ocsp_policy(svc: ServiceSettings) -> OcspPolicy:
