@@ -61,6 +61,8 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         supported = "yes" if not why else f"no: {why}"
         if meta.get("python"):
             supported = f"yes, on Python ≥ {meta['python']} (older: rejected, saying so)"
+        if meta.get("extension"):
+            supported = "yes (pytunnel extension: stunnel rejects it)"
         if why and meta.get("accepted"):
             supported += f" (accepted: {', '.join(meta['accepted'])})"
         desc = info.description or ""
