@@ -189,6 +189,12 @@ class ServiceSettings(BaseModel):
         "kernel's backlog until one ends (docs/edge.md)",
         extension=True,
     )  # fmt: skip
+    acceptProxy: YesNo = opt(
+        False, "acceptProxy",
+        "every accepted connection starts with a PROXY v1/v2 header (from a load balancer): its "
+        "address becomes the client's (docs/edge.md)",
+        extension=True,
+    )  # fmt: skip
     verify: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=4)] | None = opt(
         None, "verify", "legacy verify level 0-4 (use verifyChain/verifyPeer)"
     )
