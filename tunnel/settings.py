@@ -375,6 +375,12 @@ class GlobalSettings(BaseModel):
         repeat=True,
     )
     taskbar: str | None = opt(None, "taskbar", "Windows taskbar icon", scope="global", unsupported=WIN)
+    sandbox: YesNo | None = opt(
+        None, "sandbox",
+        "Landlock sandbox after start-up: yes or no (default: yes under pytunnel run where the kernel "
+        "offers Landlock, no under pytunnel CONFIG) (docs/edge.md)",
+        scope="global", extension=True,
+    )  # fmt: skip
     workers: str | None = opt(
         None,
         "workers",
