@@ -321,7 +321,7 @@ class TunnelFactory:
         tunnel = Tunnel(proc=proc, log_path=log_path)
         self.started.append(tunnel)
         if wait:
-            expected = conf.read_text().count("\naccept")
+            expected = len(re.findall(r"^accept\s*=", conf.read_text(), re.M | re.I))
             tunnel.wait_for(r"Configuration successful")
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:

@@ -61,6 +61,8 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         supported = "yes" if not why else f"no: {why}"
         if meta.get("python"):
             supported = f"yes, on Python ≥ {meta['python']} (older: rejected, saying so)"
+        if meta.get("extension"):
+            supported = "yes (pytunnel extension: stunnel rejects it)"
         if why and meta.get("accepted"):
             supported += f" (accepted: {', '.join(meta['accepted'])})"
         desc = info.description or ""
@@ -98,6 +100,8 @@ _CLOSE_MEANING = {
     CloseReason.VERIFY_FAILED: "the peer's certificate was refused (chain, check*, OCSP)",
     CloseReason.PROTOCOL_FAILED: "a protocol = negotiation failed",
     CloseReason.IDENT_REFUSED: "ident = USER: identd named another user, or could not be asked",
+    CloseReason.PROXY_HEADER: "acceptProxy: the PROXY header was missing, malformed, oversized or "
+    "not complete within TIMEOUTbusy",
     CloseReason.TLS_ERROR: "a TLS record error or alert after the handshake",
     CloseReason.SOCKET_ERROR: "a socket error other than a reset",
     CloseReason.SHUTDOWN: "the process stopped with the connection open",

@@ -5,7 +5,8 @@ service's set of them (bind every ``accept`` address or take systemd's sockets, 
 another worker, adopt them from the old service at a SIGHUP, serve the kernel's queue before
 closing).  Each accepted socket goes to the owner's ``factory`` -- the service of the moment,
 so a reload swaps who serves new clients without closing a port.  The descriptor budget stops
-accepting before the process runs out of descriptors (each connection needs two).
+accepting before the process runs out of descriptors (each connection needs two); a service's
+:class:`Cap` (``maxConnections``) stops its own listeners at N live connections the same way.
 
 Imports: addr, logs, sockopts, transparent and systemd (types) -- nothing that knows what a
 connection is.
@@ -41,6 +42,8 @@ class Acceptor(Protocol):
 
     @property
     def name(self) -> str: ...
+    @property
+    def cap(self) -> Cap: ...
     def factory(self) -> asyncio.Protocol: ...
 
 
@@ -61,6 +64,7 @@ class Listener:
     owner: Acceptor
     reading: bool = False
     closed: bool = False
+    waited: bool = False  # held by its service's cap: what it accepts next waited in the backlog
     backoff: float = 0.0
     resume_handle: asyncio.TimerHandle | None = None
 
@@ -75,13 +79,18 @@ class Listener:
 
     def _on_readable(self) -> None:
         loop = asyncio.get_running_loop()
+        cap = self.owner.cap
         for _ in range(ACCEPT_BATCH):
             if BUDGET.full():
                 BUDGET.hold(self)
                 return
+            if cap.full():
+                cap.hold(self)
+                return
             try:
                 conn_sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                self.waited = False  # the backlog is empty: nobody waits any more
                 return
             except OSError as exc:
                 if exc.errno in OUT_OF_RESOURCES:
@@ -93,8 +102,11 @@ class Listener:
                 return
             self.backoff = 0.0
             conn_sock.setblocking(False)
+            if self.waited:
+                cap.on_waited()
             BUDGET.pending += 1  # counted now: the task that adopts it runs later
-            loop.create_task(_adopt(loop, self, conn_sock))
+            cap.pending += 1
+            loop.create_task(_adopt(loop, self, conn_sock, cap))
 
     def pause(self, exc: OSError) -> None:
         """Out of descriptors: stop accepting for a back-off (or until a connection ends)."""
@@ -145,9 +157,7 @@ class Budget:
         self.soft = 0
 
     def configure(self) -> None:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.soft = soft
-        self.limit = 0 if soft == resource.RLIM_INFINITY else max(4, (soft - FD_RESERVE) // 2)
+        self.soft, self.limit = descriptor_budget()
 
     def full(self) -> bool:
         return bool(self.limit) and self.active + self.pending >= self.limit
@@ -180,14 +190,85 @@ class Budget:
 BUDGET = Budget()
 
 
-async def _adopt(loop: asyncio.AbstractEventLoop, lst: Listener, sock: socket.socket) -> None:
+def descriptor_budget() -> tuple[int, int]:
+    """(RLIMIT_NOFILE soft limit, connections it carries); 0 connections: no limit."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return soft, 0
+    return soft, max(4, (soft - FD_RESERVE) // 2)
+
+
+def _no_count() -> None:
+    pass
+
+
+class Cap:
+    """``maxConnections``: one service's live connections.  At ``limit`` its listeners stop
+    accepting and new clients wait in the kernel's backlog (as under the descriptor budget);
+    each connection that ends lets one in.  Kept by service name (:func:`cap_of`), so the
+    connections of a service a reload replaced still count against its successor's cap."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.limit = 0  # 0: no cap
+        self.active = 0
+        self.pending = 0  # accepted sockets not yet connections
+        self.held: set[Listener] = set()
+        self.on_waited: Callable[[], None] = _no_count  # a client accepted after waiting for a slot
+
+    def full(self) -> bool:
+        return bool(self.limit) and self.active + self.pending >= self.limit
+
+    def hold(self, lst: Listener) -> None:
+        if lst.reading:
+            asyncio.get_running_loop().remove_reader(lst.sock.fileno())
+            lst.reading = False
+        if not self.held and not lst.waited:
+            log.ui(
+                6,
+                f"Service [{self.name}]: maxConnections = {self.limit} reached; "
+                "new clients wait in the backlog",
+            )
+        lst.waited = True
+        self.held.add(lst)
+
+    def opened(self) -> None:
+        self.active += 1
+
+    def released(self) -> None:
+        """A connection ended: one waiting client may come in."""
+        self.active -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        if self.held and not self.full():
+            held, self.held = self.held, set()
+            for lst in held:
+                lst.resume()
+
+
+CAPS: dict[str, Cap] = {}
+
+
+def cap_of(name: str, limit: int) -> Cap:
+    """The cap of service ``name`` (the same object across reloads), set to ``limit``."""
+    cap = CAPS.get(name)
+    if cap is None:
+        cap = CAPS[name] = Cap(name)
+    cap.limit = limit
+    return cap
+
+
+async def _adopt(loop: asyncio.AbstractEventLoop, lst: Listener, sock: socket.socket, cap: Cap) -> None:
     try:
         await loop.connect_accepted_socket(lst.factory, sock)
     except OSError:
         sock.close()  # reset before we got to it: nothing to serve
     finally:
         BUDGET.pending -= 1
+        cap.pending -= 1
         BUDGET.wake()
+        cap.wake()
 
 
 @dataclass(eq=False)

@@ -26,6 +26,10 @@ class ServiceStats:
     to_tls: int = 0  # bytes of ended connections
     to_plain: int = 0
     handshake_failures: dict[str, int] = field(default_factory=dict)  # reason -> count
+    limited: int = 0  # clients that waited in the backlog for a slot under maxConnections
+
+    def limited_one(self) -> None:
+        self.limited += 1
 
     def ended(self, reason: CloseReason, to_tls: int, to_plain: int) -> None:
         label = reason.label

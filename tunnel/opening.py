@@ -11,6 +11,8 @@ mode, in the order stunnel does it, and hands a linked pair of sides to the data
 1. **accept** (:meth:`Opening.accepted`): the listener's socket becomes a relay side (plain
    in client mode, TLS in server mode); the connection is registered, its ``l:`` socket
    options applied.  In client mode the app's bytes wait (reading paused) until linked.
+   With ``acceptProxy`` the load balancer's PROXY header is read off first
+   (``tunnel/proxyheader.py``): its address is the client's from then on.
 2. **ident** (``ident = USER``): identd on the client's host is asked before anything else; a
    refused client gets no TLS handshake and no "accepted connection" line.  A ClientHello
    that arrives meanwhile waits in the side.
@@ -46,7 +48,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from tunnel import ossl, osslconn, program, protocols
+from tunnel import ossl, osslconn, program, protocols, proxyheader
 from tunnel.addr import format_sockaddr
 from tunnel.ident import ask_ident
 from tunnel.metrics import STATS, ServiceStats
@@ -116,9 +118,10 @@ class Opening:
         conn.peer_addr = format_sockaddr(side.transport.get_extra_info("peername"))
         if sock is not None:
             apply_socket_options(sock, sock.family, venue.sockopts_l)
-        if venue.settings.ident:
-            # stunnel asks identd first: a refused client gets no TLS handshake and no
-            # "accepted connection" line.  Meanwhile a ClientHello waits in side.early.
+        if venue.settings.ident or venue.settings.acceptProxy:
+            # a load balancer's PROXY header comes first, then stunnel asks identd: a refused
+            # client gets no TLS handshake and no "accepted connection" line.  Meanwhile a
+            # ClientHello waits in side.early.
             held = isinstance(side, TlsSide) and not side.deferred
             if isinstance(side, TlsSide) and held:
                 side.deferred = True
@@ -127,7 +130,10 @@ class Opening:
         self._start()
 
     async def _ident_then_start(self, side: Side, held: bool) -> None:
-        if not await ask_ident(self.conn, self.venue.settings, side.transport):
+        settings = self.venue.settings
+        if settings.acceptProxy and not await proxyheader.take(self.conn, side, self.busy, settings.client):
+            return
+        if settings.ident and not await ask_ident(self.conn, settings, self._client_transport()):
             return
         self._start()
         if held and isinstance(side, TlsSide):
@@ -412,10 +418,11 @@ class Opening:
 
     # ---- 7. dial -------------------------------------------------------------------------
     def _client_transport(self) -> Any:
-        """The transport of the client's (accepted) side."""
+        """The transport of the client's (accepted) side (as a PROXY header named the client)."""
         conn = self.conn
         side = conn.plain if self.venue.settings.client else conn.tls
-        return side.transport if side is not None else None
+        transport = side.transport if side is not None else None
+        return proxyheader.CarriedTransport(transport, conn.origin) if conn.origin else transport
 
     def _exec_env(self) -> dict[str, str]:
         """The child's environment: ours, setEnv, REMOTE_HOST/PORT and the client's DNs."""

@@ -23,6 +23,7 @@ class CloseReason(enum.Enum):
     VERIFY_FAILED = "verify failed"  # the peer's certificate was refused (chain, check*, OCSP)
     PROTOCOL_FAILED = "protocol failed"  # a ``protocol =`` negotiation failed
     IDENT_REFUSED = "ident refused"  # ``ident = USER``: identd named another user, or no answer
+    PROXY_HEADER = "proxy header"  # ``acceptProxy``: PROXY header missing, malformed, oversized, slow
     TLS_ERROR = "tls error"  # a TLS record error or alert after the handshake
     SOCKET_ERROR = "socket error"  # a socket error other than a reset
     SHUTDOWN = "shutdown"  # the process stopped (drain deadline, second signal)

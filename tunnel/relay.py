@@ -405,7 +405,7 @@ class TlsSide(Side):
 # Connection's attributes (slots: a connection costs less memory while it lives)
 _SLOTS = (
     "id owner loop plain tls linked to_tls to_sock started last_activity reason detail timer "
-    "done_dirs peer_addr ended peer_cn target target_host waiter rst_sent redirected failure "
+    "done_dirs peer_addr origin ended peer_cn target target_host waiter rst_sent redirected failure "
     "__weakref__"
 )
 
@@ -431,6 +431,8 @@ class Connection:
         self.timer: asyncio.TimerHandle | None = None
         self.done_dirs = 0
         self.peer_addr = ""
+        # acceptProxy: (family, client, destination) a PROXY header carried; None: the socket's
+        self.origin: tuple[int, Any, Any] | None = None
         self.ended = False
         self.peer_cn = ""
         self.redirected = False  # redirect: the client failed verification, goes to `redirect`

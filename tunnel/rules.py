@@ -18,7 +18,7 @@ Once a service is built and the mode is known, :data:`START_RULES` (run by
 refuse a configuration: an unauthenticated client, an exposed plaintext listener, a
 certificate about to expire, a readable key, options that do nothing here.
 
-Imports errors, settings, protocols (its table of protocols and their own checks) and ocsp
+Imports errors, settings, listener (the descriptor budget), protocols (its table of protocols and their own checks) and ocsp
 (lazily: cryptography is loaded only for a service that asks for OCSP or has a certificate).
 """
 
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from tunnel import protocols
 from tunnel.errors import Problem, Severity
+from tunnel.listener import FD_RESERVE, descriptor_budget
 from tunnel.settings import ServiceSettings, version_range
 
 _VERSIONS = ["SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
@@ -338,6 +339,24 @@ def debug_facility_global(s: Scope) -> list[Problem]:
     return []
 
 
+def cap_within_descriptor_budget(s: Scope) -> list[Problem]:
+    """``maxConnections`` above what the descriptor limit carries could never be reached: the
+    descriptor budget (each connection needs two) would stop accepting first."""
+    cap = s.svc.maxConnections
+    soft, budget = descriptor_budget()
+    if cap and budget and cap > budget:
+        return [
+            s.problem(
+                f"maxConnections = {cap} is beyond the descriptor budget: RLIMIT_NOFILE {soft} "
+                f"carries {budget} connections (two descriptors each)",
+                f"lower maxConnections to {budget} or less, or raise the limit "
+                f"(ulimit -n, systemd LimitNOFILE=) to at least {2 * cap + FD_RESERVE}",
+                "maxConnections",
+            )
+        ]
+    return []
+
+
 #: the rules of one service, in the order they run (and report)
 SERVICE_RULES: tuple[Rule, ...] = (
     two_endpoints,
@@ -356,6 +375,7 @@ SERVICE_RULES: tuple[Rule, ...] = (
     redirect_needs_verification,
     cert_names_a_file,
     debug_facility_global,
+    cap_within_descriptor_budget,
 )
 
 

@@ -18,7 +18,7 @@ The pre-fork supervisor (:mod:`tunnel.workers`) sits above: it calls ``prepare``
 parent and ``serve`` in each forked child.  The server knows of workers only the count
 it is given (``SO_REUSEPORT``, early resolution) and an ``on_ready`` callback.
 
-May import: config, process, status, certwatch, service, systemd, logs, metrics, errors.
+May import: config, process, sandbox, status, certwatch, service, systemd, logs, metrics, errors.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import os
 import signal
 import ssl
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
-from tunnel import process, status, systemd
+from tunnel import process, sandbox, status, systemd
 from tunnel.addr import Endpoint
 from tunnel.certwatch import CertWatcher
 from tunnel.config import Config, build_services, record_certs, warn_services
-from tunnel.errors import STARTUP_FAILURE, ConfigError, StartupError
+from tunnel.errors import STARTUP_FAILURE, ConfigError, Problem, StartupError
 from tunnel.listener import BUDGET, Listener
 from tunnel.logs import log
 from tunnel.metrics import STATS
@@ -78,6 +79,7 @@ class Server:
         self.pidfile: str | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._resolved = False
+        self.sandbox: sandbox.Plan | None = None  # what the Landlock sandbox allows, if any
 
     def all_services(self) -> list[Service]:
         return self.services + self.retired
@@ -113,6 +115,7 @@ class Server:
         code = self._resolve_early() or self._enter_jail() or self._write_pid_file()
         if code:
             return code
+        self._enter_sandbox()
         if os.getpid() == 1:
             log.ui(6, "Running as PID 1: installing explicit TERM/INT handlers")
         return 0
@@ -206,6 +209,14 @@ class Server:
             return self._abort()
         self.pidfile = path
         return 0
+
+    def _enter_sandbox(self) -> None:
+        """Last: Landlock binds this thread and the threads it starts later, so the worker
+        threads of an early resolution are not used again (a fresh default executor)."""
+        bound = {port for service in self.services for port in service.ports()}
+        self.sandbox = sandbox.enter(self.settings, self.config.source.path, self.config.secure, bound)
+        if self.sandbox is not None and self.loop is not None:
+            self.loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="pytunnel"))
 
     def _abort(self) -> int:
         """Start-up failed after binding: close every socket and the loop."""
@@ -365,6 +376,9 @@ class Server:
         log.ui(5, f"Reading configuration from file {source.path}")
         try:
             settings = source.load()
+            refused = sandbox.reload_problem(self.sandbox, settings, source.path)
+            if refused is not None:
+                raise ConfigError([Problem(refused)])
             self.generation += 1
             services = build_services(settings, self.config.secure, self.generation)
         except ConfigError as exc:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from tunnel import program, protocols
 from tunnel.addr import Endpoint
-from tunnel.listener import BUDGET, BindPlan, Listener, Listeners
+from tunnel.listener import BUDGET, BindPlan, Listener, Listeners, cap_of
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.opening import Opening
@@ -74,6 +74,8 @@ class Service:
         self._drained: asyncio.Event | None = None
         self.accepting = True
         self.counters = STATS.service(self.name)
+        self.cap = cap_of(self.name, settings.maxConnections)  # shared with its predecessor
+        self.cap.on_waited = self.counters.limited_one
         self.protocol = protocols.lookup(settings.protocol, settings.client) if settings.protocol else None
         # exec: the program is the remote end (accept + exec) or the local end (exec + connect)
         self.exec_remote = bool(settings.exec) and not settings.connect
@@ -102,6 +104,7 @@ class Service:
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
         BUDGET.active += 1
+        self.cap.opened()
 
     def out_of_fds(self, exc: OSError) -> None:
         self.bound.pause(exc)
@@ -254,6 +257,7 @@ class Service:
             return
         self.connections.discard(conn)
         BUDGET.released()
+        self.cap.released()
         reason = conn.reason or CloseReason.CLOSED
         self.counters.ended(reason, conn.to_tls, conn.to_sock)
         if conn.failure is not None:  # found by the data path (a reset mid-handshake)

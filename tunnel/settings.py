@@ -56,14 +56,18 @@ def opt(
     unsupported: str | None = None,
     accepted: tuple[str, ...] = (),
     python: tuple[int, int] | None = None,
+    extension: bool = False,
 ) -> Any:
     """Declare one stunnel option.
 
     ``unsupported``: why pytunnel rejects it.  ``accepted``: values that change
     nothing (the option switched off), which are accepted even when unsupported.
     ``python``: the oldest Python that supports it; older ones reject it, saying so.
+    ``extension``: a pytunnel extension that stunnel does not know (the options table says so).
     """
     extra: dict[str, Any] = {"scope": scope, "repeat": repeat}
+    if extension:
+        extra["extension"] = True
     if python is not None:
         extra["python"] = ".".join(map(str, python))
         unsupported = (
@@ -179,6 +183,18 @@ class ServiceSettings(BaseModel):
     )
     TIMEOUTconnect: Seconds = opt(10, "TIMEOUTconnect", "seconds to connect to the remote (TCP)")
     TIMEOUTidle: Seconds = opt(43200, "TIMEOUTidle", "seconds an idle connection is kept")
+    maxConnections: Count = opt(
+        0, "maxConnections",
+        "live connections the service serves at once (0 = no cap); more clients wait in the "
+        "kernel's backlog until one ends (docs/edge.md)",
+        extension=True,
+    )  # fmt: skip
+    acceptProxy: YesNo = opt(
+        False, "acceptProxy",
+        "every accepted connection starts with a PROXY v1/v2 header (from a load balancer): its "
+        "address becomes the client's (docs/edge.md)",
+        extension=True,
+    )  # fmt: skip
     verify: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=4)] | None = opt(
         None, "verify", "legacy verify level 0-4 (use verifyChain/verifyPeer)"
     )
@@ -359,6 +375,12 @@ class GlobalSettings(BaseModel):
         repeat=True,
     )
     taskbar: str | None = opt(None, "taskbar", "Windows taskbar icon", scope="global", unsupported=WIN)
+    sandbox: YesNo | None = opt(
+        None, "sandbox",
+        "Landlock sandbox after start-up: yes or no (default: yes under pytunnel run where the kernel "
+        "offers Landlock, no under pytunnel CONFIG) (docs/edge.md)",
+        scope="global", extension=True,
+    )  # fmt: skip
     workers: str | None = opt(
         None,
         "workers",

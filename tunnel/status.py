@@ -191,6 +191,8 @@ def _row(
         "active": 0,
         "handshake_failures": failures or {},
         "listening": [],
+        "limited": 0,
+        "cap": 0,
     }
 
 
@@ -215,6 +217,8 @@ class Accepting(Protocol):
 
     @property
     def accept(self) -> Sequence[object]: ...
+    @property
+    def maxConnections(self) -> int: ...  # noqa: N802 - stunnel-style spelling
 
 
 class Served(Protocol):
@@ -240,6 +244,7 @@ def snapshot(ready: bool, draining: bool, current: Sequence[Served], everyone: S
         services[name] = _row(
             dict(stats.closed), stats.to_tls, stats.to_plain, dict(stats.handshake_failures)
         )
+        services[name]["limited"] = stats.limited
     for service in everyone:
         row = services.setdefault(service.name, _row())
         for conn in service.connections:
@@ -249,6 +254,7 @@ def snapshot(ready: bool, draining: bool, current: Sequence[Served], everyone: S
     for service in current:
         services[service.name]["listening"] = [lst.display for lst in service.listeners]
         services[service.name]["accepts"] = bool(service.settings.accept)
+        services[service.name]["cap"] = service.settings.maxConnections
     return {
         "ready": ready and not draining,
         "draining": draining,
@@ -276,8 +282,8 @@ def merge(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     for snap in snaps:
         for name, row in snap["services"].items():
             acc = out["services"].setdefault(name, _row())
-            for key in ("to_tls", "to_plain", "active"):
-                acc[key] += row[key]
+            for key in ("to_tls", "to_plain", "active", "limited", "cap"):
+                acc[key] += row.get(key, 0)  # each worker has its own cap: theirs add up
             for key in ("closed", "handshake_failures"):
                 for reason, count in row[key].items():
                     acc[key][reason] = acc[key].get(reason, 0) + count
@@ -359,6 +365,7 @@ class _Collector:
             for reason, count in sorted(row["handshake_failures"].items()):
                 failures.add_metric([name, reason], count)
         yield from (total, active, nbytes, failures)
+        yield from _cap_families(core, snap)
 
         buckets: list[tuple[str, float]] = []
         running = 0
@@ -385,6 +392,24 @@ class _Collector:
         for result, count in sorted(snap["reloads"].items()):
             reloads.add_metric([result], count)
         yield reloads
+
+
+def _cap_families(core: Any, snap: dict[str, Any]) -> Iterator[Any]:
+    """maxConnections: the cap of each capped service, and the clients that waited for it."""
+    limited = core.CounterMetricFamily(
+        "pytunnel_connections_limited",
+        "Clients that waited in the backlog because the service was at maxConnections",
+        labels=["service"],
+    )
+    cap = core.GaugeMetricFamily(
+        "pytunnel_connections_max", "maxConnections of the service (summed over workers)", labels=["service"]
+    )
+    for name, row in sorted(snap["services"].items()):
+        if row.get("cap") or row.get("limited"):
+            limited.add_metric([name], row.get("limited", 0))
+        if row.get("cap"):
+            cap.add_metric([name], row["cap"])
+    yield from (limited, cap)
 
 
 def probe(address: str, path: str = "/livez", timeout: float = 3.0) -> tuple[bool, str]:

@@ -21,7 +21,10 @@ PP2_CLIENT_SSL, PP2_CLIENT_CERT_CONN, PP2_CLIENT_CERT_SESS = 0x01, 0x02, 0x04
 
 
 def _accepted_addresses(ctx: Ctx) -> tuple[int, Any, Any]:
-    """The accepted socket's family, the client's address and the address it reached."""
+    """The accepted socket's family, the client's address and the address it reached (those a
+    load balancer's PROXY header carried, with ``acceptProxy``)."""
+    if ctx.conn.origin is not None:
+        return ctx.conn.origin
     transport = ctx.local.side.transport
     if transport is None:
         raise ProtocolError("getpeername: the client socket is gone")

@@ -90,9 +90,14 @@ class TlsPipe(Pipe, Protocol):
 
 
 class ConnectionView(Protocol):
-    """What a protocol phase sees of its connection (relay's ``Connection``)."""
+    """What a protocol phase sees of its connection (relay's ``Connection``).
+
+    ``origin``: (family, client address, address it reached) when a PROXY header from a load
+    balancer named the client (``acceptProxy``); None: the accepted socket's own addresses."""
 
     def log(self, level: int, text: str) -> None: ...
+    @property
+    def origin(self) -> tuple[int, Any, Any] | None: ...
 
 
 class Tap:
