@@ -61,6 +61,8 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         supported = "yes" if not why else f"no: {why}"
         if meta.get("python"):
             supported = f"yes, on Python ≥ {meta['python']} (older: rejected, saying so)"
+        if meta.get("extension"):
+            supported = "yes (pytunnel extension: stunnel does not know it)"
         if why and meta.get("accepted"):
             supported += f" (accepted: {', '.join(meta['accepted'])})"
         desc = info.description or ""
@@ -114,6 +116,8 @@ def _meaning(failure: HandshakeFailure) -> str:
         HandshakeFailure.TIMEOUT: "TIMEOUTbusy ran out",
         HandshakeFailure.REDIRECTED: "verification failed and redirect took the client elsewhere",
         HandshakeFailure.OCSP: "OCSP said revoked or unknown, or could not be asked",
+        HandshakeFailure.URI_MISMATCH: "checkURI (with any other check*): no URI SAN matched",
+        HandshakeFailure.NO_APPLICATION_PROTOCOL: "alpn: the client offered none of the server's protocols",
     }[failure]
 
 

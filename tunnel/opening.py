@@ -46,7 +46,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from tunnel import program, protocols
+from tunnel import alpn, program, protocols
 from tunnel.addr import format_sockaddr
 from tunnel.ident import ask_ident
 from tunnel.metrics import STATS, ServiceStats
@@ -309,6 +309,7 @@ class Opening:
                 reason = CloseReason.HANDSHAKE_FAILED
                 peer_closed = isinstance(exc, ConnectionResetError)
                 label = HandshakeFailure.PEER_CLOSED if peer_closed else HandshakeFailure.PROTOCOL_ERROR
+                label = alpn.refused(exc) or label
             venue.counters.handshake_failed(label)
             conn.fail(reason, f"{verb}: {reason_of(exc)}")
             return False
@@ -319,7 +320,7 @@ class Opening:
         if redirect:
             problem, why = None, problem
         if problem is not None:
-            venue.counters.handshake_failed(HandshakeFailure.VERIFY_FAILED)
+            venue.counters.handshake_failed(tcfg.policy.refusal(problem))
             conn.log(4, "CERT: Subject checks failed" if "mismatch" in problem else "CERT: Peer check failed")
             if der:
                 conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
@@ -334,6 +335,8 @@ class Opening:
             conn.peer_cn = peer_subject(der)
         if venue.level >= 6:
             self._log_session(side)
+            if venue.settings.alpn:  # pytunnel's alpn option (tunnel/alpn.py)
+                conn.log(6, alpn.log_line(alpn.negotiated(side.sslobj)))
         if redirect:
             self._redirect(der, why, side.notes.verify_errors or [])
         return True

@@ -13,7 +13,7 @@ To add a rule: write ``def my_rule(s: Scope) -> list[Problem]`` using :meth:`Sco
 :data:`SERVICE_RULES`.  A warning is a Problem with ``severity=Severity.WARNING``; the caller
 logs warnings and refuses the configuration only for errors.
 
-Imports errors, settings, protocols (its table of protocols and their own checks) and ocsp
+Imports errors, settings, alpn and uris (pytunnel's alpn/checkURI values), protocols (its table of protocols and their own checks) and ocsp
 (lazily: cryptography is loaded only for a service that asks for OCSP).
 """
 
@@ -23,8 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tunnel import protocols
+from tunnel.alpn import parse
 from tunnel.errors import Problem, Severity
 from tunnel.settings import ServiceSettings, version_range
+from tunnel.uris import pattern_problem
 
 _VERSIONS = ["SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
@@ -201,7 +203,7 @@ def names_need_verification(s: Scope) -> list[Problem]:
     verifyChain's default verifies under `pytunnel run`: :func:`names_need_verify` checks
     it when the mode is known."""
     svc = s.svc
-    if (svc.checkHost or svc.checkIP or svc.checkEmail) and not _verifies(svc) and not _run_decides(svc):
+    if _checks_names(svc) and not _verifies(svc) and not _run_decides(svc):
         return [
             s.problem(
                 'Either "verifyChain" or "verifyPeer" has to be enabled',
@@ -209,8 +211,36 @@ def names_need_verification(s: Scope) -> list[Problem]:
                 "checkHost",
                 "checkIP",
                 "checkEmail",
+                "checkURI",
             )
         ]
+    return []
+
+
+def _checks_names(svc: ServiceSettings) -> bool:
+    return bool(svc.checkHost or svc.checkIP or svc.checkEmail or svc.checkURI)
+
+
+def uri_patterns_valid(s: Scope) -> list[Problem]:
+    """checkURI (pytunnel): SCHEME://AUTHORITY/PATH, ``*`` only as a whole path segment."""
+    out = []
+    for pattern in s.svc.checkURI:
+        why = pattern_problem(pattern)
+        if why:
+            out.append(
+                s.problem(f"checkURI: {why}", "e.g. checkURI = spiffe://example.org/ns/*/sa/web", "checkURI")
+            )
+    return out
+
+
+def alpn_valid(s: Scope) -> list[Problem]:
+    """alpn (pytunnel): a ','-separated list of protocol names."""
+    if s.svc.alpn is None:
+        return []
+    try:
+        parse(s.svc.alpn)
+    except ValueError as exc:
+        return [s.problem(f"alpn: {exc}", "e.g. alpn = h2,http/1.1", "alpn")]
     return []
 
 
@@ -348,6 +378,8 @@ SERVICE_RULES: tuple[Rule, ...] = (
     redirect_needs_verification,
     cert_names_a_file,
     debug_facility_global,
+    uri_patterns_valid,
+    alpn_valid,
 )
 
 
@@ -395,9 +427,9 @@ def check_services(services: Sequence[ServiceSettings], source: str) -> list[Pro
 def names_need_verify(svc: ServiceSettings, secure: bool) -> Problem | None:
     """stunnel's rule for a client at verifyChain's default: checkHost/checkIP/checkEmail
     need verification, which `pytunnel run` turns on by default and stunnel does not."""
-    if secure or not _run_decides(svc) or not (svc.checkHost or svc.checkIP or svc.checkEmail):
+    if secure or not _run_decides(svc) or not _checks_names(svc):
         return None
-    name = next(n for n in ("checkHost", "checkIP", "checkEmail") if getattr(svc, n))
+    name = next(n for n in ("checkHost", "checkIP", "checkEmail", "checkURI") if getattr(svc, n))
     file, line, text = svc.locations.get(name, ("", 0, ""))
     return Problem(
         f'Service [{svc.name}]: Either "verifyChain" or "verifyPeer" has to be enabled',

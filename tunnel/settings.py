@@ -56,14 +56,18 @@ def opt(
     unsupported: str | None = None,
     accepted: tuple[str, ...] = (),
     python: tuple[int, int] | None = None,
+    extension: bool = False,
 ) -> Any:
     """Declare one stunnel option.
 
     ``unsupported``: why pytunnel rejects it.  ``accepted``: values that change
     nothing (the option switched off), which are accepted even when unsupported.
     ``python``: the oldest Python that supports it; older ones reject it, saying so.
+    ``extension``: a pytunnel extension stunnel does not know (both command lines accept it).
     """
     extra: dict[str, Any] = {"scope": scope, "repeat": repeat}
+    if extension:
+        extra["extension"] = True
     if python is not None:
         extra["python"] = ".".join(map(str, python))
         unsupported = (
@@ -124,6 +128,18 @@ class ServiceSettings(BaseModel):
     checkIP: list[IPText] = opt(
         None, "checkIP", "accept the peer only for this IP address; may repeat", repeat=True
     )
+    checkURI: list[str] = opt(
+        None, "checkURI",
+        "accept the peer only with this URI SAN (e.g. a SPIFFE ID; '*' stands for one whole path "
+        "segment); may repeat",
+        repeat=True, extension=True,
+    )  # fmt: skip
+    alpn: str | None = opt(
+        None, "alpn",
+        "ALPN protocols, ','-separated (client: offered; server: chosen, first of this list the client "
+        "offers)",
+        extension=True,
+    )  # fmt: skip
     ciphers: str = opt(
         "HIGH:!aNULL:!SSLv2:!DH:!kDHEPSK", "ciphers", "TLS 1.2 and older cipher list (OpenSSL syntax)"
     )

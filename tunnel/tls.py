@@ -99,6 +99,8 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     if svc.config:
         _conf_commands(ctx, svc)
     _set_verify_callback(ctx, svc, pol)
+    if svc.alpn:
+        _set_alpn(ctx, svc)
     return TlsConfig(
         context=ctx,
         policy=pol,
@@ -255,6 +257,18 @@ def _set_verify_callback(ctx: ssl.SSLContext, svc: ServiceSettings, pol: Policy)
         # "Certificate verification disabled"); Python's ssl verifies every certificate it asks
         # for, so OpenSSL's verdict is overruled through a verify callback
         _ossl("requireCert" if svc.requireCert else "verify", lambda: ossl.verify_errors(ctx, _ignore), "")
+
+
+def _set_alpn(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """``alpn`` (pytunnel): offered in client mode, chosen in server mode (tunnel/alpn.py)."""
+    from tunnel import alpn
+
+    try:
+        alpn.configure(ctx, svc.alpn or "", server=not svc.client)
+    except ValueError as exc:
+        raise TlsConfigError("alpn", str(exc)) from None
+    except ossl.Unavailable as exc:
+        raise TlsConfigError("alpn", f"not available with this Python: {exc}") from None
 
 
 def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
