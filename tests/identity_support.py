@@ -4,12 +4,13 @@ with URI SANs from a trustme CA, and /metrics scraping."""
 from __future__ import annotations
 
 import datetime
+import re
 import time
 import urllib.request
 from pathlib import Path
+from typing import Protocol
 
 import trustme
-from conftest import Tunnel
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,7 +51,11 @@ def issue(ca: trustme.CA, path: Path, cn: str, dns: list[str] = (), uris: list[s
     return path
 
 
-def scrape(t: Tunnel) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+class Waits(Protocol):
+    def wait_for(self, pattern: str, timeout: float = ...) -> re.Match[str]: ...
+
+
+def scrape(t: Waits) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     m = t.wait_for(STATUS_LINE)
     with urllib.request.urlopen(f"http://{m.group(1)}:{m.group(2)}/metrics", timeout=5) as resp:
         body = resp.read().decode()
@@ -61,7 +66,7 @@ def scrape(t: Tunnel) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def wait_metric(t: Tunnel, name: str, want: float, timeout: float = 15.0, **labels: str) -> float:
+def wait_metric(t: Waits, name: str, want: float, timeout: float = 15.0, **labels: str) -> float:
     """Poll /metrics until the sample reaches ``want`` (or the deadline: the last value)."""
     key = (name, tuple(sorted(labels.items())))
     deadline = time.monotonic() + timeout

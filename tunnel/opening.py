@@ -46,7 +46,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from tunnel import alpn, program, protocols
+from tunnel import alpn, kex, program, protocols
 from tunnel.addr import format_sockaddr
 from tunnel.ident import ask_ident
 from tunnel.metrics import STATS, ServiceStats
@@ -327,6 +327,7 @@ class Opening:
             conn.fail(CloseReason.VERIFY_FAILED, f"{verb}: {problem}")
             return False
         STATS.observe_handshake(conn.loop.time() - side.started)
+        group = kex.observe(side.sslobj, venue.name)  # post-quantum or not: counted, logged at 6
         if der and venue.level >= 5 and not redirect and not side.sslobj.session_reused:
             pol = tcfg.policy
             if pol.verify_chain or pol.verify_peer:  # stunnel's verify callback: new sessions only
@@ -335,6 +336,8 @@ class Opening:
             conn.peer_cn = peer_subject(der)
         if venue.level >= 6:
             self._log_session(side)
+            if group:
+                conn.log(6, f"TLS group: {group}")
             if venue.settings.alpn:  # pytunnel's alpn option (tunnel/alpn.py)
                 conn.log(6, alpn.log_line(alpn.negotiated(side.sslobj)))
         if redirect:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tunnel import ossl
+from tunnel import kex, ossl
 from tunnel.settings import ServiceSettings, version_range
 from tunnel.tlsnotes import SLOT
 from tunnel.values import SSL_OPTIONS
@@ -82,7 +82,7 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     _set_versions(ctx, svc)
     _set_options(ctx, svc)
     _set_ciphers(ctx, svc)
-    _set_groups(ctx, svc)
+    _set_groups(ctx, svc, secure)
     _set_ciphersuites(ctx, svc)
     if svc.cert:
         _load_cert_chain(ctx, svc.cert, svc.key)
@@ -149,9 +149,12 @@ def _set_ciphers(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
         raise TlsConfigError("ciphers", f"no usable cipher in {svc.ciphers!r}") from None
 
 
-def _set_groups(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+def _set_groups(ctx: ssl.SSLContext, svc: ServiceSettings, secure: bool) -> None:
     """``curves``: OpenSSL's group list, as stunnel sets it (names in any case: x25519,
-    secp256r1, P-256)."""
+    secp256r1, P-256, and X25519MLKEM768 on OpenSSL >= 3.5).  Without a curves line,
+    ``pytunnel run`` keeps OpenSSL's defaults: post-quantum hybrids first (tunnel/kex.py)."""
+    if kex.keep_openssl_default("curves" in svc.model_fields_set, secure):
+        return
     default_curves = ServiceSettings.model_fields["curves"].default
     if (
         svc.curves == default_curves
@@ -171,7 +174,7 @@ def _set_groups(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
         except (ValueError, ssl.SSLError):
             ok = False
     if not ok:
-        raise TlsConfigError("curves", f"unknown group in {svc.curves!r}")
+        raise TlsConfigError("curves", kex.unknown_group_hint(svc.curves))
 
 
 def _set_ciphersuites(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
