@@ -27,6 +27,7 @@ from typing import Any
 from tunnel import ossl
 from tunnel.reasons import HandshakeFailure
 
+ACME_TLS = "acme-tls/1"  # RFC 8737: an ACME server validating tls-alpn-01 (tunnel/acmeserve.py)
 SSL_TLSEXT_ERR_OK = 0
 SSL_TLSEXT_ERR_ALERT_FATAL = 2
 SSL_TLSEXT_ERR_NOACK = 3

@@ -19,6 +19,7 @@ Imports errors, settings, alpn and uris (pytunnel's alpn/checkURI values), proto
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -137,7 +138,7 @@ def exec_args_need_exec(s: Scope) -> list[Problem]:
 
 def server_needs_certificate(s: Scope) -> list[Problem]:
     svc = s.svc
-    if not svc.client and not svc.cert and not svc.PSKsecrets:
+    if not svc.client and not svc.cert and not svc.PSKsecrets and not svc.ACMEdirectory:
         return [
             s.problem(
                 "TLS server needs a certificate",
@@ -230,6 +231,63 @@ def uri_patterns_valid(s: Scope) -> list[Problem]:
             out.append(
                 s.problem(f"checkURI: {why}", "e.g. checkURI = spiffe://example.org/ns/*/sa/web", "checkURI")
             )
+    return out
+
+
+_ACME = ("ACMEdomain", "ACMEemail", "ACMECAfile", "ACMEchallenge", "ACMEhttp", "ACMEdir", "ACMEtimeout")
+
+
+def acme_options(s: Scope) -> list[Problem]:
+    """ACMEdirectory (pytunnel): a server service whose certificate ACME obtains."""
+    svc = s.svc
+    if not svc.ACMEdirectory:
+        used = [n for n in _ACME if n in svc.model_fields_set and n in svc.locations]
+        return (
+            [s.problem(f"{used[0]} needs ACMEdirectory", "add ACMEdirectory = URL", used[0])] if used else []
+        )
+    out = []
+    if importlib.util.find_spec("acme") is None:
+        why = "ACMEdirectory needs certbot's acme library"
+        out.append(
+            s.problem(why, "pip install 'pytunnel[acme]' (or apt-get install python3-acme)", "ACMEdirectory")
+        )
+    if svc.client:
+        out.append(
+            s.problem("ACMEdirectory is for server mode", "remove it, or client = no", "ACMEdirectory")
+        )
+    if not svc.ACMEdirectory.startswith("https://"):
+        out.append(s.problem("ACMEdirectory must be an https:// URL", None, "ACMEdirectory"))
+    if svc.cert or svc.key:
+        out.append(
+            s.problem(
+                "ACMEdirectory obtains the certificate: cert/key must not be set",
+                "remove cert and key",
+                "cert",
+                "key",
+            )
+        )
+    if not svc.ACMEdomain:
+        out.append(
+            s.problem("ACMEdirectory needs at least one ACMEdomain", "add ACMEdomain = NAME", "ACMEdirectory")
+        )
+    if svc.ACMEchallenge == "http-01" and svc.ACMEhttp is None:
+        out.append(
+            s.problem("ACMEchallenge = http-01 needs ACMEhttp", "add ACMEhttp = [HOST:]80", "ACMEchallenge")
+        )
+    if svc.ACMEchallenge != "http-01" and svc.ACMEhttp is not None:
+        out.append(
+            s.problem(
+                "ACMEhttp is for ACMEchallenge = http-01",
+                "remove ACMEhttp, or ACMEchallenge = http-01",
+                "ACMEhttp",
+            )
+        )
+    if svc.ACMEchallenge == "tls-alpn-01" and not any(not a.is_unix for a in svc.accept):
+        out.append(
+            s.problem(
+                "tls-alpn-01 is answered on a TCP accept port; there is none", "use http-01", "ACMEchallenge"
+            )
+        )
     return out
 
 
@@ -380,6 +438,7 @@ SERVICE_RULES: tuple[Rule, ...] = (
     debug_facility_global,
     uri_patterns_valid,
     alpn_valid,
+    acme_options,
 )
 
 
@@ -410,6 +469,8 @@ def sni_primaries(services: Sequence[ServiceSettings], source: str) -> list[Prob
             why = "SNI primary service is a TLS client", "the primary must be a server (client = no)"
         elif not primary.accept:
             why = "SNI primary service accepts no connections", "the primary needs accept"
+        elif primary.ACMEdirectory:  # its servername callback answers ACME's tls-alpn-01
+            why = "SNI primary service uses ACMEdirectory", "give the ACME service its own accept"
         if why is not None:
             file, line, text = svc.locations.get("sni", (source, None, None))
             out.append(Problem(f"Service [{svc.name}]: {why[0]}", file, line, text, why[1]))

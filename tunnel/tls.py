@@ -101,6 +101,10 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     _set_verify_callback(ctx, svc, pol)
     if svc.alpn:
         _set_alpn(ctx, svc)
+    if svc.ACMEdirectory and server:  # tls-alpn-01 answered on the live port (tunnel/acmeserve.py)
+        from tunnel import acmeserve
+
+        acmeserve.install(ctx, svc.name)
     return TlsConfig(
         context=ctx,
         policy=pol,
