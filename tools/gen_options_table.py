@@ -118,6 +118,8 @@ def _meaning(failure: HandshakeFailure) -> str:
         HandshakeFailure.TIMEOUT: "TIMEOUTbusy ran out",
         HandshakeFailure.REDIRECTED: "verification failed and redirect took the client elsewhere",
         HandshakeFailure.OCSP: "OCSP said revoked or unknown, or could not be asked",
+        HandshakeFailure.URI_MISMATCH: "checkURI (with any other check*): no URI SAN matched",
+        HandshakeFailure.NO_APPLICATION_PROTOCOL: "alpn: the client offered none of the server's protocols",
     }[failure]
 
 

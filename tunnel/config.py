@@ -25,7 +25,7 @@ from typing import Any
 
 from tunnel import STUNNEL_COMPAT_VERSION, __version__, conf, envconf, ossl, rules
 from tunnel.certwatch import record_not_after
-from tunnel.errors import CONFIG_FAILURE, ConfigError, Problem, Severity
+from tunnel.errors import CONFIG_FAILURE, STARTUP_FAILURE, ConfigError, Problem, Severity
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.service import Service
@@ -217,7 +217,13 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
     """TLS contexts for every service (once per load); raises ConfigError."""
     problems: list[Problem] = []
     tls_of: dict[str, TlsConfig] = {}
-    for svc in settings.services:
+    # ACMEdirectory: the service's cert is the stored ACME certificate (tunnel/acme.py)
+    services = list(settings.services)
+    if any(s.ACMEdirectory for s in services):
+        from tunnel import acmeserve
+
+        services = [acmeserve.as_built(s) if s.ACMEdirectory else s for s in services]
+    for svc in services:
         rule = rules.names_need_verify(svc, secure)
         if rule is not None:
             problems.append(rule)
@@ -240,15 +246,15 @@ def build_services(settings: Settings, secure: bool, generation: int = 0) -> lis
     if problems:
         raise ConfigError(problems)
     secondaries: dict[str, list[ServiceSettings]] = {}
-    for svc in settings.services:
+    for svc in services:
         if not svc.client and svc.sni and ":" in svc.sni:
             secondaries.setdefault(svc.sni.split(":", 1)[0], []).append(svc)
     made: dict[str, Service] = {}
-    for svc in settings.services:
+    for svc in services:
         if svc.name in {s.name for group in secondaries.values() for s in group}:
             made[svc.name] = Service(svc, tls_of[svc.name], secure)
     out: list[Service] = []
-    for svc in settings.services:
+    for svc in services:
         if svc.name in made:
             continue
         subs = [made[s.name] for s in secondaries.get(svc.name, [])]
@@ -317,6 +323,14 @@ class Config:
                 else "UTF-8 byte order mark not detected",
             )
             log.ui(5, "FIPS mode disabled")
+            if apply_log and any(s.ACMEdirectory for s in settings.services):
+                from tunnel import acmeserve  # starting, not checking: the first certificates
+
+                failed = acmeserve.first_certificates(settings.services)
+                if failed is not None:
+                    log.ui(3, failed)
+                    log.flush_early()
+                    return STARTUP_FAILURE
             try:
                 services = build_services(settings, self.secure)
             except ConfigError as exc:

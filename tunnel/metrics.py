@@ -17,6 +17,18 @@ from tunnel.reasons import CloseReason, HandshakeFailure
 # handshake durations, seconds (Prometheus' default buckets, from 1 ms)
 BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+#: further counter families (``Stats.count``): name -> (help, label names); /metrics shows each
+FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pytunnel_tls_handshakes": (
+        "TLS handshakes completed, by key exchange group (unknown: OpenSSL could not say)",
+        ("service", "group"),
+    ),
+    "pytunnel_acme_renewals": (
+        "ACME certificate orders (first issue and renewals), by result",
+        ("service", "result"),
+    ),
+}
+
 
 @dataclass
 class ServiceStats:
@@ -50,6 +62,8 @@ class Stats:
     reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
     # (service, certificate file) -> notAfter as a Unix time
     cert_not_after: dict[tuple[str, str], float] = field(default_factory=dict)
+    # (family, label values) -> count, for the families in FAMILIES
+    counters: dict[tuple[str, tuple[str, ...]], int] = field(default_factory=dict)
 
     def service(self, name: str) -> ServiceStats:
         stats = self.services.get(name)
@@ -60,6 +74,10 @@ class Stats:
     def observe_handshake(self, seconds: float) -> None:
         self.handshake_buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
         self.handshake_sum += seconds
+
+    def count(self, family: str, *labels: str) -> None:
+        key = (family, labels)
+        self.counters[key] = self.counters.get(key, 0) + 1
 
     def reloaded(self, ok: bool) -> None:
         self.reloads["success" if ok else "failure"] += 1

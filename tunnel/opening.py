@@ -48,7 +48,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-from tunnel import ossl, osslconn, program, protocols, proxyheader
+from tunnel import alpn, kex, ossl, osslconn, program, protocols, proxyheader
 from tunnel.addr import format_sockaddr
 from tunnel.ident import ask_ident
 from tunnel.metrics import STATS, ServiceStats
@@ -239,6 +239,9 @@ class Opening:
         exc = await self.handshake(fut)
         if exc is _TIMED_OUT or conn.reason is not None:
             return
+        if exc is None and venue.settings.ACMEdirectory and alpn.negotiated(tls.sslobj) == alpn.ACME_TLS:
+            conn.fail(CloseReason.CLOSED, "ACME: tls-alpn-01 validation answered", level=5)
+            return
         target = venue.sni_target(tls.sslobj, conn.log) or venue
         if not self.verdict(target.tls, tls, exc, None):
             return
@@ -319,6 +322,7 @@ class Opening:
                 reason = CloseReason.HANDSHAKE_FAILED
                 peer_closed = isinstance(exc, ConnectionResetError)
                 label = HandshakeFailure.PEER_CLOSED if peer_closed else HandshakeFailure.PROTOCOL_ERROR
+                label = alpn.refused(exc) or label
             venue.counters.handshake_failed(label)
             conn.fail(reason, f"{verb}: {reason_of(exc)}")
             return False
@@ -332,11 +336,12 @@ class Opening:
         if redirect:
             problem, why = None, problem
         if problem is not None:
-            venue.counters.handshake_failed(HandshakeFailure.VERIFY_FAILED)
+            venue.counters.handshake_failed(tcfg.policy.refusal(problem))
             self._cert_lines(der, problem)
             conn.fail(CloseReason.VERIFY_FAILED, f"{verb}: {problem}")
             return False
         STATS.observe_handshake(conn.loop.time() - side.started)
+        group = kex.observe(side.sslobj, venue.name)  # post-quantum or not: counted, logged at 6
         if der and venue.level >= 5 and not redirect and not side.sslobj.session_reused:
             pol = tcfg.policy
             if pol.verify_chain or pol.verify_peer:  # stunnel's verify callback: new sessions only
@@ -345,6 +350,10 @@ class Opening:
             conn.peer_cn = peer_subject(der)
         if venue.level >= 6:
             self._log_session(side)
+            if group:
+                conn.log(6, f"TLS group: {group}")
+            if venue.settings.alpn:  # pytunnel's alpn option (tunnel/alpn.py)
+                conn.log(6, alpn.log_line(alpn.negotiated(side.sslobj)))
         if redirect:
             self._redirect(der, why, side.notes.verify_errors or [])
         return True

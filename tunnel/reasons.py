@@ -44,6 +44,8 @@ class HandshakeFailure(enum.Enum):
     TIMEOUT = "timeout"  # TIMEOUTbusy ran out
     REDIRECTED = "redirected"  # verification failed and ``redirect`` took the client elsewhere
     OCSP = "ocsp"  # an OCSP responder said revoked or unknown, or could not be asked
+    URI_MISMATCH = "uri_mismatch"  # checkURI (with any other check*): no URI SAN matched
+    NO_APPLICATION_PROTOCOL = "no_application_protocol"  # alpn: the client offered none of ours
 
     @property
     def label(self) -> str:

@@ -30,6 +30,7 @@ import signal
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from tunnel import process, sandbox, status, systemd
 from tunnel.addr import Endpoint
@@ -42,6 +43,9 @@ from tunnel.metrics import STATS
 from tunnel.service import Service
 from tunnel.settings import Settings
 from tunnel.stdio import open_stdio
+
+if TYPE_CHECKING:
+    from tunnel.acmeserve import Renewals
 
 HANDLED_SIGNALS = {
     signal.SIGTERM,
@@ -71,6 +75,7 @@ class Server:
         self.ready = False
         self.status: status.StatusServer | None = None
         self.watcher: CertWatcher | None = None
+        self.renewals: Renewals | None = None  # ACMEdirectory services (tunnel/acmeserve.py)
         self.generation = 0
         self.stop_event: asyncio.Event | None = None
         self.stopping = 0
@@ -289,6 +294,11 @@ class Server:
         if interval > 0:
             self.watcher = CertWatcher(lambda: self.services, self.config.secure, interval)
             self.watcher.start()
+        if any(s.settings.ACMEdirectory for s in self.services):  # renewed files: the watcher swaps
+            from tunnel.acmeserve import Renewals
+
+            self.renewals = Renewals([s.settings for s in self.services])
+            self.renewals.start()
         self._install_signals(loop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
@@ -322,6 +332,8 @@ class Server:
         self.ready = False
         if self.watcher is not None:
             self.watcher.stop()
+        if self.renewals is not None:
+            self.renewals.stop()
         queued = sum(await asyncio.gather(*(s.stop_accepting() for s in self.services)))
         log.ui(5, "Stopped accepting new connections")
         if queued:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tunnel import program, protocols
+from tunnel import alpn, program, protocols
 from tunnel.addr import Endpoint
 from tunnel.listener import BUDGET, BindPlan, Listener, Listeners, cap_of
 from tunnel.logs import log
@@ -276,12 +276,14 @@ class Service:
 
     def _log_close(self, conn: Connection) -> None:
         """stunnel's close line (LOG5) and pytunnel's summary (LOG6), or one JSON event."""
+        protocol = alpn.negotiated(conn.tls.sslobj) if conn.tls and not conn.tls.handshaking else None
         if log.json:
             s = conn.summary()
             conn.log(
                 5, conn.detail or f"Connection {s['reason']}", event="closed", peer=s["peer"],
                 bytes={"to_tls": conn.to_tls, "to_plain": conn.to_sock}, duration=s["duration"],
                 reason=s["reason"], **({"peer_cn": conn.peer_cn} if conn.peer_cn else {}),
+                **({"alpn": protocol} if protocol else {}),
             )  # fmt: skip
             return
         word = "reset" if conn.rst_sent else "closed"
@@ -291,6 +293,7 @@ class Service:
         if self.level >= 6:
             s = conn.summary()
             cn = f" peer_cn={conn.peer_cn!r}" if conn.peer_cn else ""
+            cn += f" alpn={protocol}" if protocol else ""
             conn.log(
                 6, f"Connection summary: reason={s['reason']} duration={s['duration']}s from={s['peer']}{cn}"
             )

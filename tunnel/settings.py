@@ -128,6 +128,50 @@ class ServiceSettings(BaseModel):
     checkIP: list[IPText] = opt(
         None, "checkIP", "accept the peer only for this IP address; may repeat", repeat=True
     )
+    checkURI: list[str] = opt(
+        None, "checkURI",
+        "accept the peer only with this URI SAN (e.g. a SPIFFE ID; '*' stands for one whole path "
+        "segment); may repeat",
+        repeat=True, extension=True,
+    )  # fmt: skip
+    ACMEdirectory: str | None = opt(
+        None, "ACMEdirectory",
+        "server: obtain and renew the certificate from this ACME (RFC 8555) directory URL; no cert/key "
+        "then (docs/acme.md)",
+        extension=True,
+    )  # fmt: skip
+    ACMEdomain: list[str] = opt(
+        None, "ACMEdomain", "ACME: a name the certificate is for; at least one", repeat=True, extension=True
+    )  # fmt: skip
+    ACMEemail: str | None = opt(None, "ACMEemail", "ACME: the account's contact address", extension=True)
+    ACMECAfile: str | None = opt(
+        None, "ACMECAfile", "ACME: CA certificates that verify the ACME server's HTTPS (a private CA)",
+        extension=True,
+    )  # fmt: skip
+    ACMEchallenge: Annotated[str, one_of("tls-alpn-01", "http-01")] = opt(
+        "tls-alpn-01", "ACMEchallenge",
+        "ACME: tls-alpn-01 (answered on the service's own accept port) or http-01 (on ACMEhttp)",
+        extension=True,
+    )  # fmt: skip
+    ACMEhttp: Addr | None = opt(
+        None, "ACMEhttp", "ACME http-01: [HOST:]PORT to answer the challenge on", extension=True
+    )  # fmt: skip
+    ACMEdir: str | None = opt(
+        None, "ACMEdir",
+        "ACME: directory for the account key and certificates (default $STATE_DIRECTORY, else "
+        "/var/lib/pytunnel/acme)",
+        extension=True,
+    )  # fmt: skip
+    ACMEtimeout: Seconds = opt(
+        120, "ACMEtimeout", "ACME: seconds the first certificate may take before pytunnel gives up (exit 3)",
+        extension=True,
+    )  # fmt: skip
+    alpn: str | None = opt(
+        None, "alpn",
+        "ALPN protocols, ','-separated (client: offered; server: chosen, first of this list the client "
+        "offers)",
+        extension=True,
+    )  # fmt: skip
     ciphers: str = opt(
         "HIGH:!aNULL:!SSLv2:!DH:!kDHEPSK", "ciphers", "TLS 1.2 and older cipher list (OpenSSL syntax)"
     )

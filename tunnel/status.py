@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from tunnel import __version__
 from tunnel.addr import format_sockaddr, parse_endpoint
 from tunnel.logs import log
-from tunnel.metrics import BUCKETS, STATS
+from tunnel.metrics import BUCKETS, FAMILIES, STATS
 
 DEFAULT_PORT = 9102
 REQUEST_TIMEOUT = 5.0
@@ -264,6 +264,7 @@ def snapshot(ready: bool, draining: bool, current: Sequence[Served], everyone: S
         "handshake_sum": STATS.handshake_sum,
         "reloads": dict(STATS.reloads),
         "cert_not_after": [[svc, path, value] for (svc, path), value in STATS.cert_not_after.items()],
+        "counters": [[family, list(labels), n] for (family, labels), n in STATS.counters.items()],
     }
 
 
@@ -278,6 +279,7 @@ def merge(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         "handshake_sum": 0.0,
         "reloads": {},
         "cert_not_after": snaps[0]["cert_not_after"] if snaps else [],
+        "counters": _sum_counters(snaps),
     }
     for snap in snaps:
         for name, row in snap["services"].items():
@@ -297,6 +299,15 @@ def merge(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         for result, count in snap["reloads"].items():
             out["reloads"][result] = out["reloads"].get(result, 0) + count
     return out
+
+
+def _sum_counters(snaps: list[dict[str, Any]]) -> list[list[Any]]:
+    total: dict[tuple[str, tuple[str, ...]], int] = {}
+    for snap in snaps:
+        for family, labels, n in snap.get("counters", []):
+            key = (family, tuple(labels))
+            total[key] = total.get(key, 0) + n
+    return [[family, list(labels), n] for (family, labels), n in total.items()]
 
 
 def readyz(snap: dict[str, Any], workers: int | None = None) -> tuple[str, str, bytes]:
@@ -392,6 +403,12 @@ class _Collector:
         for result, count in sorted(snap["reloads"].items()):
             reloads.add_metric([result], count)
         yield reloads
+        for family, (text, names) in FAMILIES.items():
+            counter = core.CounterMetricFamily(family, text, labels=list(names))
+            for name, labels, n in sorted(snap.get("counters", [])):
+                if name == family:
+                    counter.add_metric(labels, n)
+            yield counter
 
 
 def _cap_families(core: Any, snap: dict[str, Any]) -> Iterator[Any]:

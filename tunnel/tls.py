@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tunnel import ossl
+from tunnel import kex, ossl
 from tunnel.settings import ServiceSettings, version_range
 from tunnel.tlsnotes import SLOT
 from tunnel.values import SSL_OPTIONS
@@ -82,7 +82,7 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     _set_versions(ctx, svc)
     _set_options(ctx, svc)
     _set_ciphers(ctx, svc)
-    _set_groups(ctx, svc)
+    _set_groups(ctx, svc, secure)
     _set_ciphersuites(ctx, svc)
     if svc.cert:
         _load_cert_chain(ctx, svc.cert, svc.key)
@@ -102,6 +102,12 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     if svc.config:
         _conf_commands(ctx, svc)
     _set_verify_callback(ctx, svc, pol)
+    if svc.alpn:
+        _set_alpn(ctx, svc)
+    if svc.ACMEdirectory and server:  # tls-alpn-01 answered on the live port (tunnel/acmeserve.py)
+        from tunnel import acmeserve
+
+        acmeserve.install(ctx, svc.name)
     return TlsConfig(
         context=ctx,
         policy=pol,
@@ -150,9 +156,12 @@ def _set_ciphers(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
         raise TlsConfigError("ciphers", f"no usable cipher in {svc.ciphers!r}") from None
 
 
-def _set_groups(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+def _set_groups(ctx: ssl.SSLContext, svc: ServiceSettings, secure: bool) -> None:
     """``curves``: OpenSSL's group list, as stunnel sets it (names in any case: x25519,
-    secp256r1, P-256)."""
+    secp256r1, P-256, and X25519MLKEM768 on OpenSSL >= 3.5).  Without a curves line,
+    ``pytunnel run`` keeps OpenSSL's defaults: post-quantum hybrids first (tunnel/kex.py)."""
+    if kex.keep_openssl_default("curves" in svc.model_fields_set, secure):
+        return
     default_curves = ServiceSettings.model_fields["curves"].default
     if (
         svc.curves == default_curves
@@ -172,7 +181,7 @@ def _set_groups(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
         except (ValueError, ssl.SSLError):
             ok = False
     if not ok:
-        raise TlsConfigError("curves", f"unknown group in {svc.curves!r}")
+        raise TlsConfigError("curves", kex.unknown_group_hint(svc.curves))
 
 
 def _set_ciphersuites(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
@@ -258,6 +267,18 @@ def _set_verify_callback(ctx: ssl.SSLContext, svc: ServiceSettings, pol: Policy)
         # "Certificate verification disabled"); Python's ssl verifies every certificate it asks
         # for, so OpenSSL's verdict is overruled through a verify callback
         _ossl("requireCert" if svc.requireCert else "verify", lambda: ossl.verify_errors(ctx, _ignore), "")
+
+
+def _set_alpn(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
+    """``alpn`` (pytunnel): offered in client mode, chosen in server mode (tunnel/alpn.py)."""
+    from tunnel import alpn
+
+    try:
+        alpn.configure(ctx, svc.alpn or "", server=not svc.client)
+    except ValueError as exc:
+        raise TlsConfigError("alpn", str(exc)) from None
+    except ossl.Unavailable as exc:
+        raise TlsConfigError("alpn", f"not available with this Python: {exc}") from None
 
 
 def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:

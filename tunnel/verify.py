@@ -5,11 +5,12 @@ after the handshake (OpenSSL verified the chain during it; see tunnel/tls.py).
   legacy ``verify`` level, the order of the lines and ``pytunnel run``'s defaults.
 * :func:`check_peer`: ``requireCert``, ``verifyPeer`` (the leaf must be pinned: one of the
   certificates in CAfile/CApath, :func:`pinned_certs`) and ``checkHost``/``checkIP``/
-  ``checkEmail`` (any one match is enough, as in stunnel).
+  ``checkEmail`` and pytunnel's ``checkURI`` (tunnel/uris.py): any one match is enough, as
+  in stunnel.
 * :func:`client_dn`, :func:`subject_line`, :func:`peer_subject`: the peer's names as stunnel
   logs them and puts them in the environment of ``exec``.
 
-Imports settings (the options) and nothing else of tunnel.
+Imports settings (the options), reasons and uris (leaves), nothing else of tunnel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tunnel.reasons import HandshakeFailure
 from tunnel.settings import ServiceSettings, written_after
+from tunnel.uris import match_uri
 
 if TYPE_CHECKING:
     # cryptography is imported where a certificate is parsed, not at start-up: a client
@@ -45,6 +48,13 @@ class Policy:
     check_ips: tuple[str, ...]
     check_emails: tuple[str, ...]
     default_name_check: bool  # secure mode: check the name we connect to
+    check_uris: tuple[str, ...] = ()  # checkURI (pytunnel): URI SANs, e.g. SPIFFE IDs
+
+    def refusal(self, problem: str) -> HandshakeFailure:
+        """The metric reason of a refused peer: checkURI's own when URIs were checked."""
+        if self.check_uris and "mismatch" in problem:
+            return HandshakeFailure.URI_MISMATCH
+        return HandshakeFailure.VERIFY_FAILED
 
 
 def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
@@ -78,7 +88,7 @@ def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
         and not svc.PSKsecrets  # the key authenticates the server
     ):
         chain = request = require = True
-        default_check = not (svc.checkHost or svc.checkIP or svc.checkEmail)
+        default_check = not (svc.checkHost or svc.checkIP or svc.checkEmail or svc.checkURI)
     return Policy(
         request_cert=request,
         require_cert=require,
@@ -88,6 +98,7 @@ def policy_for(svc: ServiceSettings, secure: bool) -> Policy:
         check_ips=tuple(svc.checkIP),
         check_emails=tuple(svc.checkEmail),
         default_name_check=default_check,
+        check_uris=tuple(svc.checkURI),
     )
 
 
@@ -108,7 +119,7 @@ def check_peer(
             ips = (expected_name,)
         else:
             hosts = (expected_name,)
-    if not (hosts or ips or pol.check_emails):
+    if not (hosts or ips or pol.check_emails or pol.check_uris):
         return None
     # Parsing the certificate costs more than a resumed handshake: remember the verdict
     # for the few (certificate, name) pairs a service sees.  The chain itself was
@@ -116,7 +127,7 @@ def check_peer(
     key = (der, hosts, ips)
     verdict = cache.get(key, _MISSING)
     if verdict is _MISSING:
-        verdict = _match_names(der, hosts, ips, pol.check_emails)
+        verdict = _match_names(der, hosts, ips, pol.check_emails, pol.check_uris)
         if len(cache) >= 64:
             cache.clear()
         cache[key] = verdict
@@ -124,7 +135,7 @@ def check_peer(
 
 
 def _match_names(
-    der: bytes, hosts: tuple[str, ...], ips: tuple[str, ...], emails: tuple[str, ...]
+    der: bytes, hosts: tuple[str, ...], ips: tuple[str, ...], emails: tuple[str, ...], uris: tuple[str, ...]
 ) -> str | None:
     from cryptography import x509
 
@@ -135,9 +146,12 @@ def _match_names(
         return None
     if emails and any(match_email(cert, e) for e in emails):
         return None
-    wanted = ", ".join([*hosts, *ips, *emails])
-    kinds = [k for k, v in (("Hostname", hosts), ("IP address", ips), ("Email address", emails)) if v]
-    what = kinds[0] if len(kinds) == 1 else "Hostname, IP address and email"
+    if uris and any(match_uri(cert, u) for u in uris):
+        return None
+    wanted = ", ".join([*hosts, *ips, *emails, *uris])
+    named = (("Hostname", hosts), ("IP address", ips), ("Email address", emails), ("URI", uris))
+    kinds = [k for k, v in named if v]
+    what = kinds[0] if len(kinds) == 1 else "Hostname, IP address and email" if not uris else "Name and URI"
     return f"certificate verify failed: {what} mismatch (expected {wanted})"
 
 

@@ -18,22 +18,22 @@ Once a service is built and the mode is known, :data:`START_RULES` (run by
 refuse a configuration: an unauthenticated client, an exposed plaintext listener, a
 certificate about to expire, a readable key, options that do nothing here.
 
-Imports errors, settings, listener (the descriptor budget), protocols (its table of protocols and their own checks) and ocsp
+Imports errors, settings, listener (the descriptor budget), alpn and uris (pytunnel's alpn/checkURI values), protocols (its table of protocols and their own checks) and ocsp
 (lazily: cryptography is loaded only for a service that asks for OCSP or has a certificate).
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tunnel import protocols
+from tunnel.alpn import parse
 from tunnel.errors import Problem, Severity
 from tunnel.listener import FD_RESERVE, descriptor_budget
 from tunnel.settings import ServiceSettings, version_range
+from tunnel.uris import pattern_problem
 
 _VERSIONS = ["SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
@@ -144,7 +144,7 @@ def exec_args_need_exec(s: Scope) -> list[Problem]:
 
 def server_needs_certificate(s: Scope) -> list[Problem]:
     svc = s.svc
-    if not svc.client and not svc.cert and not svc.PSKsecrets:
+    if not svc.client and not svc.cert and not svc.PSKsecrets and not svc.ACMEdirectory:
         return [
             s.problem(
                 "TLS server needs a certificate",
@@ -210,7 +210,7 @@ def names_need_verification(s: Scope) -> list[Problem]:
     verifyChain's default verifies under `pytunnel run`: :func:`names_need_verify` checks
     it when the mode is known."""
     svc = s.svc
-    if (svc.checkHost or svc.checkIP or svc.checkEmail) and not _verifies(svc) and not _run_decides(svc):
+    if _checks_names(svc) and not _verifies(svc) and not _run_decides(svc):
         return [
             s.problem(
                 'Either "verifyChain" or "verifyPeer" has to be enabled',
@@ -218,8 +218,93 @@ def names_need_verification(s: Scope) -> list[Problem]:
                 "checkHost",
                 "checkIP",
                 "checkEmail",
+                "checkURI",
             )
         ]
+    return []
+
+
+def _checks_names(svc: ServiceSettings) -> bool:
+    return bool(svc.checkHost or svc.checkIP or svc.checkEmail or svc.checkURI)
+
+
+def uri_patterns_valid(s: Scope) -> list[Problem]:
+    """checkURI (pytunnel): SCHEME://AUTHORITY/PATH, ``*`` only as a whole path segment."""
+    out = []
+    for pattern in s.svc.checkURI:
+        why = pattern_problem(pattern)
+        if why:
+            out.append(
+                s.problem(f"checkURI: {why}", "e.g. checkURI = spiffe://example.org/ns/*/sa/web", "checkURI")
+            )
+    return out
+
+
+_ACME = ("ACMEdomain", "ACMEemail", "ACMECAfile", "ACMEchallenge", "ACMEhttp", "ACMEdir", "ACMEtimeout")
+
+
+def acme_options(s: Scope) -> list[Problem]:
+    """ACMEdirectory (pytunnel): a server service whose certificate ACME obtains."""
+    svc = s.svc
+    if not svc.ACMEdirectory:
+        used = [n for n in _ACME if n in svc.model_fields_set and n in svc.locations]
+        return (
+            [s.problem(f"{used[0]} needs ACMEdirectory", "add ACMEdirectory = URL", used[0])] if used else []
+        )
+    out = []
+    if importlib.util.find_spec("acme") is None:
+        why = "ACMEdirectory needs certbot's acme library"
+        out.append(
+            s.problem(why, "pip install 'pytunnel[acme]' (or apt-get install python3-acme)", "ACMEdirectory")
+        )
+    if svc.client:
+        out.append(
+            s.problem("ACMEdirectory is for server mode", "remove it, or client = no", "ACMEdirectory")
+        )
+    if not svc.ACMEdirectory.startswith("https://"):
+        out.append(s.problem("ACMEdirectory must be an https:// URL", None, "ACMEdirectory"))
+    if svc.cert or svc.key:
+        out.append(
+            s.problem(
+                "ACMEdirectory obtains the certificate: cert/key must not be set",
+                "remove cert and key",
+                "cert",
+                "key",
+            )
+        )
+    if not svc.ACMEdomain:
+        out.append(
+            s.problem("ACMEdirectory needs at least one ACMEdomain", "add ACMEdomain = NAME", "ACMEdirectory")
+        )
+    if svc.ACMEchallenge == "http-01" and svc.ACMEhttp is None:
+        out.append(
+            s.problem("ACMEchallenge = http-01 needs ACMEhttp", "add ACMEhttp = [HOST:]80", "ACMEchallenge")
+        )
+    if svc.ACMEchallenge != "http-01" and svc.ACMEhttp is not None:
+        out.append(
+            s.problem(
+                "ACMEhttp is for ACMEchallenge = http-01",
+                "remove ACMEhttp, or ACMEchallenge = http-01",
+                "ACMEhttp",
+            )
+        )
+    if svc.ACMEchallenge == "tls-alpn-01" and not any(not a.is_unix for a in svc.accept):
+        out.append(
+            s.problem(
+                "tls-alpn-01 is answered on a TCP accept port; there is none", "use http-01", "ACMEchallenge"
+            )
+        )
+    return out
+
+
+def alpn_valid(s: Scope) -> list[Problem]:
+    """alpn (pytunnel): a ','-separated list of protocol names."""
+    if s.svc.alpn is None:
+        return []
+    try:
+        parse(s.svc.alpn)
+    except ValueError as exc:
+        return [s.problem(f"alpn: {exc}", "e.g. alpn = h2,http/1.1", "alpn")]
     return []
 
 
@@ -376,6 +461,9 @@ SERVICE_RULES: tuple[Rule, ...] = (
     cert_names_a_file,
     debug_facility_global,
     cap_within_descriptor_budget,
+    uri_patterns_valid,
+    alpn_valid,
+    acme_options,
 )
 
 
@@ -406,6 +494,8 @@ def sni_primaries(services: Sequence[ServiceSettings], source: str) -> list[Prob
             why = "SNI primary service is a TLS client", "the primary must be a server (client = no)"
         elif not primary.accept:
             why = "SNI primary service accepts no connections", "the primary needs accept"
+        elif primary.ACMEdirectory:  # its servername callback answers ACME's tls-alpn-01
+            why = "SNI primary service uses ACMEdirectory", "give the ACME service its own accept"
         if why is not None:
             file, line, text = svc.locations.get("sni", (source, None, None))
             out.append(Problem(f"Service [{svc.name}]: {why[0]}", file, line, text, why[1]))
@@ -423,9 +513,9 @@ def check_services(services: Sequence[ServiceSettings], source: str) -> list[Pro
 def names_need_verify(svc: ServiceSettings, secure: bool) -> Problem | None:
     """stunnel's rule for a client at verifyChain's default: checkHost/checkIP/checkEmail
     need verification, which `pytunnel run` turns on by default and stunnel does not."""
-    if secure or not _run_decides(svc) or not (svc.checkHost or svc.checkIP or svc.checkEmail):
+    if secure or not _run_decides(svc) or not _checks_names(svc):
         return None
-    name = next(n for n in ("checkHost", "checkIP", "checkEmail") if getattr(svc, n))
+    name = next(n for n in ("checkHost", "checkIP", "checkEmail", "checkURI") if getattr(svc, n))
     file, line, text = svc.locations.get(name, ("", 0, ""))
     return Problem(
         f'Service [{svc.name}]: Either "verifyChain" or "verifyPeer" has to be enabled',
@@ -436,163 +526,6 @@ def names_need_verify(svc: ServiceSettings, secure: bool) -> Problem | None:
     )
 
 
-# ---------------------------------------------------------------- at start-up, once built
+from tunnel.rules.start import START_RULES, Started, start_warnings  # noqa: E402
 
-PROTOCOL_OPTIONS = (
-    "protocolAuthentication",
-    "protocolHost",
-    "protocolUsername",
-    "protocolPassword",
-    "protocolHeader",
-)
-
-
-@dataclass(frozen=True)
-class Started:
-    """What a start-up rule sees: a built service, whether its TLS policy verifies, the mode."""
-
-    svc: ServiceSettings
-    verify_chain: bool
-    verify_peer: bool
-    secure: bool
-
-
-def _warning(text: str, severity: Severity = Severity.WARNING) -> Problem:
-    return Problem(text, severity=severity)
-
-
-def unauthenticated_client(s: Started) -> list[Problem]:
-    """stunnel's warning for a client that does not check its upstream."""
-    svc = s.svc
-    if not svc.client or s.verify_chain or s.verify_peer or svc.PSKsecrets:
-        return []
-    out = [_warning(f"Service [{svc.name}] needs authentication to prevent MITM attacks")]
-    if s.secure:
-        out.append(
-            _warning(f"Service [{svc.name}]: upstream certificate verification is OFF (verifyChain = no)")
-        )
-    return out
-
-
-def plaintext_listener_exposed(s: Started) -> list[Problem]:
-    """A client-mode plaintext listener reachable beyond loopback (stunnel's `accept = 2525`)."""
-    if not s.svc.client:
-        return []
-    return [
-        _warning(
-            f"Service [{s.svc.name}]: plaintext listener {ep.display()} is not on loopback; "
-            "anyone who can reach it can use the tunnel (use accept = 127.0.0.1:PORT)"
-        )
-        for ep in s.svc.accept
-        if ep.path is None and not _is_loopback(ep.host)
-    ]
-
-
-def certificate_dates(s: Started) -> list[Problem]:
-    """`check` and start-up say when a service's own certificate is expired or about to."""
-    svc = s.svc
-    if not svc.cert:
-        return []
-    from cryptography import x509  # only for a service with a certificate
-
-    try:
-        with open(svc.cert, "rb") as fh:
-            data = fh.read()
-        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN CERT" in data else []
-    except (OSError, ValueError):
-        return []
-    if not certs:
-        return []
-    leaf, path, out = certs[0], svc.cert, []
-    now = datetime.datetime.now(datetime.UTC)
-    after, before = leaf.not_valid_after_utc, leaf.not_valid_before_utc
-    if after < now:
-        out.append(_warning(f"Service [{svc.name}]: certificate {path} expired on {after:%Y-%m-%d}"))
-    elif after - now < datetime.timedelta(days=14):
-        out.append(_warning(f"Service [{svc.name}]: certificate {path} expires on {after:%Y-%m-%d}"))
-    if before > now:
-        out.append(
-            _warning(f"Service [{svc.name}]: certificate {path} is not valid before {before:%Y-%m-%d}")
-        )
-    return out
-
-
-def key_files_private(s: Started) -> list[Problem]:
-    """stunnel's warning (same text, same rule) for a private key that others may read."""
-    svc = s.svc
-    paths = ([svc.key or svc.cert] if svc.cert else []) + ([svc.PSKsecrets] if svc.PSKsecrets else [])
-    out = []
-    for path in paths:
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            continue
-        if mode & 0o007:
-            out.append(_warning(f"Insecure file permissions on {path}"))
-    return out
-
-
-def ocsp_needs_chain(s: Started) -> list[Problem]:
-    """OCSP checks a verified chain; OCSPflag's notes say what each flag does here."""
-    svc = s.svc
-    if (svc.OCSP or svc.OCSPaia) and not s.verify_chain:
-        return [_warning(f"Service [{svc.name}]: OCSP has no effect without verifyChain = yes")]
-    if not svc.OCSPflag:
-        return []
-    from tunnel import ocsp  # cryptography: only for a service that asks for OCSP
-
-    return [
-        _warning(f"Service [{svc.name}]: {note}", Severity.WARNING if "forged" in note else Severity.NOTICE)
-        for note in ocsp.flag_notes(svc.OCSPflag)
-    ]
-
-
-def idle_options(s: Started) -> list[Problem]:
-    """Options accepted as stunnel accepts them that do nothing in this service."""
-    svc, out = s.svc, []
-    if svc.PSKidentity and not (svc.client and svc.PSKsecrets):
-        why = "in server mode (the client chooses)" if not svc.client else "without PSKsecrets"
-        out.append(_warning(f"Service [{svc.name}]: PSKidentity has no effect {why}"))
-    if not svc.protocol:
-        idle = [n for n in PROTOCOL_OPTIONS if getattr(svc, n)]
-        if idle:
-            verb = "has" if len(idle) == 1 else "have"
-            out.append(_warning(f"Service [{svc.name}]: {', '.join(idle)} {verb} no effect without protocol"))
-    elif svc.protocol.lower() == "smtp" and (svc.protocolAuthentication or "").lower() == "basic":
-        out.append(
-            _warning(
-                f"Service [{svc.name}]: protocolAuthentication = basic is not an SMTP method; "
-                "plain is used, as stunnel does"
-            )
-        )
-    if svc.retry and not (svc.exec and svc.connect):
-        out.append(_warning(f"Service [{svc.name}]: retry has no effect without exec and connect"))
-    if svc.stack != 65536:
-        out.append(
-            _warning(f"Service [{svc.name}]: stack has no effect (pytunnel runs no thread per connection)")
-        )
-    return out
-
-
-START_RULES: list[Callable[[Started], list[Problem]]] = [
-    unauthenticated_client,
-    plaintext_listener_exposed,
-    certificate_dates,
-    key_files_private,
-    ocsp_needs_chain,
-    idle_options,
-]
-
-
-def start_warnings(s: Started) -> list[Problem]:
-    """The warnings (and notices) of one built service, in the order stunnel's users see them."""
-    return [p for rule in START_RULES for p in rule(s)]
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host or "0.0.0.0").is_loopback  # noqa: S104
-    except ValueError:
-        return False
+__all__ = ["START_RULES", "Started", "start_warnings"]

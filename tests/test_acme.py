@@ -1,0 +1,279 @@
+"""ACME (pytunnel extension) against Debian's ``pebble`` with real challenge validation on
+loopback: ``pebble-challtestsrv`` is the DNS server that points the test names at 127.0.0.1,
+pebble validates tls-alpn-01 on the service's own accept port (its ``tlsPort``) or http-01
+on ``ACMEhttp`` (its ``httpPort``), and the issued chain ends at pebble's generated root.
+
+Scenarios: issue on first start, serve the issued certificate, reuse it on restart without
+asking pebble, renew short-lived certificates in the background with the hot swap, survive a
+pebble outage (renewal failures counted, the old certificate keeps serving), and give up with
+exit status 3 when no certificate can be had.  stunnel has no ACME: pytunnel only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory
+from cryptography import x509
+from identity_support import wait_metric
+
+DOMAIN = "acme.test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed (CI is set: .ci/run installs pebble)")
+        pytest.skip(f"{tool} is not installed (apt-get install pebble; .ci/run installs it)")
+    return path
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        assert proc.poll() is None, f"{what} exited {proc.returncode}"
+        assert time.monotonic() < deadline, f"{what} did not listen on {port}"
+        time.sleep(0.05)
+
+
+@dataclass
+class Pebble:
+    directory: str
+    ca_file: Path  # trust for pebble's HTTPS API
+    mgmt: int
+    tls_port: int  # where pebble validates tls-alpn-01: the service's accept port
+    http_port: int  # where pebble validates http-01: ACMEhttp
+    proc: subprocess.Popen[bytes] | None
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+
+    def roots(self) -> bytes:
+        """pebble's generated root (the issued chains end there)."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.mgmt}/roots/0", context=ctx, timeout=10) as r:
+            return bytes(r.read())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        wait_port(int(self.directory.split(":")[2].split("/")[0]), self.proc, "pebble")
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    """pebble + pebble-challtestsrv on loopback; certificates valid for ``validity`` seconds."""
+    yield from _pebble(tmp_path, validity=3600)
+
+
+@pytest.fixture
+def short_pebble(tmp_path: Path) -> Iterator[Pebble]:
+    yield from _pebble(tmp_path, validity=24)
+
+
+def _pebble(tmp_path: Path, validity: int) -> Iterator[Pebble]:
+    binary, challtest = need("pebble"), need("pebble-challtestsrv")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "pebble-ca.pem"))
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "pebble-cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "pebble-key.pem"))
+    api, mgmt, dns, cmgmt = free_port(), free_port(), free_port(), free_port()
+    tls_port, http_port = free_port(), free_port()
+    config = {
+        "pebble": {
+            "listenAddress": f"127.0.0.1:{api}",
+            "managementListenAddress": f"127.0.0.1:{mgmt}",
+            "certificate": str(tmp_path / "pebble-cert.pem"),
+            "privateKey": str(tmp_path / "pebble-key.pem"),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": False,
+            "certificateValidityPeriod": validity,
+        }
+    }
+    (tmp_path / "pebble.json").write_text(json.dumps(config))
+    log = tmp_path / "pebble.log"
+    dns_proc = subprocess.Popen(
+        [challtest, "-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "", "-tlsalpn01", "",
+         "-management", f"127.0.0.1:{cmgmt}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+        stdout=open(tmp_path / "challtestsrv.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )  # fmt: skip
+    env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
+    argv = [binary, "-config", str(tmp_path / "pebble.json"), "-dnsserver", f"127.0.0.1:{dns}"]
+    p = Pebble(
+        f"https://127.0.0.1:{api}/dir",
+        tmp_path / "pebble-ca.pem",
+        mgmt,
+        tls_port,
+        http_port,
+        None,
+        argv,
+        env,
+        log,
+    )
+    try:
+        wait_port(cmgmt, dns_proc, "pebble-challtestsrv")
+        p.start()
+        yield p
+    finally:
+        p.stop()
+        dns_proc.terminate()
+        dns_proc.wait(timeout=10)
+
+
+def acme_conf(tunnels: TunnelFactory, p: Pebble, echo: EchoServer, state: Path, extra: str = "") -> Path:
+    return tunnels.conf(
+        f"[site]\naccept = 127.0.0.1:{p.tls_port}\nconnect = 127.0.0.1:{echo.port}\n"
+        f"ACMEdirectory = {p.directory}\nACMEdomain = {DOMAIN}\nACMEemail = ops@example.org\n"
+        f"ACMECAfile = {p.ca_file}\nACMEdir = {state}\n{extra}"
+    )
+
+
+def served_cert(port: int, roots: bytes, data: bytes = b"acme") -> x509.Certificate:
+    """Connect as a client that trusts pebble's root only, for DOMAIN: the leaf it was shown."""
+    ctx = ssl.create_default_context(cadata=roots.decode())
+    raw = socket.create_connection(("127.0.0.1", port), timeout=15)
+    with ctx.wrap_socket(raw, server_hostname=DOMAIN) as s:
+        s.sendall(data)
+        assert s.recv(100) == data
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def start(tunnels: TunnelFactory, conf: Path, mode: str = "run") -> Tunnel:
+    return tunnels.start(
+        conf, mode=mode, extra_env={"PYTUNNEL_STATUS": "127.0.0.1:0", "PYTUNNEL_CERT_RELOAD_INTERVAL": "1"}
+    )
+
+
+@pytest.mark.parametrize("mode", ["run", "compat"])
+def test_issue_serve_and_restart_with_the_stored_certificate(
+    tunnels: TunnelFactory, pebble: Pebble, echo: EchoServer, tmp_path: Path, mode: str
+) -> None:
+    state = tmp_path / "acme-state"
+    conf = acme_conf(tunnels, pebble, echo, state)
+    t = start(tunnels, conf, mode)
+    t.wait_for(r"ACME certificate obtained in [\d.]+ s")
+    roots = pebble.roots()
+    cert = served_cert(pebble.tls_port, roots)
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    ) == [DOMAIN]
+    assert "Pebble Intermediate CA" in cert.issuer.rfc4514_string()
+    assert wait_metric(t, "pytunnel_acme_renewals_total", 1, service="site", result="success") == 1
+    assert (
+        wait_metric(
+            t, "pytunnel_cert_not_after_seconds", 1, service="site", cert=str(state / "site" / "cert.pem")
+        )
+        > time.time()
+    )
+    assert (state / "site").stat().st_mode & 0o777 == 0o700
+    for name in ("cert.pem", "account.key"):
+        assert (state / "site" / name).stat().st_mode & 0o777 == 0o600
+    assert t.stop() == 0
+    pebble.stop()  # a stored, still valid certificate needs no ACME server
+    again = start(tunnels, conf, mode)
+    again.wait_for(r"ACME certificate loaded from ")
+    assert served_cert(pebble.tls_port, roots).serial_number == cert.serial_number
+
+
+def test_http_01(tunnels: TunnelFactory, pebble: Pebble, echo: EchoServer, tmp_path: Path) -> None:
+    conf = acme_conf(
+        tunnels,
+        pebble,
+        echo,
+        tmp_path / "state",
+        f"ACMEchallenge = http-01\nACMEhttp = 127.0.0.1:{pebble.http_port}\n",
+    )
+    t = start(tunnels, conf)
+    t.wait_for(r"ACME certificate obtained")
+    served_cert(pebble.tls_port, pebble.roots())
+
+
+def test_renewal_hot_swaps_and_survives_an_outage(
+    tunnels: TunnelFactory, short_pebble: Pebble, echo: EchoServer, tmp_path: Path
+) -> None:
+    """24-second certificates: renewed at two thirds (16 s) on the live port; a connection
+    held open across the swap keeps working; while pebble is down the renewal fails, is
+    counted and retried, and the old certificate keeps serving."""
+    p = short_pebble
+    t = start(tunnels, acme_conf(tunnels, p, echo, tmp_path / "state"))
+    t.wait_for(r"ACME certificate obtained")
+    roots = p.roots()
+    first = served_cert(p.tls_port, roots)
+    ctx = ssl.create_default_context(cadata=roots.decode())
+    held = ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", p.tls_port), timeout=30), server_hostname=DOMAIN
+    )
+    held.sendall(b"before")
+    assert held.recv(100) == b"before"
+    t.wait_for(r"ACME certificate renewed", timeout=40)
+    deadline = time.monotonic() + 15
+    while served_cert(p.tls_port, roots).serial_number == first.serial_number:  # the watcher swaps
+        assert time.monotonic() < deadline, t.log
+        time.sleep(0.2)
+    held.sendall(b"after the swap")
+    assert held.recv(100) == b"after the swap"
+    held.close()
+    p.stop()
+    t.wait_for(r"ACME renewal failed \(retry in", timeout=60)
+    assert wait_metric(t, "pytunnel_acme_renewals_total", 1, service="site", result="failure") >= 1
+    served_cert(p.tls_port, roots)  # the old certificate still serves
+    p.start()
+    renewed = t.log.count("ACME certificate renewed")
+    deadline = time.monotonic() + 60
+    while t.log.count("ACME certificate renewed") == renewed:
+        assert time.monotonic() < deadline, t.log
+        time.sleep(0.2)
+
+
+def test_no_certificate_exits_3(
+    tunnels: TunnelFactory, pebble: Pebble, echo: EchoServer, tmp_path: Path
+) -> None:
+    pebble.stop()
+    conf = acme_conf(tunnels, pebble, echo, tmp_path / "state", "ACMEtimeout = 5\n")
+    t = tunnels.start(conf, mode="run", wait=False)
+    assert t.proc.wait(timeout=60) == 3
+    assert f"Service [site]: ACME: no certificate from {pebble.directory} within 5 s" in t.log, t.log
+
+
+def test_options_are_checked(tunnels: TunnelFactory, certs: Certs) -> None:
+    conf = tunnels.conf(
+        "[site]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:1\nACMEdirectory = https://acme.example/dir\n"
+        f"cert = {certs.server_pem}\nACMEchallenge = http-01\n"
+    )
+    t = tunnels.start(conf, mode="run", wait=False)
+    assert t.proc.wait(timeout=60) == 1
+    for text in ("cert/key must not be set", "needs at least one ACMEdomain", "http-01 needs ACMEhttp"):
+        assert text in t.log, t.log

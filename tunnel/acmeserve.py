@@ -1,0 +1,263 @@
+"""ACME's moving parts around tunnel/acme.py: the challenge responders, the first certificate
+at start-up and the background renewals.
+
+* :class:`Responder` (one per ACME service, in :data:`RESPONDERS`): what must be answered now.
+  ``tls-alpn-01``: the service's context gets a servername callback (:func:`install`) that hands
+  a validation handshake for a pending domain a challenge context (the RFC 8737 certificate,
+  ALPN ``acme-tls/1`` only, so any other client is refused with no_application_protocol rather
+  than shown it); the opening closes a handshake that negotiated ``acme-tls/1`` without dialing.  ``http-01``: a small HTTP server on ``ACMEhttp`` while an order runs.
+* :func:`first_certificates`: at start, before any port is bound, each ACME service without a
+  usable stored certificate obtains one; the ``tls-alpn-01`` answers come from a temporary TLS
+  listener on the service's accept addresses.  Exit status 3 past ``ACMEtimeout``.
+* :class:`Renewals`: one asyncio task per ACME service; the order runs in a thread (the
+  ``acme`` library is synchronous); the new file is picked up by the certificate watcher.
+
+Imports acme, alpn, settings, metrics, logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import os
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunnel import acme, alpn
+from tunnel.logs import log
+from tunnel.metrics import STATS
+from tunnel.settings import ServiceSettings
+
+BACKOFF_FIRST, BACKOFF_MAX = 5.0, 3600.0
+
+
+@dataclass
+class Responder:
+    tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # domain -> challenge context
+    http: dict[str, str] = field(default_factory=dict)  # token -> key authorization
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answers(self) -> acme.Answers:
+        return acme.Answers(tls_alpn=self._set_tls, http=self._set_http, clear=self._clear)
+
+    def _set_tls(self, domain: str, pem: bytes) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        fd, tmp = tempfile.mkstemp(prefix="pytunnel-acme-")
+        try:
+            os.write(fd, pem)
+            os.close(fd)
+            ctx.load_cert_chain(tmp)
+        finally:
+            os.unlink(tmp)
+        alpn.configure(ctx, acme.ACME_TLS_ALPN, server=True)
+        with self.lock:
+            self.tls[domain.lower()] = ctx
+
+    def _set_http(self, token: str, key_authz: str) -> None:
+        with self.lock:
+            self.http[token] = key_authz
+
+    def _clear(self) -> None:
+        with self.lock:
+            self.tls.clear()
+            self.http.clear()
+
+    def pick(self, sslobj: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
+        """The servername callback: a pending domain's validation gets the challenge context."""
+        if name:
+            ctx = self.tls.get(name.lower())
+            if ctx is not None:
+                sslobj.context = ctx
+
+
+RESPONDERS: dict[str, Responder] = {}
+
+
+def responder(service: str) -> Responder:
+    return RESPONDERS.setdefault(service, Responder())
+
+
+def install(ctx: ssl.SSLContext, service: str) -> None:
+    """Answer tls-alpn-01 on this (live) context of an ACME service."""
+    ctx.sni_callback = responder(service).pick
+
+
+# ---- temporary listeners ------------------------------------------------------------------
+def _bind(host: str | None, port: int) -> socket.socket:
+    family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))  # noqa: S104
+    sock.listen(16)
+    sock.settimeout(0.2)
+    return sock
+
+
+def _serve_tls(sock: socket.socket, rsp: Responder, stop: threading.Event) -> None:
+    """Answer validation handshakes until ``stop``; nothing else is served."""
+    base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    base.sni_callback = rsp.pick
+    while not stop.is_set():
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        with contextlib.suppress(OSError, ssl.SSLError), conn:
+            conn.settimeout(10)
+            with base.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)  # the validator closes once it has seen the certificate
+
+
+def _http_handler(rsp: Responder) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            prefix = "/.well-known/acme-challenge/"
+            answer = rsp.http.get(self.path[len(prefix) :]) if self.path.startswith(prefix) else None
+            body = (answer or "not found").encode()
+            self.send_response(200 if answer else 404)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silent
+            return
+
+    return Handler
+
+
+@contextlib.contextmanager
+def responders(svc: ServiceSettings, tls_ports: bool) -> Iterator[Responder]:
+    """The temporary listeners an order needs: ``tls_ports`` (before the service binds) the
+    accept addresses for tls-alpn-01; for http-01 the ACMEhttp address."""
+    rsp = responder(svc.name)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    closers: list[Callable[[], None]] = []
+    try:
+        if svc.ACMEchallenge == "http-01" and svc.ACMEhttp is not None:
+            addr = svc.ACMEhttp
+            server = http.server.ThreadingHTTPServer((addr.host or "0.0.0.0", addr.port), _http_handler(rsp))  # noqa: S104
+            threads.append(threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True))
+            closers.append(server.shutdown)
+            closers.append(server.server_close)
+        elif tls_ports:
+            for ep in svc.accept:
+                if ep.is_unix:
+                    continue
+                sock = _bind(ep.host, ep.port)
+                threads.append(threading.Thread(target=_serve_tls, args=(sock, rsp, stop), daemon=True))
+                closers.append(sock.close)
+        for t in threads:
+            t.start()
+        yield rsp
+    finally:
+        stop.set()
+        for close in closers:
+            with contextlib.suppress(OSError):
+                close()
+        for t in threads:
+            t.join(timeout=5)
+
+
+# ---- the first certificate -------------------------------------------------------------------
+def first_certificates(services: list[ServiceSettings]) -> str | None:
+    """Obtain what is missing before anything binds; None, or the line to exit 3 with."""
+    for svc in services:
+        if not svc.ACMEdirectory:
+            continue
+        path = acme.cert_path(svc)
+        if acme.usable(path):
+            log.ui(5, f"Service [{svc.name}]: ACME certificate loaded from {path}")
+            continue
+        log.ui(5, f"Service [{svc.name}]: ACME: ordering a certificate for {', '.join(svc.ACMEdomain)}")
+        start = time.monotonic()
+        deadline = start + float(svc.ACMEtimeout)
+        try:
+            with responders(svc, tls_ports=True) as rsp:
+                acme.obtain(svc, rsp.answers(), deadline)
+        except (acme.AcmeError, OSError) as exc:
+            STATS.count("pytunnel_acme_renewals", svc.name, "failure")
+            return (
+                f"Service [{svc.name}]: ACME: no certificate from {svc.ACMEdirectory} "
+                f"within {svc.ACMEtimeout} s: {exc}"
+            )
+        STATS.count("pytunnel_acme_renewals", svc.name, "success")
+        log.ui(
+            5, f"Service [{svc.name}]: ACME certificate obtained in {time.monotonic() - start:.1f} s: {path}"
+        )
+    return None
+
+
+# ---- renewals --------------------------------------------------------------------------------
+class Renewals:
+    """One task per ACME service: sleep until due, renew, back off on failure."""
+
+    def __init__(self, services: list[ServiceSettings]) -> None:
+        self.services = [s for s in services if s.ACMEdirectory]
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._run(svc)) for svc in self.services]
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    async def _due(self, svc: ServiceSettings) -> float:
+        path = acme.cert_path(svc)
+        due = acme.renew_at(path) or time.time()
+        advised = await asyncio.to_thread(acme.ari_renew_at, svc, path)
+        return min(due, advised) if advised is not None else due
+
+    async def _run(self, svc: ServiceSettings) -> None:
+        failures = 0
+        while True:
+            due = await self._due(svc)
+            wait = due - time.time()
+            if failures:
+                wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+            if wait > 0:
+                await asyncio.sleep(wait)
+            deadline = time.monotonic() + float(svc.ACMEtimeout)
+            try:
+                with responders(svc, tls_ports=False) as rsp:
+                    await asyncio.to_thread(acme.obtain, svc, rsp.answers(), deadline)
+            except (acme.AcmeError, OSError) as exc:
+                failures += 1
+                STATS.count("pytunnel_acme_renewals", svc.name, "failure")
+                retry = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+                log.ui(4, f"Service [{svc.name}]: ACME renewal failed (retry in {retry:.0f} s): {exc}")
+                continue
+            failures = 0
+            STATS.count("pytunnel_acme_renewals", svc.name, "success")
+            span = acme.validity(acme.cert_path(svc))
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(span[1])) if span else "?"
+            log.ui(5, f"Service [{svc.name}]: ACME certificate renewed (valid until {until} UTC)")
+
+
+def as_built(svc: ServiceSettings) -> ServiceSettings:
+    """``pytunnel check`` before the first start: a throwaway certificate stands in for the
+    one ACME will issue, so every other TLS option is still checked."""
+    path = acme.cert_path(svc)
+    if acme.validity(path) is not None:
+        return acme.prepare(svc)
+    fd, tmp = tempfile.mkstemp(prefix="pytunnel-acme-check-", suffix=".pem")
+    os.write(fd, acme.alpn_challenge_cert(svc.ACMEdomain[0] if svc.ACMEdomain else "localhost", "check"))
+    os.close(fd)
+    import atexit
+
+    atexit.register(lambda: Path(tmp).unlink(missing_ok=True))
+    return svc.model_copy(update={"cert": tmp, "key": None})
