@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from tunnel import ossl
 from tunnel.reasons import CloseReason, HandshakeFailure
 from tunnel.sockopts import set_linger_zero
 from tunnel.tlsnotes import SLOT, Notes, reason_of
@@ -235,8 +236,9 @@ class TlsSide(Side):
             self.outgoing,
             server_side=server_side,
             server_hostname=server_hostname,
-            session=session,
         )
+        if session is not None and not ossl.set_session(self.sslobj, session):
+            self.sslobj.session = session  # CPython's setter: a copy through DER
         self.handshaking = True
         self.on_handshake = on_handshake
         self.pending: list[bytes] = []
