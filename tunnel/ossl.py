@@ -32,6 +32,7 @@ SSL_CONF_FLAG_SERVER = 0x8
 SSL_CONF_FLAG_CERTIFICATE = 0x20
 SSL_SESS_CACHE_OFF = 0x0000
 SSL_SESS_CACHE_SERVER = 0x0002
+SSL_SENT_SHUTDOWN = 1
 
 VerifyCallback = Callable[[int, int], int]
 _VERIFY_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
@@ -70,10 +71,7 @@ class _Lib:
             self.add_dir_subjects = lib.SSL_add_dir_cert_subjects_to_stack
             self.set_client_ca = lib.SSL_CTX_set_client_CA_list
             self.name_stack_new = lib.OPENSSL_sk_new_null
-            self.ssl_get_ctx = lib.SSL_get_SSL_CTX
-            self.ssl_is_server = lib.SSL_is_server
-            self.ssl_set_session = lib.SSL_set_session
-            self.session_get_id = lib.SSL_SESSION_get_id
+            self._sessions(lib)
         except (OSError, AttributeError) as exc:
             raise Unavailable(f"cannot reach the OpenSSL library of Python's ssl module ({exc})") from None
         self.get_options.argtypes = [ctypes.c_void_p]
@@ -116,6 +114,15 @@ class _Lib:
         self.set_client_ca.restype = None
         self.name_stack_new.argtypes = []
         self.name_stack_new.restype = ctypes.c_void_p
+
+    def _sessions(self, lib: ctypes.CDLL) -> None:
+        """What :func:`set_session` and :func:`keep_session` call."""
+        self.ssl_get_ctx = lib.SSL_get_SSL_CTX
+        self.ssl_is_server = lib.SSL_is_server
+        self.ssl_set_session = lib.SSL_set_session
+        self.session_get_id = lib.SSL_SESSION_get_id
+        self.ssl_get_shutdown = lib.SSL_get_shutdown
+        self.ssl_set_shutdown = lib.SSL_set_shutdown
         self.ssl_get_ctx.argtypes = [ctypes.c_void_p]
         self.ssl_get_ctx.restype = ctypes.c_void_p
         self.ssl_is_server.argtypes = [ctypes.c_void_p]
@@ -124,6 +131,10 @@ class _Lib:
         self.ssl_set_session.restype = ctypes.c_int
         self.session_get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
         self.session_get_id.restype = ctypes.c_void_p
+        self.ssl_get_shutdown.argtypes = [ctypes.c_void_p]
+        self.ssl_get_shutdown.restype = ctypes.c_int
+        self.ssl_set_shutdown.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.ssl_set_shutdown.restype = None
 
 
 _LIB: _Lib | None = None
@@ -192,6 +203,24 @@ def set_session(sslobj: ssl.SSLObject, session: ssl.SSLSession) -> bool:
         _SESSION_LAYOUT = False
         return False
     return ok and lib.ssl_set_session(ssl_ptr, sess_ptr) == 1
+
+
+def keep_session(sslobj: ssl.SSLObject) -> None:
+    """Before a client ``SSLObject`` is freed: keep its session resumable, as stunnel does
+    (``SSL_set_shutdown`` before ``SSL_free``).  OpenSSL marks the session of an ``SSL`` freed
+    after its handshake without a close_notify sent as not resumable; with sessions shared by
+    :func:`set_session` that would spoil the cached one (CPython's setter hides this: its DER
+    copy drops the mark).  Does nothing where :func:`set_session` cannot work."""
+    if _SESSION_LAYOUT is False:
+        return
+    try:
+        lib = _lib()
+        ssl_ptr = _field(sslobj._sslobj, 1)  # type: ignore[attr-defined]
+        if not ssl_ptr or (not _SESSION_LAYOUT and lib.ssl_get_ctx(ssl_ptr) != handle(sslobj.context)):
+            return
+    except (Unavailable, AttributeError, OSError):
+        return
+    lib.ssl_set_shutdown(ssl_ptr, lib.ssl_get_shutdown(ssl_ptr) | SSL_SENT_SHUTDOWN)
 
 
 def verify_errors(ctx: ssl.SSLContext, on_error: Callable[[str, int], None]) -> bool:
