@@ -18,13 +18,17 @@ and every echo byte-for-byte, so a fast wrong tunnel cannot win.  CPU seconds co
 for each process tree (tunnel, reference peers, backend), from getrusage for the load generator,
 and the rest of the machine's busy time (/proc/stat) is shown as "other".
 
-Metric groups for --only: startup, bulk, conn, rtt, idle; add client or server to restrict the
-topology (e.g. --only idle,server).
+Metric groups for --only: startup, bulk, conn, rtt, idle, churn; add client or server to restrict
+the topology (e.g. --only idle,server).  "startup" also starts a one-service client
+configuration (verifyChain, CAfile) --startups times per run: the median time to `Accepting new
+connections`, the CPU used by then (load-insensitive) and the RSS at rest half a second later.
+"churn" (client topology) runs short connections and reports the RSS growth between two marks.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import hashlib
 import json
 import os
@@ -42,6 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +56,7 @@ ROOT = HERE.parent
 BOUND = re.compile(r"Service \[([^\]]+)\] \(FD=\d+\) bound to .+:(\d+)$", re.M)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-GROUPS = ("startup", "bulk", "conn", "rtt", "idle")
+GROUPS = ("startup", "bulk", "conn", "rtt", "idle", "churn")
 TOPOLOGIES = ("client", "server")
 PARTS = ("tunnel", "reference", "backend", "load", "other")
 REFS = 2  # reference peers per topology (see the module docstring)
@@ -424,6 +429,54 @@ def new_connections(port: int, count: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
+def churn(port: int, marks: tuple[int, int], pid: int) -> float:
+    """RSS growth (MiB) of ``pid``'s tree from the first to the second mark of short connections
+    (4 sequential openers, each connection carrying one checked byte)."""
+
+    def some(count: int) -> None:
+        with ThreadPoolExecutor(4) as pool:
+            for rate in pool.map(lambda n: new_connections(port, n), [count // 4] * 4):
+                assert rate > 0
+
+    some(marks[0])
+    time.sleep(0.2)
+    rss0 = rss_kib(pid)
+    some(marks[1] - marks[0])
+    time.sleep(0.2)
+    return (rss_kib(pid) - rss0) / 1024
+
+
+def startups(template: str, conf: Path, count: int) -> tuple[list[float], list[float], list[float]]:
+    """Start ``template`` on ``conf`` ``count`` times: wall ms to `Accepting new connections`, CPU ms
+    of its process tree at that moment, RSS MiB at rest (0.5 s later)."""
+    cmd = [part.replace("{conf}", str(conf)) for part in shlex.split(template)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    walls: list[float] = []
+    cpus: list[float] = []
+    rss: list[float] = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        popen = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        assert popen.stdout is not None
+        out = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(popen.stdout, selectors.EVENT_READ)
+            while b"Accepting new connections" not in out:
+                if not sel.select(30) or not (chunk := os.read(popen.stdout.fileno(), 65536)):
+                    popen.kill()
+                    raise SystemExit(f"{cmd} did not start:\n{out.decode(errors='replace')}")
+                out += chunk
+        walls.append((time.perf_counter() - t0) * 1000)
+        cpus.append(cpu_seconds(popen.pid) * 1000)
+        time.sleep(0.5)
+        rss.append(rss_kib(popen.pid) / 1024)
+        popen.send_signal(signal.SIGTERM)
+        popen.communicate(timeout=10)
+    return walls, cpus, rss
+
+
 def round_trips(port: int, iterations: int, warmup: int) -> list[float]:
     """Microseconds per 64-byte ping-pong over one connection (after ``warmup`` of them)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
@@ -602,6 +655,8 @@ class Plan:
     warmup: int
     idle: list[int]  # attempts at which RSS is read: [slope low, slope high, top]
     openers: int
+    startups: int  # start-ups timed per run (median reported)
+    churn: tuple[int, int]  # short client connections at which RSS is read
     cpu: int  # the CPU every process is pinned to for round trips
     strict: bool  # any error fails the run (--quick)
 
@@ -681,6 +736,8 @@ def measure(
         label = f"{topo} new conn/s (sequential, {'resumption on' if topo == 'client' else 'full handshake'})"
         add(label, "conn/s", rate, "higher")
         rec.cpu(system, label, usage(s0, s1))
+        cpu_us = (s1["tunnel"] - s0["tunnel"]) / plan.conns * 1e6
+        add(f"{topo} tunnel CPU per new conn (sequential)", "µs", cpu_us, "lower")
         if reused + new:
             add(f"{topo} new conn/s: handshakes resumed", "%", 100 * reused / (reused + new), "", "check")
     if "rtt" in plan.groups:
@@ -691,6 +748,14 @@ def measure(
         add(f"{topo} 64 B round trip p50, pinned", "µs", statistics.median(times), "lower")
         add(f"{topo} 64 B round trip p99, pinned", "µs", percentile(times, 0.99), "lower")
         rec.cpu(system, f"{topo} 64 B round trips, pinned", usage(s0, s1))
+    if "churn" in plan.groups and topo == "client":
+        low, high = plan.churn
+        add(
+            f"{topo} RSS growth {low} -> {high} short conns",
+            "MiB",
+            churn(port, plan.churn, tunnel.pid),
+            "lower",
+        )
     if "idle" in plan.groups:
         low, high, top = plan.idle
         res = idle(ports, parts, plan.idle, plan.openers, 0.1 if plan.strict else 0.5)
@@ -710,6 +775,20 @@ def measure(
             raise SystemExit(f"{topo} idle: {res.failed} connect(s) failed, {res.dead} died (of {top})")
 
 
+def startup(plan: Plan, rec: Recorder, system: str, template: str, conf: Path, verify: str) -> None:
+    """The start-up figures of one run: one client service verifying its upstream."""
+    conf.write_text(f"{HEADER}[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\n{verify}")
+    walls, cpus, rss = startups(template, conf, plan.startups)
+    n = plan.startups
+    for metric, unit, xs in (
+        (f"start-up to accepting, median of {n}", "ms", walls),
+        (f"start-up CPU to accepting, median of {n}", "ms", cpus),
+        (f"RSS at rest after start-up, median of {n}", "MiB", rss),
+    ):
+        log(f"  {metric}: {fmt(statistics.median(xs))} {unit}")
+        rec.add(system, metric, unit, statistics.median(xs), "lower")
+
+
 def run(plan: Plan, args: argparse.Namespace) -> list[Result]:
     workdir = Path(tempfile.mkdtemp(prefix="pytunnel-bench-"))
     cert, ca = make_cert(workdir)
@@ -720,6 +799,8 @@ def run(plan: Plan, args: argparse.Namespace) -> list[Result]:
     try:
         for i, system in enumerate(order):
             template = args.a if system == "a" else args.b
+            if "startup" in plan.groups and "client" in plan.topologies:
+                startup(plan, rec, system, template, workdir / f"startup-{i}.conf", verify)
             for topo in TOPOLOGIES:
                 if topo not in plan.topologies:
                     continue
@@ -874,6 +955,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle-slope", help="LOW,HIGH idle connections for the RSS slope (default 1000,5000)"
     )
+    parser.add_argument("--startups", type=int, help="start-ups timed per run (default 10, quick 3)")
+    parser.add_argument(
+        "--churn", help="LOW,HIGH short client connections for the RSS growth (default 2500,20000)"
+    )
     parser.add_argument("--openers", type=int, default=16, help="parallel connects in the idle ramp (16)")
     parser.add_argument(
         "--cpu", type=int, default=0, help="the CPU every process is pinned to for round trips"
@@ -897,6 +982,9 @@ def main(argv: list[str] | None = None) -> int:
         low, high = (top // 4, 3 * top // 4) if q else (min(1000, top // 4), min(5000, top // 2))
     if not 0 < low < high <= top:
         parser.error("need 0 < slope LOW < slope HIGH <= --idle")
+    churn_marks = [int(x) for x in (args.churn or ("100,400" if q else "2500,20000")).split(",")]
+    if len(churn_marks) != 2 or not 0 < churn_marks[0] < churn_marks[1]:
+        parser.error("--churn: need 0 < LOW < HIGH")
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu} is not available to this process")
     plan = Plan(
@@ -910,9 +998,14 @@ def main(argv: list[str] | None = None) -> int:
         warmup=50 if q else 500,
         idle=[low, high, top],
         openers=args.openers,
+        startups=args.startups or (3 if q else 10),
+        churn=(churn_marks[0], churn_marks[1]),
         cpu=args.cpu,
         strict=q,
     )
+    # an installed package has its bytecode compiled: so must this tree (PYTHONDONTWRITEBYTECODE
+    # would otherwise make every start-up compile pytunnel's modules, +40-50 ms)
+    compileall.compile_dir(ROOT / "tunnel", quiet=1)
     nofile = raise_nofile(2 * top + 1000)
     t0 = time.monotonic()
     results = run(plan, args)

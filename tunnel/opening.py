@@ -157,7 +157,12 @@ class Opening:
             conn.waiter = _handshake_waiter(conn.loop, tls)
             conn.loop.create_task(self.run(self.server()))
 
-    async def run(self, work: Coroutine[Any, Any, None]) -> None:
+    def run(self, work: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
+        """``work`` for a task; the connection is held (kept whole) from now until it ends."""
+        self.conn.hold()
+        return self._run(work)
+
+    async def _run(self, work: Coroutine[Any, Any, None]) -> None:
         """No exception may leave a connection half set up."""
         conn = self.conn
         try:
@@ -171,6 +176,8 @@ class Opening:
 
                 conn.log(7, "".join(traceback.format_exception(exc)).rstrip())
             conn.fail(CloseReason.INTERNAL_ERROR, f"Internal error: {exc!r}")
+        finally:
+            conn.unhold()
 
     # ---- the two modes -----------------------------------------------------------------
     async def client(self) -> None:

@@ -33,6 +33,7 @@ SSL_CONF_FLAG_SERVER = 0x8
 SSL_CONF_FLAG_CERTIFICATE = 0x20
 SSL_SESS_CACHE_OFF = 0x0000
 SSL_SESS_CACHE_SERVER = 0x0002
+SSL_SENT_SHUTDOWN = 1
 
 VerifyCallback = Callable[[int, int], int]
 _VERIFY_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
@@ -72,6 +73,7 @@ class _Lib:
             self.add_dir_subjects = lib.SSL_add_dir_cert_subjects_to_stack
             self.set_client_ca = lib.SSL_CTX_set_client_CA_list
             self.name_stack_new = lib.OPENSSL_sk_new_null
+            self._sessions(lib)
         except (OSError, AttributeError) as exc:
             raise Unavailable(f"cannot reach the OpenSSL library of Python's ssl module ({exc})") from None
         self.get_options.argtypes = [ctypes.c_void_p]
@@ -115,6 +117,27 @@ class _Lib:
         self.name_stack_new.argtypes = []
         self.name_stack_new.restype = ctypes.c_void_p
 
+    def _sessions(self, lib: ctypes.CDLL) -> None:
+        """What :func:`set_session` and :func:`keep_session` call."""
+        self.ssl_get_ctx = lib.SSL_get_SSL_CTX
+        self.ssl_is_server = lib.SSL_is_server
+        self.ssl_set_session = lib.SSL_set_session
+        self.session_get_id = lib.SSL_SESSION_get_id
+        self.ssl_get_shutdown = lib.SSL_get_shutdown
+        self.ssl_set_shutdown = lib.SSL_set_shutdown
+        self.ssl_get_ctx.argtypes = [ctypes.c_void_p]
+        self.ssl_get_ctx.restype = ctypes.c_void_p
+        self.ssl_is_server.argtypes = [ctypes.c_void_p]
+        self.ssl_is_server.restype = ctypes.c_int
+        self.ssl_set_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self.ssl_set_session.restype = ctypes.c_int
+        self.session_get_id.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]
+        self.session_get_id.restype = ctypes.c_void_p
+        self.ssl_get_shutdown.argtypes = [ctypes.c_void_p]
+        self.ssl_get_shutdown.restype = ctypes.c_int
+        self.ssl_set_shutdown.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.ssl_set_shutdown.restype = None
+
 
 _LIB: _Lib | None = None
 # callbacks must outlive their contexts: kept here, keyed by the SSL_CTX they are set on
@@ -140,6 +163,66 @@ def handle(ctx: ssl.SSLContext) -> int:
     if lib.get_options(ptr) != int(ctx.options) or lib.get_verify_mode(ptr) & 0x3 != expected:
         raise Unavailable("this Python's SSLContext layout is not CPython's")
     return ptr
+
+
+_HEAD = object.__basicsize__  # PyObject_HEAD: the first field of a C object follows it
+_PTR = ctypes.sizeof(ctypes.c_void_p)
+_SESSION_LAYOUT: bool | None = None  # None: not checked yet; then whether it is CPython's
+
+
+def _field(obj: object, index: int) -> int:
+    """The ``index``-th pointer field after the object header of a C object."""
+    return ctypes.c_void_p.from_address(id(obj) + _HEAD + index * _PTR).value or 0
+
+
+def set_session(sslobj: ssl.SSLObject, session: ssl.SSLSession) -> bool:
+    """``SSL_set_session`` on a client ``SSLObject`` before its handshake, sharing the cached
+    ``SSL_SESSION`` as stunnel does.  CPython's ``session`` setter copies the session through
+    DER instead (``i2d``/``d2i``, re-parsing the peer's certificate chain: 0.2 ms a connection).
+
+    CPython lays out ``_ssl._SSLSocket`` as (header, socket weakref, ``SSL *``, ...) and
+    ``SSLSession`` as (header, ``SSL_SESSION *``, ``PySSLContext *``).  Both are checked before
+    any call: the session's context must be this object's context (what the setter demands
+    too), its id what the ssl module reports, and the ``SSL *`` must belong to the context's
+    ``SSL_CTX`` on the client side.  False (the caller falls back to the setter) when any
+    check fails or the library cannot be reached."""
+    global _SESSION_LAYOUT
+    if _SESSION_LAYOUT is False:
+        return False
+    try:
+        lib = _lib()
+        ctx = sslobj.context
+        inner = sslobj._sslobj  # type: ignore[attr-defined]  # the _ssl._SSLSocket
+        ssl_ptr, sess_ptr = _field(inner, 1), _field(session, 0)
+        ok = bool(ssl_ptr and sess_ptr) and _field(session, 1) == id(ctx)
+        if ok and _SESSION_LAYOUT is None:
+            size = ctypes.c_uint(0)
+            raw = lib.session_get_id(sess_ptr, ctypes.byref(size))
+            ok = ctypes.string_at(raw, size.value) == session.id if raw else False
+            ok = ok and lib.ssl_get_ctx(ssl_ptr) == handle(ctx) and lib.ssl_is_server(ssl_ptr) == 0
+            _SESSION_LAYOUT = ok
+    except (Unavailable, AttributeError, OSError):
+        _SESSION_LAYOUT = False
+        return False
+    return ok and lib.ssl_set_session(ssl_ptr, sess_ptr) == 1
+
+
+def keep_session(sslobj: ssl.SSLObject) -> None:
+    """Before a client ``SSLObject`` is freed: keep its session resumable, as stunnel does
+    (``SSL_set_shutdown`` before ``SSL_free``).  OpenSSL marks the session of an ``SSL`` freed
+    after its handshake without a close_notify sent as not resumable; with sessions shared by
+    :func:`set_session` that would spoil the cached one (CPython's setter hides this: its DER
+    copy drops the mark).  Does nothing where :func:`set_session` cannot work."""
+    if _SESSION_LAYOUT is False:
+        return
+    try:
+        lib = _lib()
+        ssl_ptr = _field(sslobj._sslobj, 1)  # type: ignore[attr-defined]
+        if not ssl_ptr or (not _SESSION_LAYOUT and lib.ssl_get_ctx(ssl_ptr) != handle(sslobj.context)):
+            return
+    except (Unavailable, AttributeError, OSError):
+        return
+    lib.ssl_set_shutdown(ssl_ptr, lib.ssl_get_shutdown(ssl_ptr) | SSL_SENT_SHUTDOWN)
 
 
 def verify_errors(ctx: ssl.SSLContext, on_error: Callable[[str, int], None]) -> bool:

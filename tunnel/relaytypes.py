@@ -1,0 +1,38 @@
+"""The narrow views the data path (``tunnel/relay.py``) has of the rest of pytunnel: its owner, the
+limits it reads from a service's settings and a ``protocol =`` negotiation's tap.  A leaf."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Limits(Protocol):
+    """The options the data path reads (a service's settings have them)."""
+
+    @property
+    def TIMEOUTidle(self) -> int: ...  # noqa: N802 - stunnel's spelling
+    @property
+    def TIMEOUTclose(self) -> int: ...  # noqa: N802
+    @property
+    def reset(self) -> bool: ...
+
+
+class Tap(Protocol):
+    """A ``protocol =`` negotiation reading a side's bytes before the relay does."""
+
+    def feed(self, data: bytes) -> None: ...
+    def feed_eof(self) -> None: ...
+
+
+class Owner(Protocol):
+    """Whoever opened a connection: its limits, where its lines go, who hears that it ended
+    (``conn`` is the relay's ``Connection``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def settings(self) -> Limits: ...
+    def log_conn(
+        self, level: int, conn_id: str, text: str, fields: dict[str, object] | None = None
+    ) -> None: ...
+    def connection_ended(self, conn: Any) -> None: ...
