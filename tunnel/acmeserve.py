@@ -44,6 +44,7 @@ class Responder:
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # domain -> challenge context
     http: dict[str, str] = field(default_factory=dict)  # token -> key authorization
     lock: threading.Lock = field(default_factory=threading.Lock)
+    scratch: str | None = None  # where a challenge key briefly lands: the ACME state (sandbox)
 
     def answers(self) -> acme.Answers:
         return acme.Answers(tls_alpn=self._set_tls, http=self._set_http, clear=self._clear)
@@ -51,7 +52,7 @@ class Responder:
     def _set_tls(self, domain: str, pem: bytes) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        fd, tmp = tempfile.mkstemp(prefix="pytunnel-acme-")
+        fd, tmp = tempfile.mkstemp(prefix=".pytunnel-acme-", dir=self.scratch)
         try:
             os.write(fd, pem)
             os.close(fd)
@@ -142,6 +143,7 @@ def responders(svc: ServiceSettings, tls_ports: bool) -> Iterator[Responder]:
     """The temporary listeners an order needs: ``tls_ports`` (before the service binds) the
     accept addresses for tls-alpn-01; for http-01 the ACMEhttp address."""
     rsp = responder(svc.name)
+    rsp.scratch = str(acme.state_dir(svc))
     stop = threading.Event()
     threads: list[threading.Thread] = []
     closers: list[Callable[[], None]] = []

@@ -182,6 +182,9 @@ def _ports(svc: ServiceSettings, plan: Plan) -> None:
             plan.connect.add(url.port or (443 if url.scheme == "https" else 80))
         if svc.ident:
             plan.connect.add(113)
+        if svc.ACMEdirectory:  # the ACME server (its URLs share the directory's port)
+            url = urlsplit(svc.ACMEdirectory)
+            plan.connect.add(url.port or (443 if url.scheme == "https" else 80))
         if svc.protocol and svc.client and svc.protocolHost:
             plan.connect |= {ep.port for ep in svc.connect if ep.path is None}
 
@@ -212,6 +215,16 @@ def plan(settings: Settings, source: str) -> Plan:
             p.write |= {"/dev/ptmx", "/dev/pts", "/dev/tty"}
         if svc.include:
             p.read.add(svc.include)
+        if svc.ACMEdirectory:  # ACME state (account key, certificates) and its trust
+            from tunnel.acme import state_dir
+
+            state = str(state_dir(svc))
+            p.read.add(state)
+            p.write.add(state)
+            if svc.ACMECAfile:
+                p.read.add(_dir_of(svc.ACMECAfile))
+            if svc.ACMEhttp and p.bind is not None:
+                p.bind.add(svc.ACMEhttp.port)
         _ports(svc, p)
     if p.connect is not None and p.connect:
         p.connect.add(53)  # DNS over TCP (a truncated UDP answer)
