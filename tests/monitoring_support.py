@@ -1,14 +1,13 @@
 """Helpers for the monitoring tests (test_top, test_alerts, test_prometheus): traffic that keeps
-flowing through a real tunnel, and the rule for optional system tools (tmux, prometheus).
+flowing through a real tunnel, a status server to read.
 
-A missing tool skips with the reason, except under CI=true (what .ci/run sets), where a skip
-would hide the test: there it fails.
+Optional system tools (tmux, prometheus) go through conftest.need_tool: a skip here, a
+failure in CI.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import ssl
 import threading
@@ -17,20 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
 from conftest import Tunnel, TunnelFactory
 
 STATUS_LINE = r"Status server listening on http://([\d.]+):(\d+)"
-
-
-def need_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        why = f"{name} is not installed (apt-get install {package}; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{why}: CI=true, so this is a failure, not a skip")
-        pytest.skip(why)
-    return path
 
 
 T = TypeVar("T")

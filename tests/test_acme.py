@@ -11,10 +11,8 @@ exit status 3 when no certificate can be had.  stunnel has no ACME: pytunnel onl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -26,36 +24,12 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_tool
 from cryptography import x509
 from identity_support import wait_metric
+from loopback_support import free_port, wait_port
 
 DOMAIN = "acme.test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is not installed (CI is set: .ci/run installs pebble)")
-        pytest.skip(f"{tool} is not installed (apt-get install pebble; .ci/run installs it)")
-    return path
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        assert proc.poll() is None, f"{what} exited {proc.returncode}"
-        assert time.monotonic() < deadline, f"{what} did not listen on {port}"
-        time.sleep(0.05)
 
 
 @dataclass
@@ -100,7 +74,7 @@ def short_pebble(tmp_path: Path) -> Iterator[Pebble]:
 
 
 def _pebble(tmp_path: Path, validity: int) -> Iterator[Pebble]:
-    binary, challtest = need("pebble"), need("pebble-challtestsrv")
+    binary, challtest = need_tool("pebble"), need_tool("pebble-challtestsrv", "pebble")
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "pebble-ca.pem"))
     leaf = ca.issue_cert("localhost", "127.0.0.1")

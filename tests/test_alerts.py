@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import ROOT
-from monitoring_support import need_tool
+from conftest import ROOT, need_tool
 
 RULES_DIR = ROOT / "deploy" / "prometheus"
 RULES = RULES_DIR / "alerts.yaml"

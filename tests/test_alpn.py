@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 
 import protocol_servers as fake
 import pytest
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory, roundtrip
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_tool, roundtrip
 from identity_support import wait_metric
-
-OPENSSL = shutil.which("openssl")
-
-
-def need_openssl() -> str:
-    if OPENSSL is None:
-        pytest.skip("openssl is not installed (apt-get install openssl; .ci/run installs it)")
-    return OPENSSL
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from loopback_support import free_port, wait_port
 
 
 def server(tunnels: TunnelFactory, certs: Certs, port: int, alpn: str, extra: str = "", **kw: str) -> Tunnel:
@@ -48,7 +33,7 @@ def server(tunnels: TunnelFactory, certs: Certs, port: int, alpn: str, extra: st
 
 def s_client(port: int, certs: Certs, offer: str | None) -> str:
     """openssl s_client's view of one handshake (its stdout and stderr)."""
-    cmd = [need_openssl(), "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost"]
+    cmd = [need_tool("openssl"), "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost"]
     cmd += ["-CAfile", str(certs.ca_pem), "-verify_return_error"]
     if offer is not None:
         cmd += ["-alpn", offer]
@@ -95,18 +80,14 @@ def test_no_common_protocol_gets_the_alert(tunnels: TunnelFactory, certs: Certs,
 def s_server(certs: Certs, alpn: str | None) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """openssl s_server [-alpn LIST] -rev: answers each line reversed."""
     port = free_port()
-    cmd = [need_openssl(), "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(certs.server_pem), "-rev"]
+    cmd = [need_tool("openssl"), "s_server", "-accept", f"127.0.0.1:{port}", "-rev"]
+    cmd += ["-cert", str(certs.server_pem)]
     proc = subprocess.Popen(
         cmd + (["-alpn", alpn] if alpn else []),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline and proc.poll() is None, "s_server did not start"
-            time.sleep(0.05)
+        wait_port(port, proc, "openssl s_server", timeout=15)
         yield port, proc
     finally:
         proc.kill()

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory
-from monitoring_support import need_tool, poll, start_with_status
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_tool
+from monitoring_support import poll, start_with_status
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 CLIENT_HOST = "127.0.0.2"  # the test's clients; the load balancer connects from 127.0.0.1

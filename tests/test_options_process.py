@@ -22,7 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BOUND, ROOT, Certs, EchoServer, Tunnel, TunnelFactory, need_stunnel, pytunnel_cmd
+from conftest import (
+    BOUND,
+    ROOT,
+    Certs,
+    EchoServer,
+    Tunnel,
+    TunnelFactory,
+    cannot_run_here,
+    need_stunnel,
+    pytunnel_cmd,
+)
 
 # /dev becomes a tmpfs with links to the few devices a tunnel opens (links, not bind mounts:
 # a user namespace may not open devices mounted in it), /dev/log our socket and, when given,
@@ -55,9 +65,7 @@ def need_unshare() -> list[str]:
         if probe.returncode != 0:
             reason = f"cannot open a mount namespace: {probe.stderr.decode(errors='replace').strip()}"
     if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        cannot_run_here(reason)
     return prefix
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import smtplib
 import socket
 import ssl
@@ -20,23 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Certs, EchoServer, TunnelFactory, roundtrip
+from conftest import Certs, EchoServer, TunnelFactory, need_tool, roundtrip
 from cryptography import x509
 from cryptography.x509 import ocsp
 from test_ocsp import FakeResponder, Pki, fake, fetch_real, forge, http_ok, pki  # noqa: F401 - fixtures
 from test_ocsp_tunnel import pem_pair, refused, server_for
 
 USER, PASSWORD = "moo", "secret"
-
-
-def need_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} is not installed (.ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
 
 
 # ------------------------------------------------------------------ protocolAuthentication

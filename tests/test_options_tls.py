@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory, roundtrip
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_tool, roundtrip
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -26,16 +26,6 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
     pkcs12,
 )
-
-
-def need_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} is not installed (.ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
 
 
 def server(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, extra: str = "") -> Tunnel:

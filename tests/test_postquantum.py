@@ -27,27 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import BOUND, ROOT, Certs, EchoServer, TunnelFactory
+from conftest import BOUND, ROOT, Certs, EchoServer, TunnelFactory, cannot_run_here
 from identity_support import scrape
+from loopback_support import free_port, wait_port
 
 PACKAGES = "python3,python3-cryptography,python3-pydantic,python3-click,python3-uvloop,python3-prometheus-client,openssl"
 MLKEM = "X25519MLKEM768"
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI is set: .ci/run installs mmdebstrap and runs as root)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def trixie(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Debian 13 root with Python 3.13, OpenSSL 3.5 and pytunnel's dependencies."""
     if os.geteuid() != 0:
-        unavailable("building and entering a Debian 13 root needs root (mmdebstrap, chroot)")
+        cannot_run_here("building and entering a Debian 13 root needs root (mmdebstrap, chroot)")
     mmdebstrap = shutil.which("mmdebstrap")
     if mmdebstrap is None:
-        unavailable("mmdebstrap is not installed (apt-get install mmdebstrap)")
+        cannot_run_here("mmdebstrap is not installed (apt-get install mmdebstrap)")
     assert mmdebstrap is not None
     base = tmp_path_factory.mktemp("trixie")
     tar = Path(os.environ.get("PYTUNNEL_TRIXIE_TAR") or base / "trixie.tar")
@@ -170,21 +165,14 @@ def test_compat_keeps_stunnels_groups_and_curves_turns_it_off(
 
 @contextlib.contextmanager
 def s_server(root: Path, groups: str) -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         ["chroot", str(root), "openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", "/work/server.pem",
          "-groups", groups, "-rev"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            assert time.monotonic() < deadline and proc.poll() is None, "s_server did not start"
-            time.sleep(0.05)
+        wait_port(port, proc, "openssl s_server", timeout=15)
         yield port
     finally:
         proc.kill()

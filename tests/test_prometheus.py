@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, Certs, EchoServer, TunnelFactory
-from monitoring_support import Traffic, need_tool, poll, start_with_status
+from conftest import ROOT, Certs, EchoServer, TunnelFactory, need_tool
+from monitoring_support import Traffic, poll, start_with_status
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "pytunnel.json"
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"

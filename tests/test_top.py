@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Certs, EchoServer, TunnelFactory, pytunnel_cmd
-from monitoring_support import Traffic, need_tool, poll, start_with_status
+from conftest import ROOT, Certs, EchoServer, TunnelFactory, need_tool, pytunnel_cmd
+from monitoring_support import Traffic, poll, start_with_status
 
 from tunnel.top import Counters, Scrape, per_second, quantile, rows, sort_rows
 
