@@ -51,6 +51,27 @@ def issue(ca: trustme.CA, path: Path, cn: str, dns: list[str] = (), uris: list[s
     return path
 
 
+def write_crl(ca: trustme.CA, revoked: trustme.LeafCert, path: Path) -> Path:
+    """A CRL signed by ``ca`` (PEM at ``path``, valid from an hour ago for a day) that revokes
+    the leaf certificate ``revoked``."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    serial = x509.load_pem_x509_certificate(revoked.cert_chain_pems[0].bytes()).serial_number
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(hours=1))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
 class Waits(Protocol):
     def wait_for(self, pattern: str, timeout: float = ...) -> re.Match[str]: ...
 

@@ -20,7 +20,7 @@ from typing import Any
 class Listener:
     """Base for threaded loopback servers, plain or TLS (``cert``): ``handle(s)`` runs in a thread
     per connection with a socket or, with ``cert``, an SSLSocket after the handshake.
-    ``accepted(conn)`` runs in the accept thread first (for counts that must not lag).
+    ``on_accept(conn)`` runs in the accept thread first (for counts that must not lag).
     An exception a connection ends with is kept in ``errors`` (its repr)."""
 
     timeout: float = 120.0  # each connection's socket timeout
@@ -49,22 +49,24 @@ class Listener:
             except OSError:
                 return
             self.connections += 1
-            self.accepted(conn)
+            self.on_accept(conn)
             threading.Thread(target=self._run, args=(conn,), daemon=True).start()
 
     def _run(self, conn: socket.socket) -> None:
-        with conn:
+        s: Any = conn
+        try:
             conn.settimeout(self.timeout)
-            try:
-                s: Any = conn
-                if self.ctx is not None:
-                    s = self.ctx.wrap_socket(conn, server_side=True)
-                    self.handshakes += 1
-                self.handle(s)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                self.errors.append(repr(exc))
+            if self.ctx is not None:
+                s = self.ctx.wrap_socket(conn, server_side=True)
+                self.handshakes += 1
+            self.handle(s)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.errors.append(repr(exc))
+        finally:
+            s.close()
+            conn.close()
 
-    def accepted(self, conn: socket.socket) -> None:
+    def on_accept(self, conn: socket.socket) -> None:
         """Called in the accept thread for each new connection, before ``handle``."""
 
     def handle(self, s: Any) -> None:

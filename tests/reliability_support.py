@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import BOUND, ROOT, Tunnel, TunnelFactory, need_stunnel, pytunnel_cmd
+from loopback_support import Listener, free_port
 
 MiB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -196,62 +197,6 @@ class PrefixStream(threading.Thread):
 
 
 # ------------------------------------------------------------------ backends
-
-
-class Listener:
-    """Base for threaded loopback servers, plain or TLS (``cert``): ``handle(s)`` runs in a thread
-    per connection with a socket or, with ``cert``, an SSLSocket after the handshake."""
-
-    def __init__(self, cert: Path | None = None, backlog: int = 256) -> None:
-        self.ctx: ssl.SSLContext | None = None
-        if cert is not None:
-            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.ctx.load_cert_chain(str(cert))
-        self.errors: list[str] = []
-        self.connections = 0
-        self.handshakes = 0
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(backlog)
-        self.port = int(self.sock.getsockname()[1])
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(120)
-            try:
-                s: Any = conn
-                if self.ctx is not None:
-                    s = self.ctx.wrap_socket(conn, server_side=True)
-                    self.handshakes += 1
-                self.handle(s)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                self.errors.append(repr(exc))
-
-    def handle(self, s: Any) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def end(s: Any) -> None:
-        """Our side is done: close_notify (TLS) or a FIN (plain)."""
-        with contextlib.suppress(OSError, ssl.SSLError, ValueError):
-            if isinstance(s, ssl.SSLSocket):
-                s.unwrap()
-            else:
-                s.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def send_rotated(s: Any, offset: int, total: int) -> None:
@@ -485,11 +430,8 @@ def short_roundtrip(port: int, payload: bytes, timeout: float = 10.0) -> bool:
 
 
 def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
+    """A loopback port nobody listens on (connect() is refused)."""
+    return free_port()
 
 
 def conn_id_of(log: str, service: str, local_port: int) -> str | None:

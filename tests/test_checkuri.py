@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Certs, EchoServer, Tunnel, TunnelFactory, roundtrip
 from identity_support import issue, wait_metric
+from loopback_support import refused
 
 WEB = "spiffe://example.org/ns/prod/sa/web"
 
@@ -28,15 +29,6 @@ def spiffe_pems(certs: Certs, tmp_path: Path) -> dict[str, Path]:
         "db": issue(certs.ca, tmp_path / "db.pem", "db", uris=["spiffe://example.org/ns/prod/sa/db"]),
         "deep": issue(certs.ca, tmp_path / "deep.pem", "deep", uris=["spiffe://example.org/ns/a/b/sa/web"]),
     }
-
-
-def refused(port: int) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-        try:
-            s.sendall(b"secret")
-            assert s.recv(100) == b""
-        except ConnectionResetError:
-            pass
 
 
 def good(port: int) -> None:
@@ -71,7 +63,7 @@ def test_client_checks_the_upstreams_uri(
     for pattern in (WEB, "spiffe://example.org/ns/*/sa/web", "SPIFFE://Example.ORG/ns/prod/sa/*"):
         good(cli(f"checkURI = {pattern}\n").port("cli"))
     bad = cli("checkURI = spiffe://example.org/ns/*/sa/db\n")
-    refused(bad.port("cli"))
+    assert refused(bad.port("cli"))
     bad.wait_for(r"LOG4\[\d+\]: CERT: Subject checks failed")
     bad.wait_for(r"LOG4\[\d+\]: Rejected by CERT at depth=0: CN=web")
     bad.wait_for(r"certificate verify failed: URI mismatch \(expected spiffe://example\.org/ns/\*/sa/db\)")
@@ -85,7 +77,7 @@ def test_wildcard_is_one_whole_segment(
     """``*`` never spans two segments: ns/a/b/sa/web does not match ns/*/sa/web."""
     server = stunnel_server(tunnels, echo, spiffe_pems["deep"])
     t = client(tunnels, server, certs.ca_pem, "checkURI = spiffe://example.org/ns/*/sa/web\n")
-    refused(t.port("cli"))
+    assert refused(t.port("cli"))
     t.wait_for(r"URI mismatch")
     ok = client(tunnels, server, certs.ca_pem, "checkURI = spiffe://example.org/ns/*/*/sa/web\n")
     good(ok.port("cli"))
@@ -103,7 +95,7 @@ def test_any_one_check_accepts(
     uri_only = client(tunnels, server, ca, f"checkHost = nowhere.example\ncheckURI = {WEB}\n")
     good(uri_only.port("cli"))
     none = client(tunnels, server, ca, "checkHost = nowhere.example\ncheckURI = spiffe://other.org/x\n")
-    refused(none.port("cli"))
+    assert refused(none.port("cli"))
     none.wait_for(r"Name and URI mismatch \(expected nowhere\.example, spiffe://other\.org/x\)")
     assert (
         wait_metric(none, "pytunnel_handshake_failures_total", 1, service="cli", reason="uri_mismatch") == 1
@@ -140,6 +132,19 @@ def test_server_checks_client_uris(
     assert tls_client(t.port("srv"), certs, spiffe_pems["web"]) == b"from web"
 
 
+def check_fails(conf: Path) -> str:
+    """``pytunnel check CONF`` must refuse the file: what it printed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tunnel", "check", str(conf)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode != 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
 @pytest.mark.parametrize(
     ("value", "error"),
     [
@@ -154,15 +159,7 @@ def test_bad_patterns_are_refused_with_the_line(tmp_path: Path, certs: Certs, va
         f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:1\ncert = {certs.server_pem}\n"
         f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckURI = {value}\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "tunnel", "check", str(conf)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert out.returncode != 0
-    text = out.stdout + out.stderr
+    text = check_fails(conf)
     assert f"{conf}:7" in text and error in text, text
 
 
@@ -171,12 +168,4 @@ def test_checkuri_needs_verification(tmp_path: Path, certs: Certs) -> None:
     conf.write_text(
         f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:1\ncert = {certs.server_pem}\ncheckURI = {WEB}\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-m", "tunnel", "check", str(conf)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
-    assert out.returncode != 0
-    assert 'Either "verifyChain" or "verifyPeer" has to be enabled' in out.stdout + out.stderr
+    assert 'Either "verifyChain" or "verifyPeer" has to be enabled' in check_fails(conf)

@@ -16,8 +16,10 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from conftest import Certs, TunnelFactory, pytunnel_cmd
+from loopback_support import Listener
 from monitoring_support import poll, start_with_status
 
 CAP = 4
@@ -25,53 +27,37 @@ FLOOD = 10 * CAP
 CHUNK = 16384
 
 
-class CountingEcho:
+class CountingEcho(Listener):
     """An echo backend that counts live connections: +1 at accept, -1 at the client's EOF
     (the tunnel sends its FIN before its own connection ends, so this count never exceeds the
     tunnel's).  ``peak`` is the most it ever saw at once."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
         self.live = 0
         self.peak = 0
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(backlog=512)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.live += 1
-                self.accepted += 1
-                self.peak = max(self.peak, self.live)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+    def on_accept(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.live += 1
+            self.peak = max(self.peak, self.live)
 
-    def _echo(self, conn: socket.socket) -> None:
+    def handle(self, s: Any) -> None:
         counted = True
         try:
-            while data := conn.recv(65536):
-                conn.sendall(data)
+            while data := s.recv(65536):
+                s.sendall(data)
             with self.lock:
                 self.live -= 1
             counted = False
-            conn.shutdown(socket.SHUT_WR)
-            while conn.recv(65536):
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
                 pass
-        except OSError:
-            pass
         finally:
             if counted:
                 with self.lock:
                     self.live -= 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _tls(port: int, ctx: ssl.SSLContext, timeout: float) -> ssl.SSLSocket:
@@ -201,7 +187,7 @@ def test_flood_of_ten_times_the_cap(tunnels: TunnelFactory, certs: Certs) -> Non
             "flood_served_while_streams_ran": served_early,
             "flood_ok": sum(1 for f in flood if f.reply == f"flood client {f.n}\n".encode()),
             "backend_peak": backend.peak,
-            "backend_accepted": backend.accepted,
+            "backend_accepted": backend.connections,
             "limited_total": _metric(metrics_end, "pytunnel_connections_limited_total", "capped"),
         }
         print("\nmaxConnections flood:", json.dumps(figures))
@@ -212,7 +198,7 @@ def test_flood_of_ten_times_the_cap(tunnels: TunnelFactory, certs: Certs) -> Non
         assert [f.error for f in flood if f.error] == []
         assert figures["flood_ok"] == FLOOD
         assert backend.peak == CAP, f"the backend saw {backend.peak} at once (cap {CAP})"
-        assert backend.accepted == CAP + FLOOD
+        assert backend.connections == CAP + FLOOD
         assert _metric(metrics_mid, "pytunnel_connections_max", "capped") == CAP
         assert figures["limited_total"] == FLOOD
         assert t.proc.poll() is None

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_tool
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_root, need_tool
 from monitoring_support import poll, start_with_status
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -372,8 +372,7 @@ class PeerRecorder(EchoServer):
 def test_transparent_source_leaves_from_the_carried_address(tunnels: TunnelFactory, certs: Certs) -> None:
     """``transparent = source``: the upstream connection leaves from the address the header
     carried (a loopback alias: local, so no routing is needed; IP_TRANSPARENT needs root)."""
-    if os.geteuid() != 0:
-        pytest.skip("IP_TRANSPARENT needs root (CAP_NET_ADMIN)")
+    need_root("IP_TRANSPARENT (CAP_NET_ADMIN)")
     backend = PeerRecorder()
     try:
         conf = tunnels.conf(

@@ -7,7 +7,6 @@ the reason.  The same configs run under pytunnel and stunnel4 unless noted.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -18,57 +17,30 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory, roundtrip
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, roundtrip, wait_until
+from loopback_support import Listener, free_port
 
 # ------------------------------------------------------------------ helpers
 
 
-class TlsEchoServer:
+class TlsEchoServer(Listener):
     """A threaded TLS echo server (the upstream of a client-mode tunnel).
 
     Echoes until the peer's close_notify/EOF, then sends its own close_notify.
-    ``handshakes`` counts completed handshakes, ``failures`` failed ones."""
+    ``handshakes`` counts completed handshakes, ``errors`` the failed connections."""
+
+    timeout = 20.0
 
     def __init__(self, cert: Path) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(cert))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.handshakes = 0
-        self.failures = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(cert, backlog=64)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(raw,), daemon=True).start()
-
-    def _handle(self, raw: socket.socket) -> None:
-        raw.settimeout(20)
-        try:
-            with self.ctx.wrap_socket(raw, server_side=True) as s:
-                self.handshakes += 1
-                while True:
-                    data = s.recv(65536)
-                    if not data:
-                        break
-                    s.sendall(data)
-                with contextlib.suppress(OSError, ValueError):
-                    s.unwrap()
-        except (ssl.SSLError, OSError):
-            self.failures += 1
-        finally:
-            raw.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, s: Any) -> None:
+        while data := s.recv(65536):
+            s.sendall(data)
+        self.end(s)
 
 
 @pytest.fixture
@@ -76,15 +48,6 @@ def tls_echo(certs: Certs) -> Iterator[TlsEchoServer]:
     server = TlsEchoServer(certs.server_pem)
     yield server
     server.close()
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (connect() is refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return int(port)
 
 
 def tls_roundtrip(port: int, data: bytes, certs: Certs, timeout: float = 20.0) -> bytes:
@@ -294,7 +257,7 @@ def test_upstream_speaks_plaintext(
 
 
 def test_upstream_refuses(tunnels: TunnelFactory, tls_echo: TlsEchoServer, impl: str) -> None:
-    dead = closed_port()
+    dead = free_port()
     t = tunnels.start(
         tunnels.conf(
             f"[dead]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{dead}\n"
@@ -313,7 +276,7 @@ def test_upstream_refuses(tunnels: TunnelFactory, tls_echo: TlsEchoServer, impl:
 def test_failover_prio_skips_a_dead_target(
     tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
 ) -> None:
-    dead = closed_port()
+    dead = free_port()
     t = tunnels.start(server_conf(tunnels, certs, [dead, echo.port], "failover = prio\n"), impl=impl)
     for _ in range(3):
         good_tls(t.port("srv"), certs)
@@ -364,40 +327,19 @@ def test_idle_timeout_closes_the_connection(
     assert t.stop() == 0
 
 
-class ReplyAfterEof:
+class ReplyAfterEof(Listener):
     """A backend that reads until EOF and only then answers (sha256 + length of what it got)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+    timeout = 20.0
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(20)
-            h = hashlib.sha256()
-            n = 0
-            try:
-                while chunk := conn.recv(65536):
-                    h.update(chunk)
-                    n += len(chunk)
-                conn.sendall(h.digest() + n.to_bytes(8, "big") + b"x" * 200_000)
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, s: Any) -> None:
+        h = hashlib.sha256()
+        n = 0
+        while chunk := s.recv(65536):
+            h.update(chunk)
+            n += len(chunk)
+        s.sendall(h.digest() + n.to_bytes(8, "big") + b"x" * 200_000)
+        s.shutdown(socket.SHUT_WR)
 
 
 def test_half_close_reply_after_eof(tunnels: TunnelFactory, certs: Certs, impl: str) -> None:
@@ -537,9 +479,7 @@ def test_tls_eof_without_close_notify_is_a_close(
         client = RawTlsClient(t.port("srv"), certs)
         client.send(b"u" * 5000)
         t.wait_for(r"Service \[srv\] connected remote server")
-        deadline = time.monotonic() + 10
-        while backend.received < 5000 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: backend.received >= 5000, 20, "the backend got the 5000 bytes")
         client.sock.shutdown(socket.SHUT_WR)  # FIN, no close_notify
         assert backend.ended.wait(10)
         client.close()

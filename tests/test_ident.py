@@ -4,35 +4,26 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import Certs, EchoServer, TunnelFactory, need_root
+from loopback_support import Listener
 
 
-class Identd:
+class Identd(Listener):
     """Answers every query with ``user``, and records the queries (as the RFC writes them)."""
 
     def __init__(self, user: str) -> None:
         self.user = user
         self.queries: list[str] = []
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 113))
-        self.sock.listen(16)
-        threading.Thread(target=self.serve, daemon=True).start()
+        super().__init__(backlog=16, port=113)
 
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                query = conn.makefile("rb").readline().decode().strip()
-                self.queries.append(query)
-                conn.sendall(f"{query} : USERID : UNIX : {self.user}\r\n".encode())
+    def handle(self, s: Any) -> None:
+        query = s.makefile("rb").readline().decode().strip()
+        self.queries.append(query)
+        s.sendall(f"{query} : USERID : UNIX : {self.user}\r\n".encode())
 
 
 @pytest.fixture

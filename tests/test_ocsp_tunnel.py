@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import EchoServer, TunnelFactory, roundtrip
 from cryptography import x509
+from loopback_support import refused
 from test_ocsp import Pki, _key_pem, _pem, pki  # noqa: F401 - pki is the fixture
 
 
@@ -27,17 +28,6 @@ def server_for(tunnels: TunnelFactory, echo: EchoServer, cert: Path) -> int:
         tunnels.conf(f"[s]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {cert}\n")
     )
     return t.port("s")
-
-
-def refused(port: int) -> bool:
-    """True when the tunnel closes the connection without relaying anything."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-            s.sendall(b"hello")
-            s.shutdown(socket.SHUT_WR)
-            return s.recv(100) == b""
-    except (ConnectionResetError, BrokenPipeError):
-        return True
 
 
 @pytest.mark.parametrize("leaf", ["good", "revoked"])
@@ -59,7 +49,7 @@ def test_client_mode_checks_the_servers_certificate(
         assert roundtrip(t.port("c"), b"through" * 1000) == b"through" * 1000
         t.wait_for(r"OCSP: Certificate accepted")
     else:
-        assert refused(t.port("c"))
+        assert refused(t.port("c"), half_close=True)
         t.wait_for(r"OCSP: Certificate revoked")
         if impl == "pytunnel":
             t.wait_for(r"LOG3\[\d+\]: OCSP: certificate revoked.*keyCompromise")
@@ -112,7 +102,7 @@ def test_ocsprequire_no_accepts_an_unknown_certificate(
         f"CAfile = {pki.dir / 'root.pem'}\nOCSPaia = yes\n"
     )
     t = tunnels.start(tunnels.conf(f"[strict]\n{base}[lenient]\n{base}OCSPrequire = no\n"))
-    assert refused(t.port("strict"))
+    assert refused(t.port("strict"), half_close=True)
     assert roundtrip(t.port("lenient"), b"ok") == b"ok"
     t.wait_for(r"OCSP: Rejected \(OCSPrequire = yes\)")
     t.wait_for(r"OCSP: Accepted \(OCSPrequire = no\)")
@@ -132,7 +122,7 @@ def test_responder_down_fails_closed_and_the_tunnel_keeps_serving(
     t = tunnels.start(
         tunnels.conf(f"[down]\n{base}OCSP = {pki.dead_url}\nTIMEOUTocsp = 2\n[up]\n{base}OCSPaia = yes\n")
     )
-    assert refused(t.port("down"))
+    assert refused(t.port("down"), half_close=True)
     t.wait_for(r"OCSP: responder unreachable")
     assert roundtrip(t.port("up"), b"still here") == b"still here"
 

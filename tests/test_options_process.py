@@ -32,7 +32,9 @@ from conftest import (
     cannot_run_here,
     need_stunnel,
     pytunnel_cmd,
+    stunnel4_lacks,
 )
+from loopback_support import TagServer
 
 # /dev becomes a tmpfs with links to the few devices a tunnel opens (links, not bind mounts:
 # a user namespace may not open devices mounted in it), /dev/log our socket and, when given,
@@ -203,8 +205,8 @@ def test_rnd_file_is_read_and_rewritten(
     if impl == "stunnel4":
         t.wait_for(r"No PRNG seeding was required")
         assert seed.read_bytes() == original
-        pytest.skip(
-            "stunnel 5.68 with OpenSSL 3 never reads RNDfile: the PRNG is seeded already "
+        stunnel4_lacks(
+            "with OpenSSL 3 it never reads RNDfile: the PRNG is seeded already "
             "(it logs 'No PRNG seeding was required' and leaves the file alone)"
         )
     t.wait_for(r"LOG7\[ui\]: Snagged 64 random bytes from " + re.escape(str(seed)))
@@ -219,31 +221,6 @@ def test_rnd_file_is_read_and_rewritten(
 
 
 # ------------------------------------------------------------------ delay
-
-
-class TaggedServer:
-    """Answers every connection with its tag, then echoes."""
-
-    def __init__(self, host: str, port: int, tag: bytes) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.tag = tag
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(self.tag)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def first_bytes(port: int, certs: Certs) -> bytes:
@@ -263,9 +240,9 @@ def test_delay_resolves_for_each_connection(
     looked up for each connection: when the hosts file moves it to another address, the
     next connection goes there.  With delay = no it was resolved once, at start-up."""
     for _attempt in range(20):  # the same port on two loopback addresses
-        a = TaggedServer("127.0.0.2", 0, b"A")
+        a = TagServer(b"A", host="127.0.0.2")
         try:
-            b = TaggedServer("127.0.0.3", a.port, b"B")
+            b = TagServer(b"B", host="127.0.0.3", port=a.port)
             break
         except OSError:
             a.close()

@@ -13,17 +13,18 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import Certs, EchoServer, TunnelFactory, need_tool, roundtrip
+from conftest import Certs, EchoServer, TunnelFactory, need_tool, roundtrip, stunnel4_lacks
 from cryptography import x509
 from cryptography.x509 import ocsp
+from loopback_support import Listener, free_port, refused
 from test_ocsp import FakeResponder, Pki, fake, fetch_real, forge, http_ok, pki  # noqa: F401 - fixtures
-from test_ocsp_tunnel import pem_pair, refused, server_for
+from test_ocsp_tunnel import pem_pair, server_for
 
 USER, PASSWORD = "moo", "secret"
 
@@ -31,32 +32,21 @@ USER, PASSWORD = "moo", "secret"
 # ------------------------------------------------------------------ protocolAuthentication
 
 
-class MailServer:
+class MailServer(Listener):
     """A small SMTP server with STARTTLS and AUTH PLAIN/LOGIN that takes HELO as well as EHLO
     (stunnel 5.68 greets with HELO after STARTTLS) and keeps every command it is sent."""
 
+    timeout = 30.0
+
     def __init__(self, certs: Certs) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(certs.server_pem))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
+        self.starttls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.starttls.load_cert_chain(str(certs.server_pem))
         self.commands: list[tuple[bool, str]] = []  # (inside TLS, line)
         self.authenticated: list[str] = []  # the mechanisms that succeeded
         self.messages: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(backlog=8)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
-        conn.settimeout(30)
+    def handle(self, conn: Any) -> None:
         f = conn.makefile("rwb")
         tls = False
 
@@ -81,7 +71,7 @@ class MailServer:
                     say("250 mail.test")
                 elif verb == "STARTTLS":
                     say("220 go ahead")
-                    conn = self.ctx.wrap_socket(conn, server_side=True)
+                    conn = self.starttls.wrap_socket(conn, server_side=True)
                     f, tls = conn.makefile("rwb"), True
                 elif verb == "AUTH":
                     self._auth(line, say, hear)
@@ -114,9 +104,6 @@ class MailServer:
         if ok:
             self.authenticated.append(parts[1].upper())
         say("235 ok" if ok else "535 no")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -211,18 +198,12 @@ def test_ocsp_nonce_through_a_tunnel(
     if passes:
         assert roundtrip(t.port("c"), b"nonce" * 1000) == b"nonce" * 1000
     else:
-        assert refused(t.port("c"))
+        assert refused(t.port("c"), half_close=True)
     assert requests, "the responder was never asked"
     assert [nonce_of(r) is not None for r in requests] == [nonce] * len(requests)
 
 
 # ------------------------------------------------------------------ PROXY header to HAProxy
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class HAProxy:
@@ -290,7 +271,7 @@ def test_haproxy_accepts_the_proxy_header(
     """HAProxy with accept-proxy reads the header the tunnel sends: the connection is
     relayed to its backend, and HAProxy logs the tunnel's client as the client."""
     if impl == "stunnel4" and protocol == "proxy-v2":
-        pytest.skip("stunnel 5.68 has no protocol = proxy-v2 (only the v1 text header)")
+        stunnel4_lacks("protocol = proxy-v2 (it sends only the v1 text header)")
     conf = tunnels.conf(
         f"[p]\nprotocol = {protocol}\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{haproxy.port}\n"
         f"cert = {certs.server_pem}\n"

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
     pkcs12,
 )
+from loopback_support import refused
 
 
 def server(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, extra: str = "") -> Tunnel:
@@ -66,17 +67,6 @@ def works(port: int, ctx: ssl.SSLContext) -> bool:
         return False
     s.close()
     return True
-
-
-def refused(port: int) -> bool:
-    """True when a client-mode tunnel closes (or resets) the connection relaying nothing."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-            s.sendall(b"hello")
-            s.shutdown(socket.SHUT_WR)
-            return s.recv(100) == b""
-    except ConnectionError:
-        return True
 
 
 def s_client(port: int, *args: str, stdin: bytes = b"") -> str:
@@ -147,7 +137,7 @@ def test_capath_verifies_the_upstream(
     )
     t = tunnels.start(conf, impl=impl)
     assert roundtrip(t.port("good"), b"capath" * 100) == b"capath" * 100
-    assert refused(t.port("bad"))
+    assert refused(t.port("bad"), half_close=True)
 
 
 # ------------------------------------------------------------------ securityLevel
@@ -165,7 +155,7 @@ def test_security_level_refuses_weak_keys(
     )
     t = tunnels.start(tunnels.conf(f"[weak]\n{common}securityLevel = 4\n[default]\n{common}"), impl=impl)
     assert roundtrip(t.port("default"), b"level" * 100) == b"level" * 100
-    assert refused(t.port("weak"))
+    assert refused(t.port("weak"), half_close=True)
 
 
 def test_security_level_zero_lets_tls1_in(

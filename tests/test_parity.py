@@ -5,34 +5,20 @@ and stunnel4; PSK runs pytunnel under Python >= 3.13 (.venv313)."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_py313, need_stunnel, roundtrip
-from reliability_support import Listener
+from identity_support import write_crl
+from loopback_support import TagServer, free_port
 
 HEX_KEY = "00112233445566778899aabbccddeeff"
 # OpenSSL's words for a failed handshake: a redirected client must never cause them
 OPENSSL_FAILURES = ("certificate verify failed", "peer did not return a certificate")
-
-
-class TagServer(Listener):
-    """A backend that answers with its tag, then echoes one read."""
-
-    def __init__(self, tag: bytes) -> None:
-        self.tag = tag
-        super().__init__()
-
-    def handle(self, s: Any) -> None:
-        s.sendall(self.tag)
-        with contextlib.suppress(OSError):
-            s.sendall(s.recv(1000))
 
 
 @pytest.fixture
@@ -81,12 +67,6 @@ def tls_client(
             except (ssl.SSLError, OSError):
                 pass
             return out, s.session, s.session_reused
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------ 1. SNI secondaries verify
@@ -165,30 +145,10 @@ def test_sni_secondary_checks_its_crl(
 ) -> None:
     """The secondary's CRLfile: a revoked client certificate is refused on the switched
     connection (the verification flags come with the secondary's context)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-
     revoked = certs.ca.issue_cert("revoked.example")
     revoked_pem = tmp_path / "revoked.pem"
     revoked.private_key_and_cert_chain_pem.write_to_path(str(revoked_pem))
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = serialization.load_pem_private_key(certs.ca.private_key_pem.bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate(certs.ca.cert_pem.bytes())
-    serial = x509.load_pem_x509_certificate(revoked.cert_chain_pems[0].bytes()).serial_number
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - datetime.timedelta(hours=1))
-        .next_update(now + datetime.timedelta(days=1))
-        .add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
-        )
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    crl_pem = tmp_path / "crl.pem"
-    crl_pem.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    crl_pem = write_crl(certs.ca, revoked, tmp_path / "crl.pem")
     extra = f"verifyChain = yes\nCRLfile = {crl_pem}\n"
     t = tunnels.start(sni_conf(tunnels, certs, tags, virt_pem, extra), impl=impl)
     port = t.port("primary")

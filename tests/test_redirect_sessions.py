@@ -5,7 +5,6 @@ tunnel/ossl.py.  Every scenario runs with stunnel4 in pytunnel's place, same con
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
 import socket
@@ -14,31 +13,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import Certs, EchoServer, Tunnel, TunnelFactory, pytunnel_cmd, roundtrip
-from reliability_support import Listener
+from conftest import Certs, EchoServer, Tunnel, TunnelFactory, pytunnel_cmd, roundtrip, wait_until
+from loopback_support import TagServer, free_port, wait_port
 
 TICKET_KEY = "00112233445566778899aabbccddeeff"
 TICKET_MAC = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100"
-
-
-class TagServer(Listener):
-    """A backend that answers every connection with its tag, then what it received."""
-
-    def __init__(self, tag: bytes) -> None:
-        self.tag = tag
-        super().__init__()
-
-    def handle(self, s: Any) -> None:
-        s.sendall(self.tag)
-        with contextlib.suppress(OSError):
-            s.sendall(s.recv(1000))
-
-    @property
-    def count(self) -> int:
-        return self.connections
 
 
 @pytest.fixture
@@ -47,12 +28,6 @@ def backends() -> Iterator[tuple[TagServer, TagServer]]:
     yield good, other
     good.close()
     other.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _CONTEXTS: dict[tuple[str, str, ssl.TLSVersion | None], ssl.SSLContext] = {}
@@ -212,8 +187,13 @@ def test_session_cache_timeout_expires_sessions(
     v12 = ssl.TLSVersion.TLSv1_2
     _, session, _, _ = tls_client(certs, t.port("s"), max_version=v12)
     assert resumes(certs, t.port("s"), v12, session) is True
-    time.sleep(2.2)
-    assert resumes(certs, t.port("s"), v12, session) is False
+    # the session ages out of the cache after a second: no longer offered for resumption
+    wait_until(
+        lambda: not resumes(certs, t.port("s"), v12, session),
+        timeout=20,
+        what="the session expires (sessionCacheTimeout = 1)",
+        interval=0.3,
+    )
 
 
 def hup(t: Tunnel) -> None:
@@ -223,7 +203,8 @@ def hup(t: Tunnel) -> None:
     while len(re.findall(r"Configuration successful", t.log)) <= done:
         assert time.monotonic() < deadline, t.log
         time.sleep(0.02)
-    time.sleep(0.3)  # stunnel4 binds its listener again after the line
+    for port in t.ports["s"]:  # stunnel4 binds its listener again after the line
+        wait_port(port, t.proc, "the reloaded tunnel", timeout=15)
 
 
 @pytest.mark.parametrize("keys", [True, False])

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_tool, roundtrip
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from identity_support import write_crl
+from loopback_support import refused
 
 
 @dataclass
@@ -45,20 +45,7 @@ def extra(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Extra:
     expired.private_key_and_cert_chain_pem.write_to_path(str(d / "expired.pem"))
     revoked = certs.ca.issue_cert("localhost", "127.0.0.1")
     revoked.private_key_and_cert_chain_pem.write_to_path(str(d / "revoked.pem"))
-    ca_key = serialization.load_pem_private_key(certs.ca.private_key_pem.bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate(certs.ca.cert_pem.bytes())
-    serial = x509.load_pem_x509_certificate(revoked.cert_chain_pems[0].bytes()).serial_number
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - datetime.timedelta(hours=1))
-        .next_update(now + datetime.timedelta(days=1))
-        .add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
-        )
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    (d / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    write_crl(certs.ca, revoked, d / "crl.pem")
     # the leaf certificate of certs.server_pem, alone
     server_chain = certs.server_pem.read_bytes()
     start = server_chain.index(b"-----BEGIN CERTIFICATE-----")
@@ -80,16 +67,6 @@ def client_tunnel(
 ) -> Tunnel:
     body = f"[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{server.port('srv')}\n{verify}"
     return tunnels.start(tunnels.conf(body), impl=impl, mode=mode)
-
-
-def refused(port: int) -> None:
-    """The app gets no bytes: the tunnel closes or resets its connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-        try:
-            s.sendall(b"secret")
-            assert s.recv(100) == b""
-        except ConnectionResetError:
-            pass
 
 
 def good(port: int) -> None:
@@ -117,7 +94,7 @@ def test_good_chain_and_host(tunnels: TunnelFactory, certs: Certs, echo: EchoSer
 def test_unknown_ca_is_refused(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> None:
     bad_server = tls_server(tunnels, echo, certs.other_server_pem)
     t = client_tunnel(tunnels, impl, bad_server, f"verifyChain = yes\nCAfile = {certs.ca_pem}\n")
-    refused(t.port("cli"))
+    assert refused(t.port("cli"))
     t.wait_for(r"certificate verify failed")
     assert echo.received == 0
 
@@ -129,7 +106,7 @@ def test_wrong_host_name_is_refused(
     t = client_tunnel(
         tunnels, impl, server, f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckHost = other.example\n"
     )
-    refused(t.port("cli"))
+    assert refused(t.port("cli"))
     t.wait_for(r"CERT: Subject checks failed")
     t.wait_for(r"LOG4\[\d+\]: Rejected by CERT at depth=0: O=trustme[^,]*, OU=Testing cert #")
     t.wait_for(r"certificate verify failed")
@@ -145,7 +122,7 @@ def test_check_ip(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: 
     t2 = client_tunnel(
         tunnels, impl, server, f"verifyChain = yes\nCAfile = {certs.ca_pem}\ncheckIP = 127.0.0.9\n"
     )
-    refused(t2.port("cli"))
+    assert refused(t2.port("cli"))
 
 
 def test_verify_peer_pins_the_leaf(
@@ -156,7 +133,7 @@ def test_verify_peer_pins_the_leaf(
     good(t.port("cli"))
     other = tls_server(tunnels, echo, certs.wrong_name_pem)  # same CA, another leaf
     t2 = client_tunnel(tunnels, impl, other, f"verifyPeer = yes\nCAfile = {extra.leaf_only_pem}\n")
-    refused(t2.port("cli"))
+    assert refused(t2.port("cli"))
     t2.wait_for(r"certificate verify failed|CERT")
 
 
@@ -165,7 +142,7 @@ def test_expired_certificate_is_refused(
 ) -> None:
     server = tls_server(tunnels, echo, extra.expired_pem)
     t = client_tunnel(tunnels, impl, server, f"verifyChain = yes\nCAfile = {certs.ca_pem}\n")
-    refused(t.port("cli"))
+    assert refused(t.port("cli"))
     t.wait_for(r"certificate verify failed|certificate has expired")
 
 
@@ -193,7 +170,7 @@ def test_revoked_certificate_is_refused(
     verify = f"verifyChain = yes\nCAfile = {certs.ca_pem}\n{option} = {where}\n"
     revoked = tls_server(tunnels, echo, extra.revoked_pem)
     t = client_tunnel(tunnels, impl, revoked, verify)
-    refused(t.port("cli"))
+    assert refused(t.port("cli"))
     t.wait_for(r"certificate verify failed|revoked")
     t.wait_for(r"certificate revoked")
     fine = tls_server(tunnels, echo, certs.server_pem)
@@ -212,7 +189,7 @@ def test_refusals_leave_the_process_serving(tunnels: TunnelFactory, certs: Certs
         )
     )
     for _ in range(5):
-        refused(t.port("bad"))
+        assert refused(t.port("bad"))
         good(t.port("good"))
     assert t.log.count("certificate verify failed") == 5
 
@@ -223,7 +200,7 @@ def test_secure_mode_verifies_without_being_told(
     """`pytunnel run` refuses an untrusted upstream; `pytunnel CONF` keeps stunnel's defaults."""
     bad_server = tls_server(tunnels, echo, certs.other_server_pem)
     secure = client_tunnel(tunnels, "pytunnel", bad_server, "", mode="run")
-    refused(secure.port("cli"))
+    assert refused(secure.port("cli"))
     secure.wait_for(r"certificate verify failed")
     compat = client_tunnel(tunnels, "pytunnel", bad_server, "")
     compat.wait_for(r"Service \[cli\] needs authentication to prevent MITM attacks")
@@ -401,7 +378,7 @@ def test_check_email(
     )
     good(t.port("cli"))
     t2 = client_tunnel(tunnels, impl, server, verify + "checkEmail = root@example.com\n")
-    refused(t2.port("cli"))
+    assert refused(t2.port("cli"))
     t2.wait_for(r"CERT: Subject checks failed")
     t2.wait_for(r"certificate verify failed")
     if impl == "pytunnel":
@@ -436,6 +413,6 @@ def test_check_email_on_client_certificates(
     ok = server("client@example.com")
     good(client(ok.port("srv")).port("cli"))
     bad = server("admin@example.com")
-    refused(client(bad.port("srv")).port("cli"))
+    assert refused(client(bad.port("srv")).port("cli"))
     bad.wait_for(r"CERT: Subject checks failed")
     assert echo.received == len(b"still serving")
