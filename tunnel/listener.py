@@ -144,38 +144,28 @@ class Listener:
         self.sock.close()
 
 
-class Budget:
-    """Connections the descriptor limit can carry (each needs two), as stunnel sizes its
-    client limit: at the limit, accepting stops and new clients wait in the kernel's backlog
-    (instead of being accepted with no descriptor left for their upstream)."""
+class Gate:
+    """A count of live connections with a limit (0: none): when full, the listeners that hit
+    it stop reading (``held``) and new clients wait in the kernel's backlog; a connection
+    that ends wakes them.  :class:`Budget` and :class:`Cap` say why in their ``hold``."""
 
     def __init__(self) -> None:
-        self.limit = 0  # 0: no limit known
+        self.limit = 0
         self.active = 0
         self.pending = 0  # accepted sockets not yet connections
         self.held: set[Listener] = set()
-        self.soft = 0
-
-    def configure(self) -> None:
-        self.soft, self.limit = descriptor_budget()
 
     def full(self) -> bool:
         return bool(self.limit) and self.active + self.pending >= self.limit
 
-    def hold(self, lst: Listener) -> None:
+    @staticmethod
+    def pause(lst: Listener) -> None:
         if lst.reading:
             asyncio.get_running_loop().remove_reader(lst.sock.fileno())
             lst.reading = False
-        if not self.held:
-            log.ui(
-                4,
-                f"Service [{lst.owner.name}]: {self.active + self.pending} connections use the descriptor limit "
-                f"(RLIMIT_NOFILE {self.soft} carries {self.limit}); new clients wait in the backlog",
-            )
-        self.held.add(lst)
 
     def released(self) -> None:
-        """A connection ended."""
+        """A connection ended: a held listener may accept again."""
         self.active -= 1
         self.wake()
 
@@ -185,6 +175,29 @@ class Budget:
             held, self.held = self.held, set()
             for lst in held:
                 lst.resume()
+
+
+class Budget(Gate):
+    """Connections the descriptor limit can carry (each needs two), as stunnel sizes its
+    client limit: at the limit, accepting stops and new clients wait in the kernel's backlog
+    (instead of being accepted with no descriptor left for their upstream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.soft = 0
+
+    def configure(self) -> None:
+        self.soft, self.limit = descriptor_budget()
+
+    def hold(self, lst: Listener) -> None:
+        self.pause(lst)
+        if not self.held:
+            log.ui(
+                4,
+                f"Service [{lst.owner.name}]: {self.active + self.pending} connections use the descriptor limit "
+                f"(RLIMIT_NOFILE {self.soft} carries {self.limit}); new clients wait in the backlog",
+            )
+        self.held.add(lst)
 
 
 BUDGET = Budget()
@@ -202,27 +215,19 @@ def _no_count() -> None:
     pass
 
 
-class Cap:
+class Cap(Gate):
     """``maxConnections``: one service's live connections.  At ``limit`` its listeners stop
     accepting and new clients wait in the kernel's backlog (as under the descriptor budget);
     each connection that ends lets one in.  Kept by service name (:func:`cap_of`), so the
     connections of a service a reload replaced still count against its successor's cap."""
 
     def __init__(self, name: str) -> None:
+        super().__init__()
         self.name = name
-        self.limit = 0  # 0: no cap
-        self.active = 0
-        self.pending = 0  # accepted sockets not yet connections
-        self.held: set[Listener] = set()
         self.on_waited: Callable[[], None] = _no_count  # a client accepted after waiting for a slot
 
-    def full(self) -> bool:
-        return bool(self.limit) and self.active + self.pending >= self.limit
-
     def hold(self, lst: Listener) -> None:
-        if lst.reading:
-            asyncio.get_running_loop().remove_reader(lst.sock.fileno())
-            lst.reading = False
+        self.pause(lst)
         if not self.held and not lst.waited:
             log.ui(
                 6,
@@ -234,17 +239,6 @@ class Cap:
 
     def opened(self) -> None:
         self.active += 1
-
-    def released(self) -> None:
-        """A connection ended: one waiting client may come in."""
-        self.active -= 1
-        self.wake()
-
-    def wake(self) -> None:
-        if self.held and not self.full():
-            held, self.held = self.held, set()
-            for lst in held:
-                lst.resume()
 
 
 CAPS: dict[str, Cap] = {}
