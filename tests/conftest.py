@@ -174,7 +174,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 class EchoServer:
     """A threaded TCP echo server that honours half-close: it echoes until EOF, then
-    shuts its write side.  ``received`` counts every byte it got."""
+    shuts its write side.  ``received`` counts every byte it got, ``peers`` keeps the source
+    address of each connection."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -185,6 +186,7 @@ class EchoServer:
         self.port = self.sock.getsockname()[1]
         self.received = 0
         self.connections = 0
+        self.peers: list[tuple[str, int]] = []
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -192,10 +194,11 @@ class EchoServer:
     def _serve(self) -> None:
         while not self._stop:
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except OSError:
                 return
             self.connections += 1
+            self.peers.append((str(peer[0]), int(peer[1])))
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
