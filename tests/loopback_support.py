@@ -102,10 +102,10 @@ class TagServer(Listener):
         return self.connections
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on at the moment (connect() to it is refused)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port of ``host`` nobody uses at the moment (connect() to it is refused)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 

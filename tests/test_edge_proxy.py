@@ -21,16 +21,11 @@ from pathlib import Path
 
 import pytest
 from conftest import Certs, EchoServer, Tunnel, TunnelFactory, need_root, need_tool
+from loopback_support import free_port
 from monitoring_support import poll, start_with_status
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 CLIENT_HOST = "127.0.0.2"  # the test's clients; the load balancer connects from 127.0.0.1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def v2(fam: int, body: bytes, cmd: int = 0x21) -> bytes:
@@ -355,9 +350,12 @@ def test_transparent_source_leaves_from_the_carried_address(tunnels: TunnelFacto
         )
         t = tunnels.start(conf)
         ctx = ssl.create_default_context(cafile=str(certs.ca_pem))
-        header = b"PROXY TCP4 127.0.0.5 127.0.0.1 40123 443\r\n"
+        # a port free on 127.0.0.5 (a fixed one may still be in TIME_WAIT from the last run: then
+        # the tunnel, like stunnel's local_bind, leaves from an ephemeral port instead)
+        carried = free_port("127.0.0.5")
+        header = f"PROXY TCP4 127.0.0.5 127.0.0.1 {carried} 443\r\n".encode()
         with client_socket(t.port("lb")) as s:
             assert tls_after(s, header, ctx, b"hello") == b"hello"
-        assert backend.peers == [("127.0.0.5", 40123)], (backend.peers, t.log)
+        assert backend.peers == [("127.0.0.5", carried)], (backend.peers, t.log)
     finally:
         backend.close()
