@@ -98,10 +98,15 @@ class Upstream:
             except TransparentError as exc:
                 return Failed(str(exc))
         eps = list(self.settings.redirect if redirected else self.settings.connect)
+        start = 0
         if self.settings.failover == "rr" and not self.settings.delay and len(eps) > 1:
             start = self._rr % len(eps)
             self._rr += 1
             eps = eps[start:] + eps[:start]
+        if self.settings.failover == "rr":  # stunnel's line before each connection's attempts
+            caller.log(6, f"failover: round-robin, starting at entry #{start}")
+        else:
+            caller.log(6, "failover: priority, starting at entry #0")
         out: list[Target] = []
         for ep in eps:
             if ep.path is not None:
@@ -157,6 +162,7 @@ class Upstream:
                     apply_socket_options(sock, family, self.sockopts_r)
                     if opts.local:
                         sock.bind((opts.local, 0))
+                caller.log(6, f"s_connect: connecting {shown}")
                 async with asyncio.timeout(timeout):
                     await loop.sock_connect(sock, addr)
             except (OSError, TimeoutError) as exc:
