@@ -2,6 +2,7 @@
 under pytunnel and under stunnel4 5.68, comparing the decisive log lines and the outcome.
 
 - sessions with and without tickets (``options = NO_TICKET``);
+- ``failover = prio`` / ``rr``: stunnel's LOG6 lines for each connection's attempts;
 - ``include = DIR`` with services in it, and an error inside an included file;
 - a refused peer certificate outside ``redirect``, in server and in client mode: stunnel's
   ``CERT: Pre-verification error`` / ``Rejected by CERT at depth=N`` lines before OpenSSL's.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Certs, EchoServer, TunnelFactory, wait_until
+from test_faults import closed_port, good_tls, server_conf
 from test_redirect_sessions import TagServer, backends, tls_client  # noqa: F401 - backends: fixture
 
 from tunnel.verify import subject_line
@@ -67,6 +69,52 @@ def test_session_resumes_with_and_without_tickets(
     assert count(t.log, r"TLS accepted: previous session reused$") == 1, t.log
     assert count(t.log, r"Service \[s\] accepted connection from 127\.0\.0\.1:\d+$") == 2
     assert t.stop() == 0
+
+
+# ------------------------------------------------------------------ failover
+
+
+def connect_lines(log: str) -> list[str]:
+    keep = r"LOG[356]\[\d+\]: (failover: |s_connect: |Service \[srv\] connected remote server)"
+    return [line.split(": ", 1)[1] for line in log.splitlines() if re.search(keep, line)]
+
+
+def test_failover_prio_lines(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> None:
+    """``failover = prio``, the first target refusing: every connection starts at entry #0,
+    logs the refused attempt, then connects to the second target."""
+    dead = closed_port()
+    t = tunnels.start(server_conf(tunnels, certs, [dead, echo.port], "failover = prio\n"), impl=impl)
+    good_tls(t.port("srv"), certs)
+    t.wait_for(r"Connection closed: 100000 byte\(s\) sent to TLS, 100000 byte\(s\) sent to socket")
+    lines = connect_lines(t.log)
+    assert lines[:5] == [
+        "failover: priority, starting at entry #0",
+        f"s_connect: connecting 127.0.0.1:{dead}",
+        f"s_connect: connect 127.0.0.1:{dead}: Connection refused (111)",
+        f"s_connect: connecting 127.0.0.1:{echo.port}",
+        f"s_connect: connected 127.0.0.1:{echo.port}",
+    ], t.log
+    assert len(lines) == 6, t.log
+    assert re.fullmatch(r"Service \[srv\] connected remote server from 127\.0\.0\.1:\d+", lines[5])
+    assert t.stop() == 0
+
+
+def test_failover_rr_lines(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> None:
+    """``failover = rr``: each connection logs its starting entry, and two connections in a
+    row start at different entries and reach different targets."""
+    second = EchoServer()
+    try:
+        t = tunnels.start(server_conf(tunnels, certs, [echo.port, second.port], "failover = rr\n"), impl=impl)
+        for _ in range(2):
+            good_tls(t.port("srv"), certs)
+        assert (echo.connections, second.connections) == (1, 1)
+        wait_until(lambda: count(t.log, r"Connection closed: ") == 2, 20, "two closed connections")
+        starts = re.findall(r"failover: round-robin, starting at entry #(\d)$", t.log, re.M)
+        assert sorted(starts) == ["0", "1"], t.log
+        assert count(t.log, r"s_connect: connecting 127\.0\.0\.1:\d+$") == 2
+        assert t.stop() == 0
+    finally:
+        second.close()
 
 
 # ------------------------------------------------------------------ include
