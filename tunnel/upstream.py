@@ -103,10 +103,6 @@ class Upstream:
             start = self._rr % len(eps)
             self._rr += 1
             eps = eps[start:] + eps[:start]
-        if self.settings.failover == "rr":  # stunnel's line before each connection's attempts
-            caller.log(6, f"failover: round-robin, starting at entry #{start}")
-        else:
-            caller.log(6, "failover: priority, starting at entry #0")
         out: list[Target] = []
         for ep in eps:
             if ep.path is not None:
@@ -124,6 +120,14 @@ class Upstream:
             out.extend((fam, addr, ep.host or "localhost") for fam, addr in addrs)
         if not out:
             return Failed("No remote host resolved")
+        if len(out) > 1:  # stunnel's line before the attempts, when there is a choice
+            rr = self.settings.failover == "rr"
+            caller.log(
+                6,
+                f"failover: round-robin, starting at entry #{start}"
+                if rr
+                else "failover: priority, starting at entry #0",
+            )
         return out
 
     async def dial(
@@ -162,6 +166,7 @@ class Upstream:
                     apply_socket_options(sock, family, self.sockopts_r)
                     if opts.local:
                         sock.bind((opts.local, 0))
+                        caller.log(6, "bind succeeded on an ephemeral port")
                 caller.log(6, f"s_connect: connecting {shown}")
                 async with asyncio.timeout(timeout):
                     await loop.sock_connect(sock, addr)
