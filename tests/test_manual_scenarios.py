@@ -3,6 +3,8 @@ under pytunnel and under stunnel4 5.68, comparing the decisive log lines and the
 
 - sessions with and without tickets (``options = NO_TICKET``);
 - ``failover = prio`` / ``rr``: stunnel's LOG6 lines for each connection's attempts;
+- PKCS#12 ``cert`` and a server without CAs: stunnel's start-up lines;
+- ``local``: stunnel's bind line before the upstream connect;
 - ``include = DIR`` with services in it, and an error inside an included file;
 - a refused peer certificate outside ``redirect``, in server and in client mode: stunnel's
   ``CERT: Pre-verification error`` / ``Rejected by CERT at depth=N`` lines before OpenSSL's.
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import Certs, EchoServer, TunnelFactory, wait_until
 from test_faults import closed_port, good_tls, server_conf
+from test_options_tls import pkcs12_of
 from test_redirect_sessions import TagServer, backends, tls_client  # noqa: F401 - backends: fixture
 
 from tunnel.verify import subject_line
@@ -115,6 +118,46 @@ def test_failover_rr_lines(tunnels: TunnelFactory, certs: Certs, echo: EchoServe
         assert t.stop() == 0
     finally:
         second.close()
+
+
+# ------------------------------------------------------------------ PKCS#12 and local
+
+
+def test_pkcs12_and_no_ca_startup_lines(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, tmp_path: Path
+) -> None:
+    """``cert = FILE.p12``: one pair of lines for certificate and key; a server without any
+    CA logs stunnel's LOG3 `No trusted certificates found`; the served bytes go through."""
+    p12 = pkcs12_of(certs.server_pem, tmp_path / "server.p12")
+    t = tunnels.start(
+        tunnels.conf(f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {p12}\n"),
+        impl=impl,
+    )
+    for line in (
+        rf"LOG6\[ui\]: Loading certificate and private key from file: {re.escape(str(p12))}$",
+        rf"LOG6\[ui\]: Certificate and private key loaded from file: {re.escape(str(p12))}$",
+        r"LOG3\[ui\]: No trusted certificates found$",
+    ):
+        assert re.search(line, t.log, re.M), f"{line}\n{t.log}"
+    assert "Loading private key" not in t.log
+    good_tls(t.port("srv"), certs)
+    assert t.stop() == 0
+
+
+def test_local_source_lines(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> None:
+    """``local = 127.0.0.2``: the bind line, then the upstream connection from that address."""
+    t = tunnels.start(server_conf(tunnels, certs, [echo.port], "local = 127.0.0.2\n"), impl=impl)
+    good_tls(t.port("srv"), certs)
+    lines = connect_lines(t.log)
+    assert lines[:2] == [
+        f"s_connect: connecting 127.0.0.1:{echo.port}",
+        f"s_connect: connected 127.0.0.1:{echo.port}",
+    ]
+    assert re.fullmatch(r"Service \[srv\] connected remote server from 127\.0\.0\.2:\d+", lines[2]), t.log
+    assert re.search(r"LOG6\[\d+\]: bind succeeded on an ephemeral port\n.*s_connect: connecting", t.log), (
+        t.log
+    )
+    assert t.stop() == 0
 
 
 # ------------------------------------------------------------------ include
