@@ -98,6 +98,7 @@ def test_failover_prio_lines(tunnels: TunnelFactory, certs: Certs, echo: EchoSer
         f"s_connect: connected 127.0.0.1:{echo.port}",
     ], t.log
     assert len(lines) == 6, t.log
+    assert re.search(r"LOG6\[\d+\]: TLS closed \(SSL_read\)$", t.log, re.M), t.log  # close_notify
     assert re.fullmatch(r"Service \[srv\] connected remote server from 127\.0\.0\.1:\d+", lines[5])
     assert t.stop() == 0
 

@@ -297,7 +297,7 @@ class TlsSide(Side):
             self.clean_eof = True
             self._deliver(chunks)
             self._flush()
-            self.conn.log(6, "TLS closed (close_notify received)")
+            self.conn.log(6, "TLS closed (SSL_read)")  # stunnel's words for a close_notify
             self.received_eof()
             return
         except ssl.SSLEOFError:
