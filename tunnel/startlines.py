@@ -81,13 +81,14 @@ def _is_pkcs12(path: str) -> bool:
 
 
 def _trust(svc: ServiceSettings, system_store: bool) -> list[Line]:
-    """The trusted CAs: a server names them to clients (its CAfile); a service without any
-    (``verifyChain`` without CAfile/CApath loads the system store) gets stunnel's LOG3 line,
-    in server mode as in client mode."""
+    """The trusted CAs: a server names them to clients (its CAfile); a client without any
+    (``verifyChain`` without CAfile/CApath loads the system store) gets stunnel's LOG3 line.
+    A server without any verifies nobody: the line at LOG6, as stunnel 5.7x (5.68 says
+    LOG3, which would make `pytunnel check` report a valid configuration as an error)."""
     if not svc.client and svc.CAfile:
         return [(6, f"Configured trusted client CA: {name}") for name in _subjects(svc.CAfile)]
     if not (svc.CAfile or svc.CApath or svc.CAstore or svc.PSKsecrets or system_store):
-        return [(3, "No trusted certificates found")]
+        return [(3 if svc.client else 6, "No trusted certificates found")]
     return []
 
 
