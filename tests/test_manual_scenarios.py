@@ -5,6 +5,7 @@ under pytunnel and under stunnel4 5.68, comparing the decisive log lines and the
 - ``failover = prio`` / ``rr``: stunnel's LOG6 lines for each connection's attempts;
 - PKCS#12 ``cert`` and a server without CAs: stunnel's start-up lines;
 - ``local``: stunnel's bind line before the upstream connect;
+- wrong values: stunnel's error words on the offending line;
 - ``include = DIR`` with services in it, and an error inside an included file;
 - a refused peer certificate outside ``redirect``, in server and in client mode: stunnel's
   ``CERT: Pre-verification error`` / ``Rejected by CERT at depth=N`` lines before OpenSSL's.
@@ -128,7 +129,8 @@ def test_pkcs12_and_no_ca_startup_lines(
     tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str, tmp_path: Path
 ) -> None:
     """``cert = FILE.p12``: one pair of lines for certificate and key; a server without any
-    CA logs stunnel's LOG3 `No trusted certificates found`; the served bytes go through."""
+    CA logs `No trusted certificates found` (LOG3 in 5.68, LOG6 in pytunnel as in stunnel
+    5.7x: nothing is verified); the served bytes go through."""
     p12 = pkcs12_of(certs.server_pem, tmp_path / "server.p12")
     t = tunnels.start(
         tunnels.conf(f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {p12}\n"),
@@ -137,7 +139,7 @@ def test_pkcs12_and_no_ca_startup_lines(
     for line in (
         rf"LOG6\[ui\]: Loading certificate and private key from file: {re.escape(str(p12))}$",
         rf"LOG6\[ui\]: Certificate and private key loaded from file: {re.escape(str(p12))}$",
-        r"LOG3\[ui\]: No trusted certificates found$",
+        r"LOG[36]\[ui\]: No trusted certificates found$",  # 5.68: LOG3; pytunnel: LOG6 (5.7x)
     ):
         assert re.search(line, t.log, re.M), f"{line}\n{t.log}"
     assert "Loading private key" not in t.log
@@ -306,3 +308,31 @@ def test_refused_server_certificate_lines(
     assert lines[2].startswith("SSL_connect: ") and "certificate verify failed" in lines[2], t.log
     assert echo.connections == 0
     assert t.stop() == 0
+
+
+# ------------------------------------------------------------------ wrong configurations
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("failover = random", "The argument needs to be either 'rr' or 'prio'"),
+        ("verify = 9", "Bad verify level"),
+        ("sslVersion = TLSv9", "Invalid protocol version"),
+        ("delay = maybe", "The argument needs to be either 'yes' or 'no'"),
+    ],
+    ids=["failover", "verify", "sslVersion", "delay"],
+)
+def test_wrong_value_is_stunnels_error(
+    tunnels: TunnelFactory, certs: Certs, impl: str, line: str, message: str
+) -> None:
+    """A bad value: `[!] FILE:LINE: "line": stunnel's words`, `[!] Configuration failed`, exit 1."""
+    conf = tunnels.conf(
+        f"[s]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\ncert = {certs.server_pem}\n{line}\n"
+    )
+    t = tunnels.start(conf, impl=impl, wait=False)
+    assert t.proc.wait(30) == 1
+    errors = [text for text in t.log.splitlines() if text.startswith("[!] ")]
+    number = conf.read_text().splitlines().index(line) + 1
+    assert any(e.startswith(f'[!] {conf}:{number}: "{line}": {message}') for e in errors), t.log
+    assert errors[-1] == "[!] Configuration failed", t.log
