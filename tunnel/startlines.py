@@ -32,8 +32,10 @@ def service_lines(svc: ServiceSettings, tls: TlsConfig) -> list[Line]:
             minus |= SSL_OPTIONS[item[1:]]
         else:
             plus |= SSL_OPTIONS[item]
-    lines: list[Line] = [
-        (6, f"Initializing service [{svc.name}]"),
+    lines: list[Line] = [(6, f"Initializing service [{svc.name}]")]
+    if svc.ticketKeySecret and svc.ticketMacSecret:
+        lines += [(6, "ticketKeySecret configured"), (6, "ticketMacSecret configured")]
+    lines += [
         (6, f"OpenSSL security level is used: {svc.securityLevel}"),
         (7, f"Ciphers: {svc.ciphers}"),
         (7, f"TLSv1.3 ciphersuites: {svc.ciphersuites}"),
