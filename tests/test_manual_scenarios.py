@@ -6,6 +6,7 @@ under pytunnel and under stunnel4 5.68, comparing the decisive log lines and the
 - PKCS#12 ``cert`` and a server without CAs: stunnel's start-up lines;
 - ``local``: stunnel's bind line before the upstream connect;
 - wrong values: stunnel's error words on the offending line;
+- ``ticketKeySecret``: stunnel's start-up lines, on start and after SIGHUP;
 - ``include = DIR`` with services in it, and an error inside an included file;
 - a refused peer certificate outside ``redirect``, in server and in client mode: stunnel's
   ``CERT: Pre-verification error`` / ``Rejected by CERT at depth=N`` lines before OpenSSL's.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import socket
 import ssl
 from pathlib import Path
@@ -160,6 +162,27 @@ def test_local_source_lines(tunnels: TunnelFactory, certs: Certs, echo: EchoServ
     assert re.search(r"LOG6\[\d+\]: bind succeeded on an ephemeral port\n.*s_connect: connecting", t.log), (
         t.log
     )
+    assert t.stop() == 0
+
+
+# ------------------------------------------------------------------ ticketKeySecret
+
+
+def test_ticket_secrets_are_logged_at_each_load(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    """``ticketKeySecret``/``ticketMacSecret``: stunnel's two lines right after `Initializing
+    service`, at start and again after SIGHUP (resumption across it: tests/test_redirect_sessions.py)."""
+    key, mac = "00112233445566778899aabbccddeeff", "ff" * 32
+    t = tunnels.start(
+        server_conf(tunnels, certs, [echo.port], f"ticketKeySecret = {key}\nticketMacSecret = {mac}\n"),
+        impl=impl,
+    )
+    block = r"Initializing service \[srv\]\n.*ticketKeySecret configured\n.*ticketMacSecret configured\n"
+    assert count(t.log, block) == 1, t.log
+    t.signal(signal.SIGHUP)
+    wait_until(lambda: count(t.log, block) == 2, 20, f"the lines again after SIGHUP:\n{t.log}")
+    assert key not in t.log and mac not in t.log
     assert t.stop() == 0
 
 
