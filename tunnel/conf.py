@@ -222,6 +222,12 @@ class Reader:
                 )
             )
             return
+        before = len(self.raw.problems)
+        self._include_files(entry, folder, names, depth)
+        if len(self.raw.problems) > before:  # stunnel's line after the included file's error
+            self.raw.problems.append(entry.problem("Failed to include a file"))
+
+    def _include_files(self, entry: Entry, folder: str, names: list[str], depth: int) -> None:
         for name in names:
             path = os.path.join(folder, name)
             if not os.path.isfile(path):

@@ -325,6 +325,7 @@ class Opening:
         if exc is not None:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 reason, label = CloseReason.VERIFY_FAILED, HandshakeFailure.VERIFY_FAILED
+                self._pre_verification(side.notes.verify_errors or [])
             else:
                 reason = CloseReason.HANDSHAKE_FAILED
                 peer_closed = isinstance(exc, ConnectionResetError)
@@ -398,14 +399,18 @@ class Opening:
         if cipher is not None:  # stunnel's line for what was negotiated
             conn.log(6, f"{cipher[1]} ciphersuite: {cipher[0]} ({cipher[2]}-bit encryption)")
 
-    def _redirect(self, der: bytes | None, problem: str | None, errors: list[tuple[str, int]]) -> None:
+    def _pre_verification(self, errors: list[tuple[str, int, bytes]]) -> None:
+        """stunnel's two lines for each certificate OpenSSL's verification refused."""
+        for reason, depth, der in errors:
+            self.conn.log(4, f"CERT: Pre-verification error: {reason}")
+            if der:
+                self.conn.log(4, f"Rejected by CERT at depth={depth}: {subject_line(der)}")
+
+    def _redirect(self, der: bytes | None, problem: str | None, errors: list[tuple[str, int, bytes]]) -> None:
         """``redirect``: stunnel's lines for each verification failure (never OpenSSL's
         error texts: log watchers read those as a failed handshake), then the other target."""
         conn = self.conn
-        for reason, depth in errors:
-            conn.log(4, f"CERT: Pre-verification error: {reason}")
-            if depth == 0 and der:
-                conn.log(4, f"Rejected by CERT at depth=0: {subject_line(der)}")
+        self._pre_verification(errors)
         if problem is not None and not errors:
             self._cert_lines(der, problem)
         self.venue.counters.handshake_failed(HandshakeFailure.REDIRECTED)

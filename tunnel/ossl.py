@@ -61,6 +61,8 @@ class _Lib:
             self.store_error = lib.X509_STORE_CTX_get_error
             self.store_depth = lib.X509_STORE_CTX_get_error_depth
             self.error_string = lib.X509_verify_cert_error_string
+            self.store_cert = lib.X509_STORE_CTX_get_current_cert
+            self.i2d_x509 = lib.i2d_X509
             self.set_ciphersuites = lib.SSL_CTX_set_ciphersuites
             self.conf_new = lib.SSL_CONF_CTX_new
             self.load_store = lib.SSL_CTX_load_verify_store
@@ -92,6 +94,10 @@ class _Lib:
         self.store_depth.restype = ctypes.c_int
         self.error_string.argtypes = [ctypes.c_long]
         self.error_string.restype = ctypes.c_char_p
+        self.store_cert.argtypes = [ctypes.c_void_p]
+        self.store_cert.restype = ctypes.c_void_p
+        self.i2d_x509.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+        self.i2d_x509.restype = ctypes.c_int
         self.set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         self.set_ciphersuites.restype = ctypes.c_int
         self.load_store.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
@@ -225,12 +231,16 @@ def keep_session(sslobj: ssl.SSLObject) -> None:
     lib.ssl_set_shutdown(ssl_ptr, lib.ssl_get_shutdown(ssl_ptr) | SSL_SENT_SHUTDOWN)
 
 
-def verify_errors(ctx: ssl.SSLContext, on_error: Callable[[str, int], None]) -> bool:
-    """Let handshakes whose peer certificate fails verification complete.
+def verify_errors(
+    ctx: ssl.SSLContext, on_error: Callable[[str, int, bytes], None], let_pass: bool = True
+) -> bool:
+    """Tell ``on_error(reason, depth, der)`` of each certificate that fails verification.
 
-    OpenSSL still verifies; each failure is passed to ``on_error(reason, depth)``
-    (stunnel's "CERT: Pre-verification error") and then accepted.  The caller must act
-    on every reported failure: this is what ``redirect`` is made of.
+    OpenSSL still verifies; each failure is passed to ``on_error`` with the DER of the
+    certificate at that depth (stunnel's "CERT: Pre-verification error" and "Rejected by
+    CERT at depth=N").  With ``let_pass`` the failure is then accepted, and the caller must
+    act on every reported one: this is what ``redirect`` is made of.  Without it OpenSSL's
+    verdict stands and the callback only takes notes for the log.
     """
     ptr = handle(ctx)
     lib = _lib()
@@ -241,15 +251,27 @@ def verify_errors(ctx: ssl.SSLContext, on_error: Callable[[str, int], None]) -> 
         try:
             err = lib.store_error(store)
             text = (lib.error_string(err) or b"certificate verify failed").decode("ascii", "replace")
-            on_error(text, lib.store_depth(store))
+            on_error(text, lib.store_depth(store), _current_der(lib, store))
         except BaseException:  # noqa: BLE001 - never unwind through OpenSSL: refuse instead
             return 0
-        return 1
+        return 1 if let_pass else 0
 
     c_callback = _VERIFY_CB(callback)
     _KEEP[ptr] = c_callback
     lib.set_verify(ptr, lib.get_verify_mode(ptr), c_callback)
     return True
+
+
+def _current_der(lib: _Lib, store: int | None) -> bytes:
+    """The DER of the certificate a verify callback is called for (b"" if there is none)."""
+    cert = lib.store_cert(store)
+    size = lib.i2d_x509(cert, None) if cert else 0
+    if size <= 0:
+        return b""
+    buf = ctypes.create_string_buffer(size)
+    out = ctypes.c_void_p(ctypes.addressof(buf))
+    written = lib.i2d_x509(cert, ctypes.byref(out))
+    return buf.raw[:written] if written > 0 else b""
 
 
 def session_cache(ctx: ssl.SSLContext, size: int, timeout: int, enabled: bool) -> bool:

@@ -211,6 +211,7 @@ class TlsSide(Side):
         if session is not None and not ossl.set_session(self.sslobj, session):
             self.sslobj.session = session  # CPython's setter: a copy through DER
         self.handshaking = True
+        self.fatal_alert = False  # the handshake failed and OpenSSL wrote its alert
         self.on_handshake = on_handshake
         self.pending: list[bytes] = []
         self.clean_eof = False
@@ -251,6 +252,7 @@ class TlsSide(Side):
             self._flush()
             return
         except (ssl.SSLError, OSError) as exc:
+            self.fatal_alert = isinstance(exc, ssl.SSLError) and self.outgoing.pending > 0
             self._flush()
             self.handshaking = False
             self.failed = True  # whatever arrives later must not mask this reason
@@ -295,7 +297,7 @@ class TlsSide(Side):
             self.clean_eof = True
             self._deliver(chunks)
             self._flush()
-            self.conn.log(6, "TLS closed (close_notify received)")
+            self.conn.log(6, "TLS closed (SSL_read)")  # stunnel's words for a close_notify
             self.received_eof()
             return
         except ssl.SSLEOFError:
@@ -515,8 +517,8 @@ class Connection:
             self.timer = None
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
-        if self.tls is not None:
-            self.tls.close(rst=rst and reason is not CloseReason.CLOSED)
+        if self.tls is not None:  # after a fatal alert, a FIN: a reset could lose the alert
+            self.tls.close(rst=rst and reason is not CloseReason.CLOSED and not self.tls.fatal_alert)
         if self.plain is not None:
             self.plain.close(rst=rst)
         self._maybe_done()

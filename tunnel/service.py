@@ -287,6 +287,8 @@ class Service:
             )  # fmt: skip
             return
         word = "reset" if conn.rst_sent else "closed"
+        if conn.rst_sent and conn.tls is not None and conn.tls.fatal_alert:  # stunnel: remote/local
+            word = "closed/reset" if self.settings.client else "reset/closed"
         conn.log(
             5, f"Connection {word}: {conn.to_tls} byte(s) sent to TLS, {conn.to_sock} byte(s) sent to socket"
         )

@@ -32,6 +32,7 @@ from tunnel.values import (
     YesNo,
     one_of,
     to_int,
+    verify_level,
 )
 
 # Building these models asks pydantic for plugins, which scans the metadata of every
@@ -239,7 +240,7 @@ class ServiceSettings(BaseModel):
         "address becomes the client's (docs/edge.md)",
         extension=True,
     )  # fmt: skip
-    verify: Annotated[int, BeforeValidator(to_int), Field(ge=0, le=4)] | None = opt(
+    verify: Annotated[int, BeforeValidator(verify_level)] | None = opt(
         None, "verify", "legacy verify level 0-4 (use verifyChain/verifyPeer)"
     )
     verifyChain: YesNo | None = opt(None, "verifyChain", "verify the peer certificate chain")

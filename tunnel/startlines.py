@@ -32,8 +32,10 @@ def service_lines(svc: ServiceSettings, tls: TlsConfig) -> list[Line]:
             minus |= SSL_OPTIONS[item[1:]]
         else:
             plus |= SSL_OPTIONS[item]
-    lines: list[Line] = [
-        (6, f"Initializing service [{svc.name}]"),
+    lines: list[Line] = [(6, f"Initializing service [{svc.name}]")]
+    if svc.ticketKeySecret and svc.ticketMacSecret:
+        lines += [(6, "ticketKeySecret configured"), (6, "ticketMacSecret configured")]
+    lines += [
         (6, f"OpenSSL security level is used: {svc.securityLevel}"),
         (7, f"Ciphers: {svc.ciphers}"),
         (7, f"TLSv1.3 ciphersuites: {svc.ciphersuites}"),
@@ -55,6 +57,12 @@ def service_lines(svc: ServiceSettings, tls: TlsConfig) -> list[Line]:
 def _identity(svc: ServiceSettings) -> list[Line]:
     if not svc.cert:
         return [(7, "No certificate or private key specified")]
+    if _is_pkcs12(svc.cert):  # one file holds both: stunnel's PKCS#12 lines
+        return [
+            (6, f"Loading certificate and private key from file: {svc.cert}"),
+            (6, f"Certificate and private key loaded from file: {svc.cert}"),
+            (7, "Private key check succeeded"),
+        ]
     key = svc.key or svc.cert
     return [
         (6, f"Loading certificate from file: {svc.cert}"),
@@ -65,13 +73,24 @@ def _identity(svc: ServiceSettings) -> list[Line]:
     ]
 
 
+def _is_pkcs12(path: str) -> bool:
+    """A ``cert`` file without PEM armour is read as PKCS#12 (tunnel/tls.py does the same)."""
+    try:
+        with open(path, "rb") as fh:
+            return b"-----BEGIN" not in fh.read()
+    except OSError:
+        return False
+
+
 def _trust(svc: ServiceSettings, system_store: bool) -> list[Line]:
     """The trusted CAs: a server names them to clients (its CAfile); a client without any
-    (``verifyChain`` without CAfile/CApath loads the system store) gets stunnel's LOG3 line."""
+    (``verifyChain`` without CAfile/CApath loads the system store) gets stunnel's LOG3 line.
+    A server without any verifies nobody: the line at LOG6, as stunnel 5.7x (5.68 says
+    LOG3, which would make `pytunnel check` report a valid configuration as an error)."""
     if not svc.client and svc.CAfile:
         return [(6, f"Configured trusted client CA: {name}") for name in _subjects(svc.CAfile)]
-    if svc.client and not (svc.CAfile or svc.CApath or svc.CAstore or svc.PSKsecrets or system_store):
-        return [(3, "No trusted certificates found")]
+    if not (svc.CAfile or svc.CApath or svc.CAstore or svc.PSKsecrets or system_store):
+        return [(3 if svc.client else 6, "No trusted certificates found")]
     return []
 
 

@@ -258,7 +258,8 @@ def _conf_commands(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
 
 
 def _set_verify_callback(ctx: ssl.SSLContext, svc: ServiceSettings, pol: Policy) -> None:
-    """A server whose OpenSSL verdict is noted (redirect) or overruled (verification off)."""
+    """A server whose OpenSSL verdict is noted (redirect) or overruled (verification off);
+    elsewhere a failure is only noted, for stunnel's CERT lines before the handshake's."""
     server = not svc.client
     if svc.redirect and server:
         _ossl("redirect", lambda: ossl.verify_errors(ctx, _note_verify_error), "")
@@ -267,6 +268,8 @@ def _set_verify_callback(ctx: ssl.SSLContext, svc: ServiceSettings, pol: Policy)
         # "Certificate verification disabled"); Python's ssl verifies every certificate it asks
         # for, so OpenSSL's verdict is overruled through a verify callback
         _ossl("requireCert" if svc.requireCert else "verify", lambda: ossl.verify_errors(ctx, _ignore), "")
+    elif ctx.verify_mode != ssl.CERT_NONE and (pol.verify_chain or pol.verify_peer):
+        _ossl_default(lambda: ossl.verify_errors(ctx, _note_verify_error, let_pass=False))
 
 
 def _set_alpn(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:
@@ -380,17 +383,17 @@ def _ossl(option: str, call: Callable[[], bool], failure: str) -> None:
         raise TlsConfigError(option, failure)
 
 
-def _ignore(_reason: str, _depth: int) -> None:
+def _ignore(_reason: str, _depth: int, _der: bytes) -> None:
     """A verification failure of a certificate nobody asked to verify."""
 
 
-def _note_verify_error(reason: str, depth: int) -> None:
+def _note_verify_error(reason: str, depth: int, der: bytes) -> None:
     notes = SLOT.notes
     if notes is None:  # not inside one of our handshakes: refuse, never let it pass
         raise RuntimeError("verify callback outside a handshake")
     if notes.verify_errors is None:
         notes.verify_errors = []
-    notes.verify_errors.append((reason, depth))
+    notes.verify_errors.append((reason, depth, der))
 
 
 def _sessions(ctx: ssl.SSLContext, svc: ServiceSettings) -> None:

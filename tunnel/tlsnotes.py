@@ -17,7 +17,8 @@ class Notes:
 
     psk_identity: str | None = None  # the PSK identity offered (server) or sent (client)
     psk_known: bool = False  # server: the identity was found in PSKsecrets
-    verify_errors: list[tuple[str, int]] | None = None  # redirect: (reason, depth) OpenSSL let pass
+    # (reason, depth, DER at that depth) of each verification failure: redirect lets them pass
+    verify_errors: list[tuple[str, int, bytes]] | None = None
 
 
 class _Slot:

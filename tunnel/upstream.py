@@ -98,6 +98,7 @@ class Upstream:
             except TransparentError as exc:
                 return Failed(str(exc))
         eps = list(self.settings.redirect if redirected else self.settings.connect)
+        start = 0
         if self.settings.failover == "rr" and not self.settings.delay and len(eps) > 1:
             start = self._rr % len(eps)
             self._rr += 1
@@ -119,6 +120,14 @@ class Upstream:
             out.extend((fam, addr, ep.host or "localhost") for fam, addr in addrs)
         if not out:
             return Failed("No remote host resolved")
+        if len(out) > 1:  # stunnel's line before the attempts, when there is a choice
+            rr = self.settings.failover == "rr"
+            caller.log(
+                6,
+                f"failover: round-robin, starting at entry #{start}"
+                if rr
+                else "failover: priority, starting at entry #0",
+            )
         return out
 
     async def dial(
@@ -157,6 +166,8 @@ class Upstream:
                     apply_socket_options(sock, family, self.sockopts_r)
                     if opts.local:
                         sock.bind((opts.local, 0))
+                        caller.log(6, "bind succeeded on an ephemeral port")
+                caller.log(6, f"s_connect: connecting {shown}")
                 async with asyncio.timeout(timeout):
                     await loop.sock_connect(sock, addr)
             except (OSError, TimeoutError) as exc:

@@ -44,14 +44,24 @@ def to_int(value: object) -> object:
     return value
 
 
+def verify_level(value: object) -> object:
+    """stunnel's legacy ``verify`` level, 0 to 4 (its words when out of range)."""
+    level = to_int(value)
+    if isinstance(level, int) and not 0 <= level <= 4:
+        raise ValueError("Bad verify level")
+    return level
+
+
 def _endpoint(value: object) -> object:
     if isinstance(value, str):
         return parse_endpoint(value)
     return value
 
 
-def one_of(*choices: str) -> BeforeValidator:
-    """One of ``choices`` in any case; the value becomes the choice as spelled here."""
+def one_of(*choices: str, message: str | None = None) -> BeforeValidator:
+    """One of ``choices`` in any case; the value becomes the choice as spelled here.  The
+    error is stunnel's: ``message``, or its words for a choice of two."""
+    two = f"The argument needs to be either '{choices[0]}' or '{choices[1]}'" if len(choices) == 2 else None
 
     def check(value: object) -> object:
         if isinstance(value, str):
@@ -59,7 +69,8 @@ def one_of(*choices: str) -> BeforeValidator:
             for choice in choices:
                 if choice.lower() == low:
                     return choice
-            raise ValueError(f"{value.strip()!r} is not one of: {', '.join(choices)}")
+            listed = f"{value.strip()!r} is not one of: {', '.join(choices)}"
+            raise ValueError(f"{message} ({listed})" if message else two or listed)
         return value
 
     return BeforeValidator(check)
@@ -285,7 +296,7 @@ def parse_mode(value: object) -> object:
 Transparent = Annotated[str, BeforeValidator(parse_mode)]
 
 TLS_VERSIONS = ("all", "SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
-TlsVersion = Annotated[str, one_of(*TLS_VERSIONS)]
+TlsVersion = Annotated[str, one_of(*TLS_VERSIONS, message="Invalid protocol version")]
 
 
 def uid_of(user: str) -> int:
