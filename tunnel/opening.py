@@ -43,6 +43,7 @@ osslconn (a resumed session's verification result), metrics, reasons, logs -- ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -200,6 +201,9 @@ class Opening:
         session = venue.session_for(conn.target) if venue.settings.sessionResume else None
         tls = TlsSide(conn, tcfg.context, server_side=False, server_hostname=hostname, session=session)
         conn.tls = tls
+        if tcfg.staple_policy is not None:  # verifyChain: ask for a stapled OCSP response
+            with contextlib.suppress(ossl.Unavailable):
+                osslconn.request_status(tls.sslobj)
         conn.waiter = fut = _handshake_waiter(conn.loop, tls)
         tls.deferred = mode is not None and mode.middle is not None
         try:
@@ -419,18 +423,38 @@ class Opening:
         hook there, so pytunnel checks right after it and closes.  A resumed session is not
         checked again, as in stunnel (its verify callback does not run on resumption).
         """
-        policy = venue.tls.ocsp
+        conn, tcfg = self.conn, venue.tls
+        staple = self._staple(tcfg, side)
+        policy = tcfg.ocsp or (tcfg.staple_policy() if staple and tcfg.staple_policy else None)
         if policy is None or side.sslobj.session_reused:
             return True
         from tunnel import ocsp
 
-        conn = self.conn
-        reason = await ocsp.check_chain(ocsp.verified_chain(side.sslobj, policy.trust), policy, log=conn.log)
+        chain = ocsp.verified_chain(side.sslobj, policy.trust)
+        reason = await ocsp.check_chain(chain, policy, log=conn.log, staple=staple)
         if reason is None:
             return True
         venue.counters.handshake_failed(HandshakeFailure.OCSP)
         conn.fail(CloseReason.VERIFY_FAILED, reason)
         return False
+
+    def _staple(self, tcfg: TlsConfig, side: TlsSide) -> bytes | None:
+        """Client mode with verifyChain: the OCSP response the server stapled, with
+        stunnel's lines (none on resumption: nothing is checked then)."""
+        if tcfg.staple_policy is None or side.sslobj.server_side:
+            return None
+        if side.sslobj.session_reused:
+            self.conn.log(7, "OCSP: Skipped OCSP stapling (previous session reused)")
+            return None
+        try:
+            staple = osslconn.stapled(side.sslobj)
+        except ossl.Unavailable:
+            return None
+        if staple:
+            self.conn.log(6, "OCSP: OCSP stapling response received")
+        else:  # LOG3 as stunnel 5.71+; the configured and AIA responders are asked next
+            self.conn.log(3, "OCSP: No OCSP stapling response received")
+        return staple or None
 
     # ---- 7. dial -------------------------------------------------------------------------
     def _client_transport(self) -> Any:
