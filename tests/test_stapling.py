@@ -216,3 +216,14 @@ def test_responder_down_at_start(pki: Pki, tunnels: TunnelFactory, echo: EchoSer
         c.wait_for(r"OCSP: Accepted \(good\)")
     finally:
         responder.close()
+
+
+def test_stapling_inside_the_sandbox(pki: Pki, tunnels: TunnelFactory, echo: EchoServer) -> None:
+    """``pytunnel run`` enters the Landlock sandbox (a pytunnel extension): its TCP rules
+    (ABI >= 4) let the process reach the responder its certificate names."""
+    cert = full_chain(pki, "good", pki.leaf_good, pki.leaf_good_key)
+    conf = f"[s]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {cert}\n"
+    t = tunnels.start(tunnels.conf(conf), mode="run")
+    t.wait_for(r"Sandbox: ")
+    t.wait_for(STAPLED.format("good"), timeout=30)
+    assert "Cert Status: good" in s_client_status(t.port("s"))

@@ -28,8 +28,8 @@ its own, started with the service, keeps it fresh:
 No knob turns it off: stunnel 5.71+ has none either (a certificate without an AIA OCSP URL
 is the way).  PSK services do not staple, as in stunnel.
 
-Imports ocsp, ocsphttp, ocspverify, ocspcache (the constants) and logs; tls calls
-:func:`prepare`, the service starts and stops the task.
+Imports ocsp, ocsphttp, ocspverify and ocspcache (a constant); tls calls :func:`prepare`,
+the service starts and stops the task, the sandbox asks :func:`responder_ports`.
 """
 
 from __future__ import annotations
@@ -223,4 +223,15 @@ def prepare(
     return Stapler(service, chain, anchors, urls, timeout)
 
 
-__all__ = ["Staple", "Stapler", "prepare"]
+def responder_ports(cert_path: str) -> set[int]:
+    """The TCP ports of the OCSP responders a server certificate (PEM) names: the Landlock
+    sandbox lets the process connect to them (tunnel/sandbox.py)."""
+    try:
+        with open(cert_path, "rb") as fh:
+            certs = x509.load_pem_x509_certificates(fh.read())
+        return {parse_url(url)[1] for url in aia_urls(certs[0])} if certs else set()
+    except (OSError, ValueError):
+        return set()
+
+
+__all__ = ["Staple", "Stapler", "prepare", "responder_ports"]
