@@ -227,3 +227,47 @@ def test_stapling_inside_the_sandbox(pki: Pki, tunnels: TunnelFactory, echo: Ech
     t.wait_for(r"Sandbox: ")
     t.wait_for(STAPLED.format("good"), timeout=30)
     assert "Cert Status: good" in s_client_status(t.port("s"))
+
+
+def test_sni_secondary_staples_for_its_own_certificate(
+    pki: Pki, tunnels: TunnelFactory, echo: EchoServer
+) -> None:
+    key = _key()
+    plain = _issue("primary.example", key, pki.root, pki.root_key, san="localhost")  # no AIA
+    conf = (
+        f"[s]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {full_chain(pki, 'primary', plain, key)}\n"
+        f"[virt]\nsni = s:good.example\nconnect = 127.0.0.1:{echo.port}\n"
+        f"cert = {full_chain(pki, 'good', pki.leaf_good, pki.leaf_good_key)}\n"
+    )
+    t = tunnels.start(tunnels.conf(conf))
+    t.wait_for(r"OCSP stapling: Service \[virt\]: good response", timeout=30)
+
+    def status(name: str) -> str:
+        out = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{t.port('s')}", "-status", "-servername", name],
+            input=b"", capture_output=True, timeout=30,
+        )  # fmt: skip
+        return out.stdout.decode(errors="replace")
+
+    assert "Cert Status: good" in status("good.example")
+    assert "OCSP response: no response sent" in status("other.example")
+
+
+def test_certificate_reload_staples_the_new_certificate(
+    pki: Pki, tunnels: TunnelFactory, echo: EchoServer, tmp_path: Path
+) -> None:
+    """Certificate hot reload (a pytunnel extension): the new certificate's own answer is
+    fetched and stapled."""
+    cert = tmp_path / "tls.pem"
+    cert.write_bytes(full_chain(pki, "good", pki.leaf_good, pki.leaf_good_key).read_bytes())
+    cert.chmod(0o600)
+    conf = f"[s]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {cert}\n"
+    t = tunnels.start(tunnels.conf(conf), extra_env={"PYTUNNEL_CERT_RELOAD_INTERVAL": "1"})
+    t.wait_for(STAPLED.format("good"), timeout=30)
+    new = tmp_path / "tls.pem.new"
+    new.write_bytes(full_chain(pki, "revoked", pki.leaf_revoked, pki.leaf_revoked_key).read_bytes())
+    new.chmod(0o600)
+    new.replace(cert)
+    t.wait_for(r"Service \[s\]: certificates reloaded", timeout=30)
+    t.wait_for(STAPLED.format("revoked"), timeout=30)
+    assert "Cert Status: revoked" in s_client_status(t.port("s"))
