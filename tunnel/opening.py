@@ -25,7 +25,9 @@ mode, in the order stunnel does it, and hands a linked pair of sides to the data
 5. **verdict**: the handshake's outcome, the peer checks (``verifyPeer``, ``check*``,
    pinning) and stunnel's lines; or **redirect**: a client that failed verification goes to
    ``redirect`` instead of ``connect``.
-6. **OCSP** (``OCSP``/``OCSPaia``): the verified chain checked with its responders.
+6. **OCSP** (``OCSP``/``OCSPaia``): the verified chain checked with its responders.  In
+   client mode with ``verifyChain`` the handshake asked for a stapled response
+   (``osslconn.request_status``); a conclusive staple answers for the leaf first.
 7. **dial**: the upstream (``tunnel/upstream.py``): failover, resolution, ``local``,
    transparent source, or an ``exec`` program.  Client mode dials before its handshake.
 8. **protocol, late**: what a protocol does once TLS is up (e.g. SMTP authentication).
