@@ -122,9 +122,7 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         generation=generation,
         redirect=bool(svc.redirect) and server,
         ocsp=_ocsp_policy(svc) if (svc.OCSP or svc.OCSPaia) and pol.verify_chain else None,
-        staple_policy=functools.cache(functools.partial(_ocsp_policy, svc))
-        if svc.client and pol.verify_chain
-        else None,
+        staple_policy=functools.cache(functools.partial(_ocsp_policy, svc)) if _asks_staple(svc) else None,
         stapler=_stapler(ctx, svc) if server and svc.cert and not svc.PSKsecrets else None,
     )
 
@@ -361,6 +359,12 @@ def _ca_certs(svc: ServiceSettings) -> tuple[x509.Certificate, ...]:
             return tuple(x509.load_pem_x509_certificates(fh.read()))
     except (OSError, ValueError) as exc:
         raise TlsConfigError("CAfile", f"cannot read {svc.CAfile} for OCSP: {exc}") from None
+
+
+def _asks_staple(svc: ServiceSettings) -> bool:
+    """A client asks for a stapled OCSP response when verifyChain is configured (stunnel
+    5.71+), not under ``pytunnel run``'s implicit verification."""
+    return bool(svc.client) and (bool(svc.verifyChain) or svc.verify in (1, 2, 3))
 
 
 def _stapler(ctx: ssl.SSLContext, svc: ServiceSettings) -> Stapler | None:
