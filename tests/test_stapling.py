@@ -23,6 +23,7 @@ import pytest
 from conftest import EchoServer, Tunnel, TunnelFactory, need_stunnel, need_tool, roundtrip
 from cryptography import x509
 from cryptography.x509 import ocsp
+from identity_support import wait_metric
 from ocsp_support import (
     Key,
     Pki,
@@ -58,9 +59,12 @@ def full_chain(pki: Pki, name: str, cert: x509.Certificate, key: Key) -> Path:
     return path
 
 
-def stapling_server(tunnels: TunnelFactory, echo: EchoServer, cert: Path, impl: str = "pytunnel") -> Tunnel:
+def stapling_server(
+    tunnels: TunnelFactory, echo: EchoServer, cert: Path, impl: str = "pytunnel", status: bool = False
+) -> Tunnel:
     conf = f"[s]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {cert}\n"
-    return tunnels.start(tunnels.conf(conf), impl=impl)
+    env = {"PYTUNNEL_STATUS": "127.0.0.1:0"} if status else None
+    return tunnels.start(tunnels.conf(conf), impl=impl, extra_env=env)
 
 
 def client(
@@ -199,7 +203,7 @@ def test_responder_down_at_start(pki: Pki, tunnels: TunnelFactory, echo: EchoSer
         "late.example", key, pki.root, pki.root_key, aia=f"http://127.0.0.1:{port}/", san="localhost"
     )
     (pki.dir / "index-late.txt").write_text(_index_line(leaf.serial_number, "late.example"))
-    server = stapling_server(tunnels, echo, full_chain(pki, "late", leaf, key))
+    server = stapling_server(tunnels, echo, full_chain(pki, "late", leaf, key), status=True)
     server.wait_for(r"OCSP stapling: Service \[s\]: no new response .*nothing to staple; next attempt in", 30)
     c = client(tunnels, pki, server.port("s"), "sessionResume = no\n")  # each handshake checks
     started = time.monotonic()
@@ -212,6 +216,9 @@ def test_responder_down_at_start(pki: Pki, tunnels: TunnelFactory, echo: EchoSer
     )  # fmt: skip
     try:
         server.wait_for(STAPLED.format("good"), timeout=60)
+        fetches = "pytunnel_ocsp_staple_fetches_total"
+        assert wait_metric(server, fetches, 1, service="s", result="failure") >= 1
+        assert wait_metric(server, fetches, 1, service="s", result="good") == 1
         assert roundtrip(c.port("c"), b"stapled now") == b"stapled now"
         c.wait_for(r"OCSP: Accepted \(good\)")
     finally:

@@ -28,7 +28,7 @@ its own, started with the service, keeps it fresh:
 No knob turns it off: stunnel 5.71+ has none either (a certificate without an AIA OCSP URL
 is the way).  PSK services do not staple, as in stunnel.
 
-Imports ocsp, ocsphttp, ocspverify and ocspcache (a constant); tls calls :func:`prepare`,
+Imports ocsp, ocsphttp, ocspverify, ocspcache (a constant) and metrics; tls calls :func:`prepare`,
 the service starts and stops the task, the sandbox asks :func:`responder_ports`.
 """
 
@@ -44,6 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp as x509_ocsp
 
+from tunnel.metrics import STATS
 from tunnel.ocsp import aia_urls
 from tunnel.ocspcache import DEFAULT_TTL
 from tunnel.ocsphttp import HttpError, http_post, parse_url
@@ -135,6 +136,7 @@ class Stapler:
         ttl = NO_NEXT_UPDATE_TTL if answer.ttl is None else answer.ttl
         where = f"Service [{self.service}]"
         if answer.status is Status.UNKNOWN or ttl <= 0 or der is None:
+            STATS.count("pytunnel_ocsp_staple_fetches", self.service, "failure")
             self.failures += 1
             delay: float = min(RETRY_MAX, RETRY_FIRST * 2.0 ** min(self.failures - 1, 16))
             why = answer.reason if answer.status is Status.UNKNOWN else "the response is out of date"
@@ -146,6 +148,7 @@ class Stapler:
                 f"next attempt in {delay:g} s",
             )
             return delay
+        STATS.count("pytunnel_ocsp_staple_fetches", self.service, answer.status.value)
         self.failures = 0
         self.staple = Staple(der, answer.status, now + ttl)
         self.say(7, "OCSP: Response cached")
