@@ -12,6 +12,8 @@ checks with OCSPaia itself, same configuration file), and as a server that sends
 
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -278,3 +280,19 @@ def test_certificate_reload_staples_the_new_certificate(
     t.wait_for(r"Service \[s\]: certificates reloaded", timeout=30)
     t.wait_for(STAPLED.format("revoked"), timeout=30)
     assert "Cert Status: revoked" in s_client_status(t.port("s"))
+
+
+def test_sighup_reload_keeps_stapling_without_a_gap(
+    pki: Pki, tunnels: TunnelFactory, echo: EchoServer
+) -> None:
+    """stunnel's SIGHUP builds the services again; the new one staples the answer already
+    fetched (still valid) at once, without asking the responder again."""
+    t = stapling_server(tunnels, echo, full_chain(pki, "good", pki.leaf_good, pki.leaf_good_key))
+    t.wait_for(STAPLED.format("good"), timeout=30)
+    t.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while t.log.count("Configuration successful") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert t.log.count("Configuration successful") == 2, t.log
+    assert "Cert Status: good" in s_client_status(t.port("s"))
+    assert len(re.findall(STAPLED.format("good"), t.log)) == 1

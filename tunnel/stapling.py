@@ -22,8 +22,8 @@ its own, started with the service, keeps it fresh:
   the cached DER, or nothing (the extension is not acknowledged, the handshake goes on).
   A handshake before the first answer, or while the responder is down, gets no staple and
   is never delayed.
-* A certificate reload makes a new Stapler; it takes over the old one's answer when the
-  certificate and its issuer are the same.
+* A certificate or SIGHUP reload makes a new Stapler; it starts with the last answer about
+  the same certificate and issuer while that is still valid.
 
 No knob turns it off: stunnel 5.71+ has none either (a certificate without an AIA OCSP URL
 is the way).  PSK services do not staple, as in stunnel.
@@ -54,6 +54,9 @@ NO_NEXT_UPDATE_TTL = DEFAULT_TTL  # seconds an answer without nextUpdate is stap
 RETRY_FIRST = 2.0  # seconds before the first retry after a failed fetch
 RETRY_MAX = 300.0  # the longest wait between retries
 REFRESH_FLOOR = 1.0  # never ask more often than this
+# the last answer per (service, certificate, issuer): a SIGHUP reload's new Stapler starts
+# with it instead of a gap without a staple
+_LAST: dict[tuple[str, bytes, bytes], Staple] = {}
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,9 @@ class Stapler:
         self.failures = 0
         self.say: Log = _quiet
         self._task: asyncio.Task[None] | None = None
+        last = _LAST.get((service, *self.key))
+        if last is not None and time.time() < last.expires:
+            self.staple = last
 
     @property
     def key(self) -> tuple[bytes, bytes]:
@@ -150,7 +156,7 @@ class Stapler:
             return delay
         STATS.count("pytunnel_ocsp_staple_fetches", self.service, answer.status.value)
         self.failures = 0
-        self.staple = Staple(der, answer.status, now + ttl)
+        self.staple = _LAST[(self.service, *self.key)] = Staple(der, answer.status, now + ttl)
         self.say(7, "OCSP: Response cached")
         self.say(
             5,
