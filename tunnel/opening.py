@@ -426,7 +426,8 @@ class Opening:
         checked again, as in stunnel (its verify callback does not run on resumption).
         """
         conn, tcfg = self.conn, venue.tls
-        staple = self._staple(tcfg, side)
+        asked = tcfg.staple_policy is not None and not side.sslobj.server_side
+        staple = osslconn.client_staple(side.sslobj, conn.log) if asked else None
         policy = tcfg.ocsp or (tcfg.staple_policy() if staple and tcfg.staple_policy else None)
         if policy is None or side.sslobj.session_reused:
             return True
@@ -439,24 +440,6 @@ class Opening:
         venue.counters.handshake_failed(HandshakeFailure.OCSP)
         conn.fail(CloseReason.VERIFY_FAILED, reason)
         return False
-
-    def _staple(self, tcfg: TlsConfig, side: TlsSide) -> bytes | None:
-        """Client mode with verifyChain: the OCSP response the server stapled, with
-        stunnel's lines (none on resumption: nothing is checked then)."""
-        if tcfg.staple_policy is None or side.sslobj.server_side:
-            return None
-        if side.sslobj.session_reused:
-            self.conn.log(7, "OCSP: Skipped OCSP stapling (previous session reused)")
-            return None
-        try:
-            staple = osslconn.stapled(side.sslobj)
-        except ossl.Unavailable:
-            return None
-        if staple:
-            self.conn.log(6, "OCSP: OCSP stapling response received")
-        else:  # LOG3 as stunnel 5.71+; the configured and AIA responders are asked next
-            self.conn.log(3, "OCSP: No OCSP stapling response received")
-        return staple or None
 
     # ---- 7. dial -------------------------------------------------------------------------
     def _client_transport(self) -> Any:

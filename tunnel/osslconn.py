@@ -178,6 +178,23 @@ def stapled(sslobj: object) -> bytes:
     return ctypes.string_at(resp.value, size)
 
 
+def client_staple(sslobj: ssl.SSLObject, say: Callable[[int, str], None]) -> bytes | None:
+    """After the handshake of a client that asked (:func:`request_status`): the staple, with
+    stunnel 5.71+'s lines; None without one, and on resumption (nothing is checked then)."""
+    if sslobj.session_reused:
+        say(7, "OCSP: Skipped OCSP stapling (previous session reused)")
+        return None
+    try:
+        staple = stapled(sslobj)
+    except ossl.Unavailable:
+        return None
+    if staple:
+        say(6, "OCSP: OCSP stapling response received")
+    else:  # LOG3 as stunnel; the configured and AIA responders are asked next
+        say(3, "OCSP: No OCSP stapling response received")
+    return staple or None
+
+
 def serve_status(context: ssl.SSLContext, current: Callable[[], bytes | None]) -> None:
     """``SSL_CTX_set_tlsext_status_cb`` on a server context: a client asking for a staple
     gets a copy of ``current()`` (the cached DER response; None: nothing to staple, the
