@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import EchoServer, TunnelFactory, roundtrip
-from cryptography import x509
 from loopback_support import refused
-from test_ocsp import Pki, _key_pem, _pem, pki  # noqa: F401 - pki is the fixture
+from ocsp_support import Pki, build_pki, pem_pair
 
 
-def pem_pair(pki: Pki, name: str, cert: x509.Certificate, key: object) -> Path:  # noqa: F811
-    path = pki.dir / f"{name}-pair.pem"
-    path.write_bytes(_key_pem(key) + _pem(cert))  # type: ignore[arg-type]
-    path.chmod(0o600)
-    return path
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pki]:
+    yield from build_pki(tmp_path_factory)
 
 
 def server_for(tunnels: TunnelFactory, echo: EchoServer, cert: Path) -> int:
@@ -32,7 +30,7 @@ def server_for(tunnels: TunnelFactory, echo: EchoServer, cert: Path) -> int:
 
 @pytest.mark.parametrize("leaf", ["good", "revoked"])
 def test_client_mode_checks_the_servers_certificate(
-    pki: Pki,  # noqa: F811
+    pki: Pki,
     tunnels: TunnelFactory,
     echo: EchoServer,
     impl: str,
@@ -57,7 +55,7 @@ def test_client_mode_checks_the_servers_certificate(
 
 
 def test_configured_url_and_server_mode(
-    pki: Pki,  # noqa: F811
+    pki: Pki,
     tunnels: TunnelFactory,
     echo: EchoServer,
     impl: str,
@@ -90,7 +88,7 @@ def test_configured_url_and_server_mode(
 
 
 def test_ocsprequire_no_accepts_an_unknown_certificate(
-    pki: Pki,  # noqa: F811
+    pki: Pki,
     tunnels: TunnelFactory,
     echo: EchoServer,
 ) -> None:
@@ -109,7 +107,7 @@ def test_ocsprequire_no_accepts_an_unknown_certificate(
 
 
 def test_responder_down_fails_closed_and_the_tunnel_keeps_serving(
-    pki: Pki,  # noqa: F811
+    pki: Pki,
     tunnels: TunnelFactory,
     echo: EchoServer,
 ) -> None:

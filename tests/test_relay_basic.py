@@ -112,3 +112,32 @@ def test_stunnel4_client_resumes_against_pytunnel_server(
     for _ in range(3):
         assert roundtrip(client.port("cli"), b"hello") == b"hello"
     server.wait_for(r"TLS accepted: previous session reused")
+
+
+def test_enotconn_is_a_peer_reset_not_a_socket_error() -> None:
+    """ENOTCONN (write_eof on a socket the peer already reset) ends the connection like
+    EPIPE, as stunnel does: not a LOG3 "socket error"."""
+    import asyncio
+    import errno
+    from types import SimpleNamespace
+
+    from tunnel.reasons import CloseReason
+    from tunnel.relay import Connection, PlainSide
+
+    lines: list[tuple[int, str]] = []
+    owner = SimpleNamespace(
+        name="t",
+        settings=SimpleNamespace(TIMEOUTidle=43200, TIMEOUTclose=60, reset=True),
+        log_conn=lambda level, _id, text, _fields=None: lines.append((level, text)),
+        connection_ended=lambda _conn: None,
+    )
+
+    async def lose() -> Connection:
+        conn = Connection(owner, "1")  # type: ignore[arg-type]
+        conn.plain = PlainSide(conn)
+        conn.side_lost(conn.plain, OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN)))
+        return conn
+
+    conn = asyncio.run(lose())
+    assert conn.reason is CloseReason.PEER_RESET
+    assert not [text for level, text in lines if level <= 3], lines

@@ -27,6 +27,10 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
         "ACME certificate orders (first issue and renewals), by result",
         ("service", "result"),
     ),
+    "pytunnel_ocsp_staple_fetches": (
+        "OCSP stapling: a server's fetches of its own OCSP response, by result (good, revoked, failure)",
+        ("service", "result"),
+    ),
 }
 
 

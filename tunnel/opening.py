@@ -25,7 +25,9 @@ mode, in the order stunnel does it, and hands a linked pair of sides to the data
 5. **verdict**: the handshake's outcome, the peer checks (``verifyPeer``, ``check*``,
    pinning) and stunnel's lines; or **redirect**: a client that failed verification goes to
    ``redirect`` instead of ``connect``.
-6. **OCSP** (``OCSP``/``OCSPaia``): the verified chain checked with its responders.
+6. **OCSP** (``OCSP``/``OCSPaia``): the verified chain checked with its responders.  In
+   client mode with ``verifyChain`` the handshake asked for a stapled response
+   (``osslconn.request_status``); a conclusive staple answers for the leaf first.
 7. **dial**: the upstream (``tunnel/upstream.py``): failover, resolution, ``local``,
    transparent source, or an ``exec`` program.  Client mode dials before its handshake.
 8. **protocol, late**: what a protocol does once TLS is up (e.g. SMTP authentication).
@@ -43,6 +45,7 @@ osslconn (a resumed session's verification result), metrics, reasons, logs -- ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
@@ -200,6 +203,9 @@ class Opening:
         session = venue.session_for(conn.target) if venue.settings.sessionResume else None
         tls = TlsSide(conn, tcfg.context, server_side=False, server_hostname=hostname, session=session)
         conn.tls = tls
+        if tcfg.staple_policy is not None:  # verifyChain: ask for a stapled OCSP response
+            with contextlib.suppress(ossl.Unavailable):
+                osslconn.request_status(tls.sslobj)
         conn.waiter = fut = _handshake_waiter(conn.loop, tls)
         tls.deferred = mode is not None and mode.middle is not None
         try:
@@ -424,13 +430,16 @@ class Opening:
         hook there, so pytunnel checks right after it and closes.  A resumed session is not
         checked again, as in stunnel (its verify callback does not run on resumption).
         """
-        policy = venue.tls.ocsp
+        conn, tcfg = self.conn, venue.tls
+        asked = tcfg.staple_policy is not None and not side.sslobj.server_side
+        staple = osslconn.client_staple(side.sslobj, conn.log) if asked else None
+        policy = tcfg.ocsp or (tcfg.staple_policy() if staple and tcfg.staple_policy else None)
         if policy is None or side.sslobj.session_reused:
             return True
         from tunnel import ocsp
 
-        conn = self.conn
-        reason = await ocsp.check_chain(ocsp.verified_chain(side.sslobj, policy.trust), policy, log=conn.log)
+        chain = ocsp.verified_chain(side.sslobj, policy.trust)
+        reason = await ocsp.check_chain(chain, policy, log=conn.log, staple=staple)
         if reason is None:
             return True
         venue.counters.handshake_failed(HandshakeFailure.OCSP)

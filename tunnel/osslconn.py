@@ -11,6 +11,12 @@ tunnel/ossl.py reaches a context's ``SSL_CTX *``; this module reaches the ``SSL 
 * :func:`verify_result`: what OpenSSL's verification of the peer's chain found, kept in the
   session (and so in a resumed one: ``redirect`` redirects a resumed session whose peer was
   not authenticated when it was made, as stunnel does).
+* OCSP stapling (tunnel/stapling.py): :func:`request_status` asks for a staple before a
+  client's handshake, :func:`stapled` reads it after; :func:`serve_status` installs a
+  server context's status callback, which hands OpenSSL a copy of the cached response in
+  an ``OPENSSL_malloc`` buffer (OpenSSL frees it) and never blocks.  Most of these are
+  macros over ``SSL_ctrl``/``SSL_CTX_callback_ctrl``; the numbers are OpenSSL's (ssl.h,
+  tls1.h), unchanged since 1.0.
 
 The ``SSL *`` is the second field after the object header of CPython's ``PySSLSocket``
 (``Socket``, ``ssl``, ``ctx``: unchanged from Python 3.7 to 3.14).  Before any call,
@@ -26,11 +32,23 @@ from __future__ import annotations
 
 import ctypes
 import ssl
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from tunnel import ossl
 
 X509_V_OK = 0
+SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB = 63
+SSL_CTRL_SET_TLSEXT_STATUS_REQ_TYPE = 65
+SSL_CTRL_GET_TLSEXT_STATUS_REQ_OCSP_RESP = 70
+SSL_CTRL_SET_TLSEXT_STATUS_REQ_OCSP_RESP = 71
+TLSEXT_STATUSTYPE_OCSP = 1
+SSL_TLSEXT_ERR_OK = 0
+SSL_TLSEXT_ERR_NOACK = 3
+_STATUS_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+# a server context's status callback lives exactly as long as the context
+_STATUS_KEEP: weakref.WeakKeyDictionary[ssl.SSLContext, Any] = weakref.WeakKeyDictionary()
 
 
 class _SslLib:
@@ -54,6 +72,10 @@ class _SslLib:
             self.param_clear = lib.X509_VERIFY_PARAM_clear_flags
             self.param_set = lib.X509_VERIFY_PARAM_set_flags
             self.verify_result = lib.SSL_get_verify_result
+            self.ssl_ctrl = lib.SSL_ctrl
+            self.ctx_callback_ctrl = lib.SSL_CTX_callback_ctrl
+            self.malloc = lib.CRYPTO_malloc
+            self.free = lib.CRYPTO_free
         except (OSError, AttributeError) as exc:
             raise ossl.Unavailable(
                 f"cannot reach the OpenSSL library of Python's ssl module ({exc})"
@@ -72,6 +94,10 @@ class _SslLib:
             (self.param_clear, [vp, ctypes.c_ulong], ctypes.c_int),
             (self.param_set, [vp, ctypes.c_ulong], ctypes.c_int),
             (self.verify_result, [vp], ctypes.c_long),
+            (self.ssl_ctrl, [vp, ctypes.c_int, ctypes.c_long, vp], ctypes.c_long),
+            (self.ctx_callback_ctrl, [vp, ctypes.c_int, vp], ctypes.c_long),
+            (self.malloc, [ctypes.c_size_t, ctypes.c_char_p, ctypes.c_int], vp),
+            (self.free, [vp, ctypes.c_char_p, ctypes.c_int], None),
         )
         for fn, args, res in protos:
             fn.argtypes = args
@@ -128,3 +154,73 @@ def verify_result(sslobj: object) -> int:
     """``SSL_get_verify_result``: X509_V_OK (0) when the peer's chain verified (or none was
     sent); for a resumed session, the result of the handshake that made it."""
     return int(_lib().verify_result(ssl_of(sslobj)))
+
+
+def request_status(sslobj: object) -> None:
+    """``SSL_set_tlsext_status_type(ssl, TLSEXT_STATUSTYPE_ocsp)`` before a client's
+    handshake: the ClientHello asks for a stapled OCSP response (status_request)."""
+    if (
+        _lib().ssl_ctrl(ssl_of(sslobj), SSL_CTRL_SET_TLSEXT_STATUS_REQ_TYPE, TLSEXT_STATUSTYPE_OCSP, None)
+        != 1
+    ):
+        raise ossl.Unavailable("OpenSSL refused SSL_set_tlsext_status_type")
+
+
+def stapled(sslobj: object) -> bytes:
+    """``SSL_get_tlsext_status_ocsp_resp`` after the handshake: the DER OCSP response the
+    server stapled, or ``b""`` when it sent none."""
+    resp = ctypes.c_void_p()
+    size = int(
+        _lib().ssl_ctrl(ssl_of(sslobj), SSL_CTRL_GET_TLSEXT_STATUS_REQ_OCSP_RESP, 0, ctypes.byref(resp))
+    )
+    if size <= 0 or not resp.value:
+        return b""
+    return ctypes.string_at(resp.value, size)
+
+
+def client_staple(sslobj: ssl.SSLObject, say: Callable[[int, str], None]) -> bytes | None:
+    """After the handshake of a client that asked (:func:`request_status`): the staple, with
+    stunnel 5.71+'s lines; None without one, and on resumption (nothing is checked then)."""
+    if sslobj.session_reused:
+        say(7, "OCSP: Skipped OCSP stapling (previous session reused)")
+        return None
+    try:
+        staple = stapled(sslobj)
+    except ossl.Unavailable:
+        return None
+    if staple:
+        say(6, "OCSP: OCSP stapling response received")
+    else:  # LOG3 as stunnel; the configured and AIA responders are asked next
+        say(3, "OCSP: No OCSP stapling response received")
+    return staple or None
+
+
+def serve_status(context: ssl.SSLContext, current: Callable[[], bytes | None]) -> None:
+    """``SSL_CTX_set_tlsext_status_cb`` on a server context: a client asking for a staple
+    gets a copy of ``current()`` (the cached DER response; None: nothing to staple, the
+    extension is not acknowledged).  ``current`` must not block: it runs inside the
+    handshake.  The callback is kept alive as long as ``context``."""
+    lib = _lib()
+    ctx_ptr = ossl.handle(context)
+
+    def callback(ssl_ptr: int | None, _arg: int | None) -> int:
+        try:
+            der = current()
+            if not der or not ssl_ptr:
+                return SSL_TLSEXT_ERR_NOACK
+            buf = lib.malloc(len(der), b"pytunnel", 0)  # OpenSSL frees it with the SSL
+            if not buf:
+                return SSL_TLSEXT_ERR_NOACK
+            ctypes.memmove(buf, der, len(der))
+            if lib.ssl_ctrl(ssl_ptr, SSL_CTRL_SET_TLSEXT_STATUS_REQ_OCSP_RESP, len(der), buf) != 1:
+                lib.free(buf, b"pytunnel", 0)
+                return SSL_TLSEXT_ERR_NOACK
+            return SSL_TLSEXT_ERR_OK
+        except BaseException:  # noqa: BLE001 - never unwind through OpenSSL: no staple instead
+            return SSL_TLSEXT_ERR_NOACK
+
+    c_callback = _STATUS_CB(callback)
+    _STATUS_KEEP[context] = c_callback
+    fp = ctypes.cast(c_callback, ctypes.c_void_p)
+    if lib.ctx_callback_ctrl(ctx_ptr, SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB, fp) != 1:
+        raise ossl.Unavailable("OpenSSL refused SSL_CTX_set_tlsext_status_cb")

@@ -50,11 +50,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from tunnel import ossl
 from tunnel.reasons import CloseReason, HandshakeFailure
@@ -385,6 +386,10 @@ _SLOTS = (
 )
 
 
+def _not_connected(exc: Exception | None) -> TypeGuard[OSError]:
+    return isinstance(exc, OSError) and exc.errno == errno.ENOTCONN
+
+
 class Connection:
     """One relayed connection: both sides, counters, timers and the one close reason."""
 
@@ -529,7 +534,8 @@ class Connection:
             # before the waiting coroutine ran: that coroutine logs the handshake's reason
             return
         if self.reason is None:
-            if exc is not None and isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            # ENOTCONN: write_eof on a socket the peer already reset; stunnel: like EPIPE
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)) or _not_connected(exc):
                 where = ""
                 if isinstance(side, TlsSide) and side.handshaking:
                     where = "SSL_accept: " if side.sslobj.server_side else "SSL_connect: "

@@ -19,11 +19,12 @@ What stays allowed (:func:`plan`, pure, so ``pytunnel check`` and the tests can 
 * execute: the ``exec`` programs and their ``#!`` interpreters, and the system library
   directories they load from;
 * TCP (ABI >= 4): bind only the ``accept`` ports (and port 0 for ``local``); connect only to
-  the ``connect``/``redirect`` ports, OCSP responders' ports, 113 for ``ident`` and 53
+  the ``connect``/``redirect`` ports, OCSP responders' ports (``OCSP``, and for stapling
+  those a server certificate names when the sandbox starts), 113 for ``ident`` and 53
   for DNS over TCP.  A configuration whose targets are decided per connection
   (``transparent``, OCSPaia, a SOCKS or CONNECT server) leaves that kind of access unrestricted.
 
-Imports settings and logs only.
+Imports settings and logs (and stapling, lazily, for a server certificate's responders).
 """
 
 from __future__ import annotations
@@ -180,6 +181,10 @@ def _ports(svc: ServiceSettings, plan: Plan) -> None:
         if svc.OCSP:
             url = urlsplit(svc.OCSP)
             plan.connect.add(url.port or (443 if url.scheme == "https" else 80))
+        if svc.cert and not svc.client:  # OCSP stapling asks the certificate's AIA responders
+            from tunnel import stapling
+
+            plan.connect |= stapling.responder_ports(svc.cert)
         if svc.ident:
             plan.connect.add(113)
         if svc.ACMEdirectory:  # the ACME server (its URLs share the directory's port)

@@ -134,7 +134,12 @@ class Service:
 
     def swap_tls(self, tls: TlsConfig) -> None:
         """Certificate reload: new connections use ``tls``; live ones keep their context."""
-        self.tls = tls
+        old, self.tls = self.tls.stapler, tls
+        if old is not None:  # OCSP stapling: the new certificate's own fetcher takes over
+            old.stop()
+        if tls.stapler is not None:
+            tls.stapler.adopt(old)
+            tls.stapler.start(self._staple_log)
         if self.sni is not None:
             self.sni.install(tls.context)
 
@@ -197,8 +202,14 @@ class Service:
     async def resolve_all(self) -> list[str]:
         return await self.upstream.resolve_all()
 
+    def _staple_log(self, level: int, text: str) -> None:
+        self.log_conn(level, "ui", text)
+
     async def start(self) -> None:
         self.bound.start()
+        for svc in (self, *self.secondaries):  # OCSP stapling: fetched off the connection path
+            if svc.tls.stapler is not None:
+                svc.tls.stapler.start(svc._staple_log)
         if self.exec_local and self._local_done is None:
             self._local_done = asyncio.Event()
             self._local_task = asyncio.get_running_loop().create_task(self._run_exec_local())
@@ -248,6 +259,9 @@ class Service:
 
     def _stop_local(self) -> None:
         self.accepting = False
+        for svc in (self, *self.secondaries):
+            if svc.tls.stapler is not None:
+                svc.tls.stapler.stop()
         if self._local_task is not None:  # no more retries; the live connection drains
             self._local_task.cancel()
 

@@ -22,6 +22,7 @@ Verification mapping (stunnel -> OpenSSL through Python's ``ssl``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import ssl
 from collections.abc import Callable
@@ -35,7 +36,10 @@ from tunnel.values import SSL_OPTIONS
 from tunnel.verify import NamesCache, Policy, check_peer, pinned_certs, policy_for
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from tunnel.ocsp import OcspPolicy
+    from tunnel.stapling import Stapler
 
 _VERSIONS = {
     "TLSv1": ssl.TLSVersion.TLSv1,
@@ -66,6 +70,9 @@ class TlsConfig:
     generation: int = 0
     redirect: bool = False  # server: a client failing verification goes to `redirect`
     ocsp: OcspPolicy | None = None  # OCSP / OCSPaia with verifyChain: checked after the handshake
+    # client with verifyChain: a staple is asked for; the policy that checks it, made when needed
+    staple_policy: Callable[[], OcspPolicy] | None = None
+    stapler: Stapler | None = None  # server: the OCSP response it staples (tunnel/stapling.py)
     _names_cache: NamesCache = field(default_factory=dict, repr=False)
 
     def check_peer(self, der: bytes | None, expected_name: str | None) -> str | None:
@@ -115,6 +122,8 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
         generation=generation,
         redirect=bool(svc.redirect) and server,
         ocsp=_ocsp_policy(svc) if (svc.OCSP or svc.OCSPaia) and pol.verify_chain else None,
+        staple_policy=functools.cache(functools.partial(_ocsp_policy, svc)) if _asks_staple(svc) else None,
+        stapler=_stapler(ctx, svc) if server and svc.cert and not svc.PSKsecrets else None,
     )
 
 
@@ -342,19 +351,56 @@ def _load_pkcs12(ctx: ssl.SSLContext, path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def _ocsp_policy(svc: ServiceSettings) -> OcspPolicy:
-    """stunnel's OCSP options, once per (re)load; CAfile's certificates find the chain's root."""
+def _ca_certs(svc: ServiceSettings) -> tuple[x509.Certificate, ...]:
+    """CAfile's certificates, for OCSP (the chain's root, the responder's trust)."""
     from cryptography import x509
 
-    from tunnel.ocsp import OcspPolicy
+    if not svc.CAfile:
+        return ()
+    try:
+        with open(svc.CAfile, "rb") as fh:
+            return tuple(x509.load_pem_x509_certificates(fh.read()))
+    except (OSError, ValueError) as exc:
+        raise TlsConfigError("CAfile", f"cannot read {svc.CAfile} for OCSP: {exc}") from None
+
+
+def _asks_staple(svc: ServiceSettings) -> bool:
+    """A client asks for a stapled OCSP response when verifyChain is configured (stunnel
+    5.71+), not under ``pytunnel run``'s implicit verification."""
+    return bool(svc.client) and (bool(svc.verifyChain) or svc.verify in (1, 2, 3))
+
+
+def _stapler(ctx: ssl.SSLContext, svc: ServiceSettings) -> Stapler | None:
+    """Server OCSP stapling (stunnel 5.71+): on when the certificate (PEM) names an OCSP
+    responder; the status callback serves what tunnel/stapling.py fetched."""
+    assert svc.cert
+    try:
+        with open(svc.cert, "rb") as fh:
+            pem = fh.read()
+    except OSError:
+        return None
+    if b"-----BEGIN" not in pem or b"CERTIFICATE-----" not in pem:
+        return None  # PKCS#12: not stapled
+    from tunnel import osslconn, stapling
 
     trust: tuple[x509.Certificate, ...] = ()
-    if svc.CAfile:
-        try:
-            with open(svc.CAfile, "rb") as fh:
-                trust = tuple(x509.load_pem_x509_certificates(fh.read()))
-        except (OSError, ValueError) as exc:
-            raise TlsConfigError("CAfile", f"cannot read {svc.CAfile} for OCSP: {exc}") from None
+    with contextlib.suppress(TlsConfigError):  # CAfile only helps find the issuer here
+        trust = _ca_certs(svc)
+    stapler = stapling.prepare(svc.name, pem, trust, float(svc.TIMEOUTocsp))
+    if stapler is None:
+        return None
+    try:
+        osslconn.serve_status(ctx, stapler.current)
+    except ossl.Unavailable:
+        return None
+    return stapler
+
+
+def _ocsp_policy(svc: ServiceSettings) -> OcspPolicy:
+    """stunnel's OCSP options, once per (re)load; CAfile's certificates find the chain's root."""
+    from tunnel.ocsp import OcspPolicy
+
+    trust = _ca_certs(svc)
     return OcspPolicy(
         url=svc.OCSP,
         aia=bool(svc.OCSPaia),
