@@ -76,6 +76,7 @@ class Server:
         self.status: status.StatusServer | None = None
         self.watcher: CertWatcher | None = None
         self.renewals: Renewals | None = None  # ACMEdirectory services (tunnel/acmeserve.py)
+        self.orders_acme = True  # this process renews (with --workers: worker 0 only)
         self.generation = 0
         self.stop_event: asyncio.Event | None = None
         self.stopping = 0
@@ -294,13 +295,21 @@ class Server:
         if interval > 0:
             self.watcher = CertWatcher(lambda: self.services, self.config.secure, interval)
             self.watcher.start()
-        if any(s.settings.ACMEdirectory for s in self.services):  # renewed files: the watcher swaps
-            from tunnel.acmeserve import Renewals
-
-            self.renewals = Renewals([s.settings for s in self.services])
-            self.renewals.start()
+        self._follow_acme()
         self._install_signals(loop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _follow_acme(self) -> None:
+        """ACME renewal tasks for the services now in use (at start and after each reload);
+        renewed files reach every process through the certificate watcher."""
+        acme_services = [s.settings for s in self.services if s.settings.ACMEdirectory]
+        if not self.orders_acme or (self.renewals is None and not acme_services):
+            return
+        if self.renewals is None:
+            from tunnel.acmeserve import Renewals
+
+            self.renewals = Renewals()
+        self.renewals.update(acme_services)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -411,6 +420,7 @@ class Server:
         warn_services(services, self.config.secure)
         STATS.reloaded(True)
         record_certs(services)
+        self._follow_acme()
         log.ui(5, "Configuration successful")
         systemd.ready(f"Configuration reloaded; {len(services)} service(s)")
 
