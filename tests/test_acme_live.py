@@ -217,3 +217,33 @@ def test_reload_follows_the_acme_options(
     t.wait_for(r"Service \[site\]: ACME renewal stopped \(the service's ACME options removed\)", timeout=20)
     assert "ACME renewal failed" not in t.log, t.log
     assert t.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_turns_acme_on_for_a_listening_port(
+    tunnels: TunnelFactory,
+    pebble: Pebble,  # noqa: F811 - the fixture
+    echo: EchoServer,
+    certs: Certs,
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    """A service that had a cert file turns ACME on by SIGHUP: the first certificate is
+    ordered before the reload completes, validated on the port already listening (whichever
+    worker the kernel picks), and then served; no placeholder is ever served."""
+    head = "sandbox = no\n"  # the reload adds a state directory the start-up sandbox lacks
+    t, conf = launch(
+        tunnels,
+        f"{head}[site]\naccept = 127.0.0.1:{pebble.tls_port}\nconnect = 127.0.0.1:{echo.port}\n"
+        f"cert = {certs.server_pem}\n",
+        workers,
+    )
+    roots = pebble.roots()
+    conf.write_text(conf.read_text().split("[site]")[0] + body(pebble, echo, tmp_path / "state"))
+    t.signal(signal.SIGHUP)
+    t.wait_for(r"ACME certificate obtained", timeout=60)
+    wait_until(lambda: t.log.count("Configuration successful") >= 1 + workers, 60, "every process reloaded")
+    for _ in range(10):  # either worker
+        assert "Pebble Intermediate CA" in served_cert(pebble.tls_port, roots).issuer.rfc4514_string()
+    assert "ACME renewal failed" not in t.log and "Configuration failed" not in t.log, t.log
+    assert t.stop() == 0

@@ -1,18 +1,22 @@
 """ACME's moving parts around tunnel/acme.py: the challenge responders, the first certificate
-at start-up and the background renewals.
+at start-up (and on a reload), and the background renewals.
 
-* :class:`Responder` (one per ACME service, in :data:`RESPONDERS`): what must be answered now.
-  ``tls-alpn-01``: the service's context gets a servername callback (:func:`install`) that hands
-  a validation handshake for a pending domain a challenge context (the RFC 8737 certificate,
-  ALPN ``acme-tls/1`` only, so any other client is refused with no_application_protocol rather
-  than shown it); the opening closes a handshake that negotiated ``acme-tls/1`` without dialing.  ``http-01``: a small HTTP server on ``ACMEhttp`` while an order runs.
+* :class:`Responder` (one per order): what must be answered now.  ``tls-alpn-01``: the
+  challenge certificates are published as files and answered inside the ALPN callback of
+  every context of the service (tunnel/acmealpn.py: only a client offering ``acme-tls/1``
+  sees one); the opening closes a handshake that negotiated ``acme-tls/1`` without dialing.
+  ``http-01``: a small HTTP server on ``ACMEhttp`` while an order runs.
 * :func:`first_certificates`: at start, before any port is bound, each ACME service without a
-  usable stored certificate obtains one; the ``tls-alpn-01`` answers come from a temporary TLS
-  listener on the service's accept addresses.  Exit status 3 past ``ACMEtimeout``.
-* :class:`Renewals`: one asyncio task per ACME service; the order runs in a thread (the
-  ``acme`` library is synchronous); the new file is picked up by the certificate watcher.
+  usable stored certificate (or with one that no longer fits its ACMEdomain/ACMEdirectory)
+  obtains one; the ``tls-alpn-01`` answers come from a temporary TLS listener on the
+  service's accept addresses.  Exit status 3 past ``ACMEtimeout``.  :func:`before_reload`
+  does the same for an ACME service a SIGHUP brings, answering on the live ports.
+* :class:`Renewals`: one asyncio task per ACME service, following reloads
+  (:meth:`Renewals.update`); the order runs in a thread (the ``acme`` library is
+  synchronous); the new file is picked up by the certificate watcher of every process.
+  With ``--workers N`` only worker 0 runs them (``Server.orders_acme``).
 
-Imports acme, alpn, settings, metrics, logs.
+Imports acme, acmealpn, addr, settings, metrics, logs.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tunnel import acme, acmealpn
+from tunnel.addr import Endpoint
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.settings import ServiceSettings
@@ -138,9 +143,10 @@ def _http_handler(rsp: Responder) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 @contextlib.contextmanager
-def responders(svc: ServiceSettings, tls_ports: bool) -> Iterator[Responder]:
+def responders(svc: ServiceSettings, tls_ports: bool, held: Collection[Endpoint] = ()) -> Iterator[Responder]:
     """The temporary listeners an order needs: ``tls_ports`` (before the service binds) the
-    accept addresses for tls-alpn-01; for http-01 the ACMEhttp address."""
+    accept addresses for tls-alpn-01, but those in ``held`` (already listening, answered by
+    the live context); for http-01 the ACMEhttp address."""
     rsp = Responder(svc)
     acme.private_dir(acme.state_dir(svc).parent)
     acme.private_dir(acme.state_dir(svc))
@@ -158,7 +164,7 @@ def responders(svc: ServiceSettings, tls_ports: bool) -> Iterator[Responder]:
         elif tls_ports:
             base = _placeholder(svc)
             for ep in svc.accept:
-                if ep.is_unix:
+                if ep.is_unix or ep in held:
                     continue
                 sock = _bind(ep.host, ep.port)
                 threads.append(threading.Thread(target=_serve_tls, args=(sock, base, stop), daemon=True))
@@ -176,8 +182,9 @@ def responders(svc: ServiceSettings, tls_ports: bool) -> Iterator[Responder]:
 
 
 # ---- the first certificate -------------------------------------------------------------------
-def first_certificates(services: list[ServiceSettings]) -> str | None:
-    """Obtain what is missing before anything binds; None, or the line to exit 3 with."""
+def first_certificates(services: list[ServiceSettings], held: Collection[Endpoint] = ()) -> str | None:
+    """Obtain what is missing before anything binds (or, on a reload, binds anew: ``held``
+    addresses are listening already); None, or the line to exit 3 with."""
     for svc in services:
         if not svc.ACMEdirectory:
             continue
@@ -192,7 +199,7 @@ def first_certificates(services: list[ServiceSettings]) -> str | None:
         start = time.monotonic()
         deadline = start + float(svc.ACMEtimeout)
         try:
-            with responders(svc, tls_ports=True) as rsp:
+            with responders(svc, tls_ports=True, held=held) as rsp:
                 _order(svc, rsp.answers(), deadline)
         except (acme.AcmeError, OSError) as exc:
             STATS.count("pytunnel_acme_renewals", svc.name, "failure")
@@ -208,6 +215,36 @@ def first_certificates(services: list[ServiceSettings]) -> str | None:
 
 
 # ---- renewals --------------------------------------------------------------------------------
+async def before_reload(
+    services: list[ServiceSettings], orders: bool, live: dict[Endpoint, tuple[ssl.SSLContext, str | None]]
+) -> str | None:
+    """A reload brings an ACME service without a usable certificate (a new one, or one that
+    just turned ACME on): its first certificate, before the reload builds it, so it never
+    serves a placeholder.  ``live``: the contexts listening now, by address; those on the
+    service's accept addresses answer tls-alpn-01 meanwhile.  A process that does not order
+    (``--workers``: all but worker 0) waits for the file worker 0 stores.  None, or why the
+    reload must fail."""
+    for svc in services:
+        path = acme.cert_path(svc)
+        if not svc.ACMEdirectory or acme.usable(path):
+            continue
+        if svc.ACMEchallenge == "tls-alpn-01":  # in every process: any may be asked
+            for ep in svc.accept:
+                if ep in live:
+                    acmealpn.install(live[ep][0], svc, live[ep][1])
+        if not orders:
+            deadline = time.monotonic() + float(svc.ACMEtimeout) + 10
+            while not acme.usable(path):
+                if time.monotonic() > deadline:
+                    return f"Service [{svc.name}]: ACME: no certificate stored in {path} within {svc.ACMEtimeout} s"
+                await asyncio.sleep(0.5)
+            continue
+        failed = await asyncio.to_thread(first_certificates, [svc], set(live))
+        if failed is not None:
+            return failed
+    return None
+
+
 def _acme_key(svc: ServiceSettings) -> tuple[object, ...]:
     """What a renewal task depends on: a reload that changes any of it restarts the task."""
     return (

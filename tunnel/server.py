@@ -311,6 +311,15 @@ class Server:
             self.renewals = Renewals()
         self.renewals.update(acme_services)
 
+    async def _acme_before(self, settings: Settings) -> str | None:
+        """The first certificate of an ACME service a reload brings (tunnel/acmeserve.py)."""
+        if not any(s.ACMEdirectory for s in settings.services):
+            return None
+        from tunnel.acmeserve import before_reload
+
+        live = {lst.endpoint: (s.tls.context, s.settings.alpn) for s in self.services for lst in s.listeners}
+        return await before_reload(settings.services, self.orders_acme, live)
+
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(sig, self.request_stop, sig)
@@ -398,6 +407,9 @@ class Server:
         try:
             settings = source.load()
             refused = sandbox.reload_problem(self.sandbox, settings, source.path)
+            if refused is not None:
+                raise ConfigError([Problem(refused)])
+            refused = await self._acme_before(settings)
             if refused is not None:
                 raise ConfigError([Problem(refused)])
             self.generation += 1
