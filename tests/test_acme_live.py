@@ -139,16 +139,22 @@ def test_only_acme_tls_clients_see_the_challenge(
     assert t.stop() == 0
 
 
+@pytest.mark.parametrize("challenge", ["tls-alpn-01", "http-01"])
 def test_two_workers_one_renews_both_swap(
     tunnels: TunnelFactory,
     short_pebble: Pebble,  # noqa: F811 - the fixture
     echo: EchoServer,
     tmp_path: Path,
+    challenge: str,
 ) -> None:
     """24-second certificates with --workers 2: worker 0 alone orders (tls-alpn-01 reaches
-    whichever worker the kernel picks), and every worker serves the renewed certificate."""
+    whichever worker the kernel picks; one ACMEhttp listener for http-01), and every worker
+    serves the renewed certificate."""
     p = short_pebble
-    t, _ = launch(tunnels, body(p, echo, tmp_path / "state", head="logId = process\n"), workers=2)
+    extra = f"ACMEchallenge = http-01\nACMEhttp = 127.0.0.1:{p.http_port}\n" if challenge == "http-01" else ""
+    t, _ = launch(
+        tunnels, body(p, echo, tmp_path / "state", extra=extra, head="logId = process\n"), workers=2
+    )
     t.wait_for(r"ACME certificate obtained")
     roots = p.roots()
     first = served_cert(p.tls_port, roots).serial_number
