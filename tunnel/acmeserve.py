@@ -256,7 +256,6 @@ def _acme_key(svc: ServiceSettings) -> tuple[object, ...]:
         str(svc.ACMEhttp),
         svc.ACMEdir,
         svc.ACMEtimeout,
-        svc.alpn,
     )
 
 
