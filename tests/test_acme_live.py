@@ -252,4 +252,16 @@ def test_reload_turns_acme_on_for_a_listening_port(
     for _ in range(10):  # either worker
         assert "Pebble Intermediate CA" in served_cert(pebble.tls_port, roots).issuer.rfc4514_string()
     assert "ACME renewal failed" not in t.log and "Configuration failed" not in t.log, t.log
+    # the validation reached the old (certificate file) service's context: closed, never relayed
+    assert "ACME: tls-alpn-01 validation answered" in t.log, t.log
     assert t.stop() == 0
+
+
+def test_acme_tls_1_is_reserved(tunnels: TunnelFactory, certs: Certs) -> None:
+    conf = tunnels.conf(
+        f"[site]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:1\ncert = {certs.server_pem}\n"
+        "alpn = h2,acme-tls/1\n"
+    )
+    t = tunnels.start(conf, mode="run", wait=False)
+    assert t.proc.wait(timeout=60) == 1
+    assert "acme-tls/1 is reserved for ACME's tls-alpn-01 validation (RFC 8737)" in t.log, t.log

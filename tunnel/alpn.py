@@ -61,6 +61,8 @@ def parse(text: str) -> list[str]:
             raise ValueError(f"{name[:20]!r}...: a protocol name is at most 255 bytes")
     if len(set(names)) != len(names):
         raise ValueError(f"{text!r}: a protocol is listed twice")
+    if ACME_TLS in names:  # only the ACME answer may choose it: the opening closes such handshakes
+        raise ValueError(f"{ACME_TLS} is reserved for ACME's tls-alpn-01 validation (RFC 8737)")
     return names
 
 
