@@ -57,12 +57,12 @@ def state_dir(svc: ServiceSettings) -> Path:
     return Path(base) / svc.name
 
 
-def _private_dir(path: Path) -> None:
+def private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write atomically, 0600 from the start (a reader never sees half a key)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -97,6 +97,30 @@ def renew_at(path: Path) -> float | None:
 def usable(path: Path, now: float | None = None) -> bool:
     span = validity(path)
     return span is not None and span[1] > (now or time.time()) + 60
+
+
+def stale(svc: ServiceSettings) -> str | None:
+    """Why the stored certificate no longer fits the options (a reload or an edit added an
+    ACMEdomain, or moved ACMEdirectory), or None: then it is renewed when due."""
+    from cryptography import x509
+
+    path = cert_path(svc)
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return "no certificate"
+    have = {n.lower() for n in names.get_values_for_type(x509.DNSName)}
+    missing = [d for d in svc.ACMEdomain if d.lower().rstrip(".") not in have]
+    if missing:
+        return f"it does not cover {', '.join(missing)}"
+    try:
+        issued_by = json.loads((path.parent / "cert.json").read_text()).get("directory")
+    except (OSError, ValueError):
+        issued_by = None  # from before pytunnel kept this: trust it
+    if issued_by is not None and issued_by != svc.ACMEdirectory:
+        return f"it was issued by {issued_by}"
+    return None
 
 
 def prepare(svc: ServiceSettings) -> ServiceSettings:
@@ -156,7 +180,7 @@ def _account_key(directory: Path) -> Any:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_private(path, pem)
+    write_private(path, pem)
     return key
 
 
@@ -186,7 +210,7 @@ def _client(svc: ServiceSettings, directory: Path) -> Any:
     except errors.ConflictError as exc:  # the key has an account already
         regr = messages.RegistrationResource(uri=exc.location, body=messages.Registration())
         net.account = regr
-    _write_private(stored, json.dumps({svc.ACMEdirectory: regr.uri}).encode())
+    write_private(stored, json.dumps({svc.ACMEdirectory: regr.uri}).encode())
     return cl
 
 
@@ -253,8 +277,8 @@ def obtain(svc: ServiceSettings, answers: Answers, deadline: float) -> Path:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     directory = state_dir(svc)
-    _private_dir(directory.parent)
-    _private_dir(directory)
+    private_dir(directory.parent)
+    private_dir(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -280,7 +304,9 @@ def obtain(svc: ServiceSettings, answers: Answers, deadline: float) -> Path:
     finally:
         answers.clear()
     path = cert_path(svc)
-    _write_private(path, key_pem + order.fullchain_pem.encode())
+    write_private(path, key_pem + order.fullchain_pem.encode())
+    meta = {"directory": svc.ACMEdirectory, "domains": list(svc.ACMEdomain)}
+    write_private(path.parent / "cert.json", json.dumps(meta).encode())
     return path
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from tunnel import ossl
@@ -43,6 +44,8 @@ _SELECT_CB = ctypes.CFUNCTYPE(
     ctypes.c_uint,
     ctypes.c_void_p,
 )
+# a server's first say: (SSL *, the offered list) -> offset of its choice, or None (tunnel/acmealpn.py)
+Hook = Callable[[int, bytes], "int | None"]
 _KEEP: dict[int, Any] = {}  # callbacks outlive their contexts: keyed by SSL_CTX pointer
 _SET_CB: Any = None
 
@@ -58,6 +61,8 @@ def parse(text: str) -> list[str]:
             raise ValueError(f"{name[:20]!r}...: a protocol name is at most 255 bytes")
     if len(set(names)) != len(names):
         raise ValueError(f"{text!r}: a protocol is listed twice")
+    if ACME_TLS in names:  # only the ACME answer may choose it: the opening closes such handshakes
+        raise ValueError(f"{ACME_TLS} is reserved for ACME's tls-alpn-01 validation (RFC 8737)")
     return names
 
 
@@ -101,19 +106,24 @@ def _set_select_cb() -> Any:
     return _SET_CB
 
 
-def configure(ctx: ssl.SSLContext, text: str, server: bool) -> None:
-    """Set a service's ALPN list on its context.  Raises ValueError or ossl.Unavailable."""
-    names = parse(text)
+def configure(ctx: ssl.SSLContext, text: str | None, server: bool, hook: Hook | None = None) -> None:
+    """Set a service's ALPN list on its context (``text`` None: no list; only with a ``hook``,
+    which a server asks first).  Raises ValueError or ossl.Unavailable."""
+    names = parse(text) if text is not None else []
     if not server:
         ctx.set_alpn_protocols(names)
         return
     ours = [n.encode() for n in names]
     ptr = ossl.handle(ctx)
 
-    def callback(_ssl: int, out: Any, outlen: Any, data: int, length: int, _arg: int) -> int:
+    def callback(ssl_ptr: int, out: Any, outlen: Any, data: int, length: int, _arg: int) -> int:
         try:
             offered = ctypes.string_at(data, length)
-            at = select(ours, offered)
+            at = hook(ssl_ptr, offered) if hook is not None else None
+            if at is None and not ours:
+                return SSL_TLSEXT_ERR_NOACK  # no list of our own: carry on without ALPN
+            if at is None:
+                at = select(ours, offered)
             if at is None:
                 return SSL_TLSEXT_ERR_ALERT_FATAL  # OpenSSL sends no_application_protocol
             out[0] = data + at

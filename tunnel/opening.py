@@ -252,7 +252,7 @@ class Opening:
         exc = await self.handshake(fut)
         if exc is _TIMED_OUT or conn.reason is not None:
             return
-        if exc is None and venue.settings.ACMEdirectory and alpn.negotiated(tls.sslobj) == alpn.ACME_TLS:
+        if exc is None and alpn.negotiated(tls.sslobj) == alpn.ACME_TLS:  # only tunnel/acmealpn.py picks it
             conn.fail(CloseReason.CLOSED, "ACME: tls-alpn-01 validation answered", level=5)
             return
         target = venue.sni_target(tls.sslobj, conn.log) or venue

@@ -76,6 +76,7 @@ class Server:
         self.status: status.StatusServer | None = None
         self.watcher: CertWatcher | None = None
         self.renewals: Renewals | None = None  # ACMEdirectory services (tunnel/acmeserve.py)
+        self.orders_acme = True  # this process renews (with --workers: worker 0 only)
         self.generation = 0
         self.stop_event: asyncio.Event | None = None
         self.stopping = 0
@@ -294,13 +295,30 @@ class Server:
         if interval > 0:
             self.watcher = CertWatcher(lambda: self.services, self.config.secure, interval)
             self.watcher.start()
-        if any(s.settings.ACMEdirectory for s in self.services):  # renewed files: the watcher swaps
-            from tunnel.acmeserve import Renewals
-
-            self.renewals = Renewals([s.settings for s in self.services])
-            self.renewals.start()
+        self._follow_acme()
         self._install_signals(loop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _follow_acme(self) -> None:
+        """ACME renewal tasks for the services now in use (at start and after each reload);
+        renewed files reach every process through the certificate watcher."""
+        acme_services = [s.settings for s in self.services if s.settings.ACMEdirectory]
+        if not self.orders_acme or (self.renewals is None and not acme_services):
+            return
+        if self.renewals is None:
+            from tunnel.acmeserve import Renewals
+
+            self.renewals = Renewals()
+        self.renewals.update(acme_services)
+
+    async def _acme_before(self, settings: Settings) -> str | None:
+        """The first certificate of an ACME service a reload brings (tunnel/acmeserve.py)."""
+        if not any(s.ACMEdirectory for s in settings.services):
+            return None
+        from tunnel.acmeserve import before_reload
+
+        live = {lst.endpoint: (s.tls.context, s.settings.alpn) for s in self.services for lst in s.listeners}
+        return await before_reload(settings.services, self.orders_acme, live)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -391,6 +409,9 @@ class Server:
             refused = sandbox.reload_problem(self.sandbox, settings, source.path)
             if refused is not None:
                 raise ConfigError([Problem(refused)])
+            refused = await self._acme_before(settings)
+            if refused is not None:
+                raise ConfigError([Problem(refused)])
             self.generation += 1
             services = build_services(settings, self.config.secure, self.generation)
         except ConfigError as exc:
@@ -411,6 +432,7 @@ class Server:
         warn_services(services, self.config.secure)
         STATS.reloaded(True)
         record_certs(services)
+        self._follow_acme()
         log.ui(5, "Configuration successful")
         systemd.ready(f"Configuration reloaded; {len(services)} service(s)")
 

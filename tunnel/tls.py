@@ -114,7 +114,12 @@ def build(svc: ServiceSettings, secure: bool, generation: int = 0) -> TlsConfig:
     if svc.ACMEdirectory and server:  # tls-alpn-01 answered on the live port (tunnel/acmeserve.py)
         from tunnel import acmeserve
 
-        acmeserve.install(ctx, svc.name)
+        try:
+            acmeserve.install(ctx, svc)
+        except ossl.Unavailable as exc:
+            raise TlsConfigError(
+                "ACMEdirectory", f"tls-alpn-01: not available with this Python: {exc}"
+            ) from None
     return TlsConfig(
         context=ctx,
         policy=pol,

@@ -81,6 +81,8 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:  # the worker
             parent_end.close()
+            self.server.orders_acme = w.index == 0  # one process orders ACME certificates
+
             code = 1
             try:
                 code = run_worker(self.server, self.sets[w.index], child_end, self._close_in_child())
