@@ -156,7 +156,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(stunnel_main(args))
     config = plain_run(args)
     if config is not None:
-        sys.exit(start(config))
+        try:
+            code = start(config)
+        except KeyboardInterrupt:  # as click's standalone mode says it (before the handlers)
+            sys.stderr.write("\nAborted!\n")
+            code = 1
+        sys.exit(code)
     from tunnel.commands import cli
 
     cli.main(args=args, prog_name="pytunnel", auto_envvar_prefix="PYTUNNEL")
