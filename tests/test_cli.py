@@ -252,6 +252,33 @@ def test_drain_timeout_env_is_a_click_usage_error(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_plain_run_reports_like_click(tmp_path: Path) -> None:
+    """`pytunnel run CONFIG` starts without click; whatever click would refuse it still
+    refuses in click's words (a bad PYTUNNEL_* value, a directory)."""
+    out = run(pytunnel_cmd("run", str(tmp_path / "x.conf")), env={"PYTUNNEL_STATUS": "nope"})
+    assert out.returncode == 2 and "Usage:" in out.stderr and "--status" in out.stderr
+    out = run(pytunnel_cmd("run", str(tmp_path)))
+    assert out.returncode == 2 and "is a directory" in out.stderr
+    out = run(pytunnel_cmd("run", str(tmp_path / "missing.conf")))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+
+
+def test_the_entry_point_knows_the_click_commands() -> None:
+    from tunnel.cli import COMMANDS
+    from tunnel.commands import cli
+
+    assert set(cli.commands) == COMMANDS
+
+
+def test_stunnels_command_line_and_plain_run_import_no_click(tmp_path: Path) -> None:
+    code = (
+        "import sys, tunnel.cli as c; assert c.plain_run(['run', sys.argv[1]]) is not None; "
+        "assert c.plain_run(['run', '--status', 'x', sys.argv[1]]) is None; print('click' in sys.modules)"
+    )
+    out = run([sys.executable, "-c", code, str(tmp_path / "x.conf")])
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_drain_timeout_env_applies(tunnels: TunnelFactory, certs: Certs, echo: EchoServer) -> None:
     conf = tunnels.conf(
         f"[srv]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{echo.port}\ncert = {certs.server_pem}\n"

@@ -9,9 +9,8 @@ import re
 import socket
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
-
-from pydantic import BaseModel, ConfigDict
 
 from tunnel.logs import log
 
@@ -54,8 +53,11 @@ SOCKET_OPTIONS_ELSEWHERE = {
 }
 
 
-class SocketOption(BaseModel):
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True)
+class SocketOption:
+    """One ``socket = WHERE:NAME=VALUE`` line, parsed (a plain value: no pydantic model to build
+    at start-up)."""
+
     where: Literal["a", "l", "r"]
     name: str
     value: int | str | tuple[int, int]
