@@ -3,16 +3,17 @@
 Theory of operation
 ===================
 
-A connection has two sides, each an ``asyncio.Protocol`` on a plain TCP (or Unix)
-transport.  The *plain* side passes bytes through.  The *TLS* side runs TLS itself
-over an ``ssl.SSLObject`` and two ``MemoryBIO``s: asyncio's own SSL transport cannot
-half-close, cannot resume a client session, and hides close_notify from us, and a
-stunnel replacement needs all three.  Bytes read on one side are written to the other
-unchanged; nothing parses the application protocol.
+A connection has two sides, each an ``asyncio.Protocol`` on a plain TCP (or Unix) transport.  The
+*plain* side passes bytes through.  The *TLS* side runs TLS itself over an ``ssl.SSLObject`` and two
+``MemoryBIO``s: asyncio's own SSL transport cannot half-close, cannot resume a client session, and
+hides close_notify from us, and a stunnel replacement needs all three.  Bytes read on one side are
+written to the other unchanged; nothing parses the application protocol.  A handshake's last flight
+waits for the end of the loop turn (``TlsSide._flush``): the first data and a close_notify that the
+opening replays in that turn leave with it in one send, before any FIN or close.
 
-Flow control.  When one side's transport write buffer passes its high-water mark
-(``pause_writing``), we stop reading the *other* side's transport, and resume on
-``resume_writing``.  Memory per connection stays bounded when one end stops reading.
+Flow control.  When one side's transport write buffer passes its high-water mark (``pause_writing``),
+we stop reading the *other* side's transport, and resume on ``resume_writing``.  Memory per
+connection stays bounded when one end stops reading.
 
 Close semantics (each direction is closed independently):
 
@@ -218,6 +219,7 @@ class TlsSide(Side):
         self.started = conn.loop.time()  # for pytunnel_handshake_seconds
         self.deferred = False  # plaintext first (STARTTLS): start_tls() begins the handshake
         self.notes = Notes()  # filled by OpenSSL's callbacks (PSK identity, ...)
+        self.flush_due = False  # the handshake's last flight waits for the end of the loop turn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -233,9 +235,19 @@ class TlsSide(Side):
         if self.transport is not None and not self.closed:
             self._handshake()
 
-    def _flush(self) -> None:
-        if self.outgoing.pending and self.transport is not None and not self.closed:
+    def _flush(self, now: bool = False) -> None:
+        """Send the TLS output, unless a handshake's last flight waits for the end of the loop turn
+        (the first data and a close_notify that link() replays go with it, in one send)."""
+        pending = self.outgoing.pending
+        if self.flush_due and not now and pending < READ_SIZE:
+            return
+        self.flush_due = False
+        if pending and self.transport is not None and not self.closed:
             self.transport.write(self.outgoing.read())
+
+    def close(self, rst: bool = False) -> None:
+        self._flush(now=True)  # what was written goes before the FIN (or the reset), as it did
+        super().close(rst)
 
     def _do_handshake(self) -> None:
         SLOT.notes = self.notes
@@ -257,10 +269,12 @@ class TlsSide(Side):
             if self.on_handshake is not None:
                 self.on_handshake(self, exc)
             return
-        self._flush()
         self.handshaking = False
         if self.on_handshake is not None:
-            self.on_handshake(self, None)
+            self.on_handshake(self, None)  # first: the opening's task runs before the flush below
+        if self.outgoing.pending and not self.flush_due:
+            self.flush_due = True
+            self.conn.loop.call_soon(self._flush, True)
         if self.incoming.pending and not self.closed:
             self._read_records()
 
@@ -364,13 +378,9 @@ class TlsSide(Side):
         if self.eof_out or self.closed or self.transport is None:
             return
         self.eof_out = True
-        try:
+        with contextlib.suppress(ssl.SSLError, OSError):  # SSLWantRead, SSLZeroReturn: nothing to do
             self.sslobj.unwrap()  # sends close_notify
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-            pass
-        except (ssl.SSLError, OSError):
-            pass
-        self._flush()
+        self._flush(now=True)
         if self.transport.can_write_eof():
             self.transport.write_eof()
 
