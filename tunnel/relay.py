@@ -59,14 +59,14 @@ from typing import Any
 
 from tunnel import ossl
 from tunnel.reasons import CloseReason, HandshakeFailure
-from tunnel.relaytypes import Owner, Tap
+from tunnel.relaytypes import Owner, SharedBuffer, Tap
 from tunnel.sockopts import set_linger_zero
 from tunnel.tlsnotes import SLOT, Notes, reason_of
 
 READ_SIZE = 65536
 
 
-class Side(asyncio.Protocol):
+class Side(SharedBuffer):
     """One end of a connection.  Subclasses differ in how bytes cross the transport."""
 
     transport: asyncio.Transport | None = None
@@ -122,7 +122,7 @@ class Side(asyncio.Protocol):
         self.conn.side_lost(self, exc)
 
     # ---- used by the peer side -------------------------------------------
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
     def send_eof(self) -> None:
@@ -137,9 +137,9 @@ class Side(asyncio.Protocol):
         else:
             self.transport.close()
 
-    def received(self, data: bytes) -> None:
+    def received(self, data: bytes | memoryview) -> None:  # a view: see SharedBuffer
         if self.tap is not None:
-            self.tap.feed(data)
+            self.tap.feed(bytes(data))
             return
         conn = self.conn
         conn.last_activity = conn.loop.time()
@@ -150,7 +150,7 @@ class Side(asyncio.Protocol):
         else:
             # Not linked yet (uvloop ignores pause_reading() inside connection_made):
             # keep what arrived and stop reading until the other side is up.
-            self.early.append(data)
+            self.early.append(bytes(data))
             self.read_paused = False
             self.pause_reading()
 
@@ -169,14 +169,14 @@ class PlainSide(Side):
 
     feeds_tls = True
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self.received(data)
 
     def eof_received(self) -> bool:
         self.received_eof()
         return True  # keep the transport open: we may still write
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:  # from the TLS side: bytes
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
@@ -278,14 +278,14 @@ class TlsSide(Side):
         if self.incoming.pending and not self.closed:
             self._read_records()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.failed:
             return
         if self.deferred:  # plaintext before STARTTLS: for the protocol's tap
             if self.tap is not None:
-                self.tap.feed(data)
+                self.tap.feed(bytes(data))
             else:
-                self.early.append(data)
+                self.early.append(bytes(data))
             return
         self.incoming.write(data)
         if self.handshaking:
@@ -354,16 +354,16 @@ class TlsSide(Side):
                 self.on_handshake(self, ConnectionResetError("peer closed during the TLS handshake"))
         return True
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         if self.closed or self.eof_out:
             return
         if self.pending:
-            self.pending.append(data)
+            self.pending.append(bytes(data))
             return
         try:
             self.sslobj.write(data)
         except ssl.SSLWantReadError:
-            self.pending.append(data)
+            self.pending.append(bytes(data))
         except ssl.SSLError as exc:
             self.conn.fail(CloseReason.TLS_ERROR, f"TLS error: {reason_of(exc)}")
             return
