@@ -1,9 +1,10 @@
-"""The data path: two asyncio Protocols per connection, and how a connection ends.
+"""The data path: two asyncio protocols per connection, and how a connection ends.
 
 Theory of operation
 ===================
 
-A connection has two sides, each an ``asyncio.Protocol`` on a plain TCP (or Unix) transport.  The
+A connection has two sides, each an asyncio protocol on a plain TCP (or Unix) transport, reading into
+one buffer all sides share (``relaytypes.SharedBuffer``: no fresh ``bytes`` per read).  The
 *plain* side passes bytes through.  The *TLS* side runs TLS itself over an ``ssl.SSLObject`` and two
 ``MemoryBIO``s: asyncio's own SSL transport cannot half-close, cannot resume a client session, and
 hides close_notify from us, and a stunnel replacement needs all three.  Bytes read on one side are
