@@ -5,15 +5,11 @@ Before the configuration is read, lines go to stderr as ``[!] text`` (error),
 prints them.  Afterwards they go where the global options say: stderr with
 ``foreground = yes``, the ``output`` file, and syslog (``syslog = yes``, stunnel's
 default on Unix; when ``/dev/log`` is missing we say so once and carry on).
-Callers check :meth:`Log.enabled` before formatting anything costly.  While an event loop runs,
-the lines one loop turn makes go to stderr and the output file in one write, at the end of the turn
-(:meth:`Log.flush_batch`; a line written with no loop running sends what waits first).
+Callers check :meth:`Log.enabled` before formatting anything costly.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import contextlib
 import datetime
 import json
@@ -36,10 +32,9 @@ FACILITIES = {
 
 class Log:
     def __init__(self) -> None:
-        self.batch: list[str] | None = None  # this loop turn's lines, for stderr and the file
         self.level = 5
         self.early = True
-        self._to_stderr = True
+        self.to_stderr = True
         self.file: TextIO | IO[str] | None = None
         self.file_path: str | None = None
         self.file_mode = "a"
@@ -54,15 +49,6 @@ class Log:
         # chroot: until the process enters the jail, `output` names a file inside it (stunnel
         # opens its log after chroot, so the same path must mean the same file before and after)
         self.root: str | None = None
-
-    @property
-    def to_stderr(self) -> bool:
-        return self._to_stderr
-
-    @to_stderr.setter
-    def to_stderr(self, value: bool) -> None:
-        self.flush_batch()  # what was logged before goes where it went
-        self._to_stderr = value
 
     # ---- configuration ---------------------------------------------------------
     def configure(
@@ -103,7 +89,6 @@ class Log:
         """Open (or, on SIGUSR1 and reload, reopen) the output file.  The old file is closed
         only once the new one is open; when the new one cannot be, stunnel's line is logged
         and logging goes on where it went (False)."""
-        self.flush_batch()  # what was logged before goes where it went
         if self.file_path is None:
             return True
         new: TextIO | IO[str]
@@ -128,7 +113,6 @@ class Log:
         return True
 
     def close_file(self) -> None:
-        self.flush_batch()
         old, self.file, self.file_path = self.file, None, None
         _close(old)
 
@@ -207,40 +191,22 @@ class Log:
             self.buffer.append((level, ident, text))
             return
         if self.json:
-            line = self._json(level, ident, text, fields) + "\n"
+            body = line = self._json(level, ident, text, fields) + "\n"
         else:
-            sec = int(time.time())
-            if sec != self._stamp_sec:
-                self._timestamp()
-            line = f"{self._stamp} LOG{level}[{ident}]: {text}\n"
-        if self.batch is not None:
-            self.batch.append(line)
-        elif (loop := asyncio._get_running_loop()) is not None:
-            self.batch = [line]
-            loop.call_soon(self.flush_batch)
-        else:
-            self._out(line)
+            body = f"LOG{level}[{ident}]: {text}"
+            line = f"{self._timestamp()} {body}\n"
+        if self.to_stderr and not _stderr(line):
+            self.to_stderr = False
+        if self.file is not None:
+            with contextlib.suppress(OSError, ValueError):  # ValueError: closed under us
+                self.file.write(line)
         if self.syslog is not None:
             # what glibc's syslog() sends for stunnel's openlog(ident, LOG_CONS | LOG_NDELAY):
             # an RFC 3164 header with the C locale's time stamp, no pid
             stamp = time.strftime("%b %e %H:%M:%S")
-            body = line if self.json else f"LOG{level}[{ident}]: {text}"
             msg = f"<{self.facility * 8 + level}>{stamp} {self.ident}: {body}"
             with contextlib.suppress(OSError):
                 self.syslog.send(msg.encode("utf-8", "replace"))
-
-    def flush_batch(self) -> None:
-        batch, self.batch = self.batch, None
-        if batch:
-            self._out("".join(batch))
-
-    def _out(self, text: str) -> None:
-        self.flush_batch()
-        if self._to_stderr and not _stderr(text):
-            self._to_stderr = False
-        if self.file is not None:
-            with contextlib.suppress(OSError, ValueError):  # ValueError: closed under us
-                self.file.write(text)
 
     def ui(self, level: int, text: str, **fields: object) -> None:
         self.write(level, "ui", text, fields=fields or None)
@@ -261,8 +227,6 @@ class Log:
 
 
 log = Log()
-atexit.register(log.flush_batch)
-os.register_at_fork(before=log.flush_batch)  # a line is written once, by the process that made it
 
 
 def _close(file: TextIO | IO[str] | None) -> None:

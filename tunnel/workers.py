@@ -85,7 +85,6 @@ class Supervisor:
             try:
                 code = run_worker(self.server, self.sets[w.index], child_end, self._close_in_child())
             finally:
-                log.flush_batch()  # the lines of its last loop turn
                 os._exit(code)
         child_end.close()
         parent_end.setblocking(False)
