@@ -11,6 +11,7 @@ Imports: addr, program, sockopts, transparent, reasons, logs -- leaves only.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -158,7 +159,7 @@ class Upstream:
                     if opts.local:
                         sock.bind((opts.local, 0))
                 async with asyncio.timeout(timeout):
-                    await loop.sock_connect(sock, addr)
+                    await connect(loop, sock, family, addr)
             except (OSError, TimeoutError) as exc:
                 sock.close()
                 if isinstance(exc, TimeoutError) and not exc.errno:
@@ -223,3 +224,28 @@ class Upstream:
 
     def _exec_failed(self, exc: OSError) -> Failed:
         return Failed(f"execv {self.settings.exec}: {exc.strerror or exc} ({exc.errno})")
+
+
+async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, family: int, addr: Any) -> None:
+    """A non-blocking TCP connect: ``connect_ex``, then wait until the socket is writable and read
+    its error (uvloop's ``sock_connect`` costs ≈ 40 µs more CPU a connection on loopback)."""
+    if family == socket.AF_UNIX:
+        await loop.sock_connect(sock, addr)
+        return
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+        done = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _writable, done)
+        try:
+            await done
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))  # e.g. ConnectionRefusedError, as sock_connect raised
+
+
+def _writable(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
