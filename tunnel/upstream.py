@@ -158,8 +158,7 @@ class Upstream:
                     apply_socket_options(sock, family, self.sockopts_r)
                     if opts.local:
                         sock.bind((opts.local, 0))
-                async with asyncio.timeout(timeout):
-                    await connect(loop, sock, family, addr)
+                await connect(loop, sock, family, addr, timeout)
             except (OSError, TimeoutError) as exc:
                 sock.close()
                 if isinstance(exc, TimeoutError) and not exc.errno:
@@ -226,20 +225,26 @@ class Upstream:
         return Failed(f"execv {self.settings.exec}: {exc.strerror or exc} ({exc.errno})")
 
 
-async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, family: int, addr: Any) -> None:
-    """A non-blocking TCP connect: ``connect_ex``, then wait until the socket is writable and read
-    its error (uvloop's ``sock_connect`` costs ≈ 40 µs more CPU a connection on loopback)."""
+async def connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, family: int, addr: Any, timeout: float
+) -> None:
+    """A non-blocking TCP connect bounded by ``timeout`` (TimeoutError): ``connect_ex``, then one
+    wait until the socket is writable and its error read.  uvloop's ``sock_connect`` under
+    ``asyncio.timeout`` cost ≈ 40 µs more CPU a connection on loopback."""
     if family == socket.AF_UNIX:
-        await loop.sock_connect(sock, addr)
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, addr)
         return
     err = sock.connect_ex(addr)
     if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
         done = loop.create_future()
         fd = sock.fileno()
         loop.add_writer(fd, _writable, done)
+        timer = loop.call_later(timeout, _expired, done)
         try:
             await done
         finally:
+            timer.cancel()
             loop.remove_writer(fd)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
@@ -249,3 +254,8 @@ async def connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, family: 
 def _writable(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_result(None)
+
+
+def _expired(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
