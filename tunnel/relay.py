@@ -3,14 +3,13 @@
 Theory of operation
 ===================
 
-A connection has two sides, each an asyncio protocol on a plain TCP (or Unix) transport, reading into
-one buffer all sides share (``relaytypes.SharedBuffer``: no fresh ``bytes`` per read).  The
-*plain* side passes bytes through.  The *TLS* side runs TLS itself over an ``ssl.SSLObject`` and two
-``MemoryBIO``s: asyncio's own SSL transport cannot half-close, cannot resume a client session, and
-hides close_notify from us, and a stunnel replacement needs all three.  Bytes read on one side are
-written to the other unchanged; nothing parses the application protocol.  A handshake's last flight
-waits for the end of the loop turn (``TlsSide._flush``): the first data and a close_notify that the
-opening replays in that turn leave with it in one send, before any FIN or close.
+A connection has two sides, each an asyncio protocol on a plain TCP (or Unix) transport reading into
+one buffer all sides share (``relaytypes.SharedBuffer``).  The *plain* side passes bytes through.
+The *TLS* side runs TLS itself over an ``ssl.SSLObject`` and two ``MemoryBIO``s: asyncio's own SSL
+transport cannot half-close, cannot resume a client session, and hides close_notify from us, and a
+stunnel replacement needs all three.  Bytes read on one side are written to the other unchanged;
+nothing parses the application protocol.  A handshake's last flight leaves with the first data
+(``TlsSide._flush``).
 
 Flow control.  When one side's transport write buffer passes its high-water mark (``pause_writing``),
 we stop reading the *other* side's transport, and resume on ``resume_writing``.  Memory per
@@ -237,8 +236,8 @@ class TlsSide(Side):
             self._handshake()
 
     def _flush(self, now: bool = False) -> None:
-        """Send the TLS output, unless a handshake's last flight waits for the end of the loop turn
-        (the first data and a close_notify that link() replays go with it, in one send)."""
+        """Send the TLS output, unless a handshake's last flight waits for the turn's end (the first
+        data and a close_notify that link() replays then go with it in one send)."""
         pending = self.outgoing.pending
         if self.flush_due and not now and pending < READ_SIZE:
             return
