@@ -66,14 +66,18 @@ class _Lib:
 
 _LIB: _Lib | None = None
 _BROKEN = False  # this Python's layout or library cannot be reached: stop trying
+_CHECKED = False  # the layout was found to be CPython's
 
 
 def _ssl_pointer(sslobj: ssl.SSLObject) -> int | None:
     """The connection's ``SSL *``, or None when CPython's layout is not the expected one."""
+    global _CHECKED
     inner = getattr(sslobj, "_sslobj", None)
     if inner is None:
         return None
     base = id(inner) + object.__basicsize__
+    if _CHECKED:  # the layout is the interpreter's: checked once, on the first connection
+        return ctypes.c_void_p.from_address(base + _PTR).value or None
     ctx_obj = ctypes.c_void_p.from_address(base + 2 * _PTR).value  # PySSLSocket.ctx
     if ctx_obj != id(inner.context):
         return None
@@ -81,6 +85,7 @@ def _ssl_pointer(sslobj: ssl.SSLObject) -> int | None:
     ctx_ssl = ctypes.c_void_p.from_address(id(inner.context) + object.__basicsize__).value
     if not ptr or _lib().get_ctx(ptr) != ctx_ssl:
         return None
+    _CHECKED = True
     return int(ptr)
 
 

@@ -44,7 +44,7 @@ class Acceptor(Protocol):
     def name(self) -> str: ...
     @property
     def cap(self) -> Cap: ...
-    def factory(self) -> asyncio.Protocol: ...
+    def factory(self) -> asyncio.BaseProtocol: ...
 
 
 @dataclass(eq=False)
@@ -68,7 +68,7 @@ class Listener:
     backoff: float = 0.0
     resume_handle: asyncio.TimerHandle | None = None
 
-    def factory(self) -> asyncio.Protocol:
+    def factory(self) -> asyncio.BaseProtocol:
         """New connections go to the current owner (a reload swaps it)."""
         return self.owner.factory()
 

@@ -299,10 +299,12 @@ class Opening:
     async def handshake(self, fut: asyncio.Future[BaseException | None]) -> BaseException | None:
         """Wait for the TLS handshake, bounded by TIMEOUTbusy; _TIMED_OUT after failing the
         connection with stunnel's words."""
+        timer = self.conn.loop.call_later(self.busy, _time_out, fut)  # cheaper than asyncio.timeout
         try:
-            async with asyncio.timeout(self.busy):
-                exc = await fut
-        except TimeoutError:
+            exc = await fut
+        finally:
+            timer.cancel()
+        if exc is _TIMED_OUT:
             self._busy_exceeded()
             return _TIMED_OUT
         self.conn.waiter = None
@@ -559,6 +561,11 @@ def _unauthenticated(side: TlsSide, der: bytes | None, problem: str | None) -> b
         return osslconn.verify_result(side.sslobj) != osslconn.X509_V_OK
     except ossl.Unavailable:  # cannot tell: never let a resumed session skip the redirect
         return True
+
+
+def _time_out(fut: asyncio.Future[BaseException | None]) -> None:
+    if not fut.done():
+        fut.set_result(_TIMED_OUT)
 
 
 def _handshake_waiter(loop: asyncio.AbstractEventLoop, side: TlsSide) -> asyncio.Future[BaseException | None]:

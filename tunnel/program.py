@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Mapping
 
 from tunnel.logs import log
+from tunnel.relaytypes import SharedBuffer
 
 
 def argv_of(path: str, exec_args: str | None) -> list[str]:
@@ -146,7 +147,7 @@ class PtyTransport(asyncio.Transport):
 
     HIGH_WATER = 256 * 1024
 
-    def __init__(self, side: asyncio.Protocol) -> None:
+    def __init__(self, side: SharedBuffer) -> None:
         super().__init__()
         self.side = side
         self.reader: asyncio.ReadTransport | None = None

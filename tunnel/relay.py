@@ -1,18 +1,19 @@
-"""The data path: two asyncio Protocols per connection, and how a connection ends.
+"""The data path: two asyncio protocols per connection, and how a connection ends.
 
 Theory of operation
 ===================
 
-A connection has two sides, each an ``asyncio.Protocol`` on a plain TCP (or Unix)
-transport.  The *plain* side passes bytes through.  The *TLS* side runs TLS itself
-over an ``ssl.SSLObject`` and two ``MemoryBIO``s: asyncio's own SSL transport cannot
-half-close, cannot resume a client session, and hides close_notify from us, and a
-stunnel replacement needs all three.  Bytes read on one side are written to the other
-unchanged; nothing parses the application protocol.
+A connection has two sides, each an asyncio protocol on a plain TCP (or Unix) transport reading into
+one buffer all sides share (``relaytypes.SharedBuffer``).  The *plain* side passes bytes through.
+The *TLS* side runs TLS itself over an ``ssl.SSLObject`` and two ``MemoryBIO``s: asyncio's own SSL
+transport cannot half-close, cannot resume a client session, and hides close_notify from us, and a
+stunnel replacement needs all three.  Bytes read on one side are written to the other unchanged;
+nothing parses the application protocol.  A handshake's last flight leaves with the first data
+(``TlsSide._flush``).
 
-Flow control.  When one side's transport write buffer passes its high-water mark
-(``pause_writing``), we stop reading the *other* side's transport, and resume on
-``resume_writing``.  Memory per connection stays bounded when one end stops reading.
+Flow control.  When one side's transport write buffer passes its high-water mark (``pause_writing``),
+we stop reading the *other* side's transport, and resume on ``resume_writing``.  Memory per
+connection stays bounded when one end stops reading.
 
 Close semantics (each direction is closed independently):
 
@@ -59,14 +60,14 @@ from typing import Any, TypeGuard
 
 from tunnel import ossl
 from tunnel.reasons import CloseReason, HandshakeFailure
-from tunnel.relaytypes import Owner, Tap
+from tunnel.relaytypes import Owner, SharedBuffer, Tap
 from tunnel.sockopts import set_linger_zero
 from tunnel.tlsnotes import SLOT, Notes, reason_of
 
 READ_SIZE = 65536
 
 
-class Side(asyncio.Protocol):
+class Side(SharedBuffer):
     """One end of a connection.  Subclasses differ in how bytes cross the transport."""
 
     transport: asyncio.Transport | None = None
@@ -122,7 +123,7 @@ class Side(asyncio.Protocol):
         self.conn.side_lost(self, exc)
 
     # ---- used by the peer side -------------------------------------------
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
     def send_eof(self) -> None:
@@ -137,9 +138,9 @@ class Side(asyncio.Protocol):
         else:
             self.transport.close()
 
-    def received(self, data: bytes) -> None:
+    def received(self, data: bytes | memoryview) -> None:  # a view: see SharedBuffer
         if self.tap is not None:
-            self.tap.feed(data)
+            self.tap.feed(bytes(data))
             return
         conn = self.conn
         conn.last_activity = conn.loop.time()
@@ -150,7 +151,7 @@ class Side(asyncio.Protocol):
         else:
             # Not linked yet (uvloop ignores pause_reading() inside connection_made):
             # keep what arrived and stop reading until the other side is up.
-            self.early.append(data)
+            self.early.append(bytes(data))
             self.read_paused = False
             self.pause_reading()
 
@@ -169,14 +170,14 @@ class PlainSide(Side):
 
     feeds_tls = True
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self.received(data)
 
     def eof_received(self) -> bool:
         self.received_eof()
         return True  # keep the transport open: we may still write
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:  # from the TLS side: bytes
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
@@ -220,6 +221,7 @@ class TlsSide(Side):
         self.started = conn.loop.time()  # for pytunnel_handshake_seconds
         self.deferred = False  # plaintext first (STARTTLS): start_tls() begins the handshake
         self.notes = Notes()  # filled by OpenSSL's callbacks (PSK identity, ...)
+        self.flush_due = False  # the handshake's last flight waits for the end of the loop turn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -235,9 +237,19 @@ class TlsSide(Side):
         if self.transport is not None and not self.closed:
             self._handshake()
 
-    def _flush(self) -> None:
-        if self.outgoing.pending and self.transport is not None and not self.closed:
+    def _flush(self, now: bool = False) -> None:
+        """Send the TLS output, unless a handshake's last flight waits for the turn's end (the first
+        data and a close_notify that link() replays then go with it in one send)."""
+        pending = self.outgoing.pending
+        if self.flush_due and not now and pending < READ_SIZE:
+            return
+        self.flush_due = False
+        if pending and self.transport is not None and not self.closed:
             self.transport.write(self.outgoing.read())
+
+    def close(self, rst: bool = False) -> None:
+        self._flush(now=True)  # what was written goes before the FIN (or the reset), as it did
+        super().close(rst)
 
     def _do_handshake(self) -> None:
         SLOT.notes = self.notes
@@ -260,21 +272,23 @@ class TlsSide(Side):
             if self.on_handshake is not None:
                 self.on_handshake(self, exc)
             return
-        self._flush()
         self.handshaking = False
         if self.on_handshake is not None:
-            self.on_handshake(self, None)
+            self.on_handshake(self, None)  # first: the opening's task runs before the flush below
+        if self.outgoing.pending and not self.flush_due:
+            self.flush_due = True
+            self.conn.loop.call_soon(self._flush, True)
         if self.incoming.pending and not self.closed:
             self._read_records()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.failed:
             return
         if self.deferred:  # plaintext before STARTTLS: for the protocol's tap
             if self.tap is not None:
-                self.tap.feed(data)
+                self.tap.feed(bytes(data))
             else:
-                self.early.append(data)
+                self.early.append(bytes(data))
             return
         self.incoming.write(data)
         if self.handshaking:
@@ -343,16 +357,16 @@ class TlsSide(Side):
                 self.on_handshake(self, ConnectionResetError("peer closed during the TLS handshake"))
         return True
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         if self.closed or self.eof_out:
             return
         if self.pending:
-            self.pending.append(data)
+            self.pending.append(bytes(data))
             return
         try:
             self.sslobj.write(data)
         except ssl.SSLWantReadError:
-            self.pending.append(data)
+            self.pending.append(bytes(data))
         except ssl.SSLError as exc:
             self.conn.fail(CloseReason.TLS_ERROR, f"TLS error: {reason_of(exc)}")
             return
@@ -367,13 +381,9 @@ class TlsSide(Side):
         if self.eof_out or self.closed or self.transport is None:
             return
         self.eof_out = True
-        try:
+        with contextlib.suppress(ssl.SSLError, OSError):  # SSLWantRead, SSLZeroReturn: nothing to do
             self.sslobj.unwrap()  # sends close_notify
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-            pass
-        except (ssl.SSLError, OSError):
-            pass
-        self._flush()
+        self._flush(now=True)
         if self.transport.can_write_eof():
             self.transport.write_eof()
 

@@ -1,9 +1,28 @@
 """The narrow views the data path (``tunnel/relay.py``) has of the rest of pytunnel: its owner, the
-limits it reads from a service's settings and a ``protocol =`` negotiation's tap.  A leaf."""
+limits it reads from a service's settings and a ``protocol =`` negotiation's tap; and the one read
+buffer its sides share.  A leaf."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
+
+READ_BUFFER = 262144  # what uvloop reads at once for a plain Protocol
+_BUFFER = memoryview(bytearray(READ_BUFFER))
+
+
+class SharedBuffer(asyncio.BufferedProtocol):
+    """The event loop reads into one buffer shared by every side (no fresh ``bytes`` per read):
+    ``data_received`` gets a view of it and must consume it, or copy what it keeps, at once."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_BUFFER[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError
 
 
 class Limits(Protocol):

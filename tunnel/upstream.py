@@ -11,6 +11,7 @@ Imports: addr, program, sockopts, transparent, reasons, logs -- leaves only.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -168,8 +169,7 @@ class Upstream:
                         sock.bind((opts.local, 0))
                         caller.log(6, "bind succeeded on an ephemeral port")
                 caller.log(6, f"s_connect: connecting {shown}")
-                async with asyncio.timeout(timeout):
-                    await loop.sock_connect(sock, addr)
+                await connect(loop, sock, family, addr, timeout)
             except (OSError, TimeoutError) as exc:
                 sock.close()
                 if isinstance(exc, TimeoutError) and not exc.errno:
@@ -234,3 +234,39 @@ class Upstream:
 
     def _exec_failed(self, exc: OSError) -> Failed:
         return Failed(f"execv {self.settings.exec}: {exc.strerror or exc} ({exc.errno})")
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, family: int, addr: Any, timeout: float
+) -> None:
+    """A non-blocking TCP connect bounded by ``timeout`` (TimeoutError): ``connect_ex``, then one
+    wait until the socket is writable and its error read.  uvloop's ``sock_connect`` under
+    ``asyncio.timeout`` cost ≈ 40 µs more CPU a connection on loopback."""
+    if family == socket.AF_UNIX:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, addr)
+        return
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+        done = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _writable, done)
+        timer = loop.call_later(timeout, _expired, done)
+        try:
+            await done
+        finally:
+            timer.cancel()
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))  # e.g. ConnectionRefusedError, as sock_connect raised
+
+
+def _writable(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _expired(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
