@@ -17,34 +17,26 @@ connection stays bounded when one end stops reading.
 
 Close semantics (each direction is closed independently):
 
-* **close_notify from the TLS peer** (``SSLZeroReturnError``): a clean end of the
-  TLS -> plain direction.  We ``write_eof()`` the plain socket (TCP FIN) and keep
-  relaying plain -> TLS until that side ends too.
-* **TCP EOF from the TLS peer without close_notify** (an unclean EOF, possible
-  truncation): treated like close_notify -- stunnel does the same -- but logged at
+* **close_notify from the TLS peer**: a clean end of TLS -> plain: ``write_eof()`` (TCP FIN) on
+  the plain socket, and plain -> TLS keeps relaying until it ends too.
+* **TCP EOF without close_notify** (possible truncation): the same, as in stunnel, logged at
   info level as ``TLS socket closed without close_notify``.
-* **EOF from the plain side** (the app half-closed): we send close_notify
-  (``SSLObject.unwrap``) followed by a TCP FIN on the TLS socket, then keep reading
-  from the TLS peer until it ends its direction.  The reverse (EOF from a plain
-  upstream in server mode) is the same.
+* **EOF from the plain side**: close_notify (``SSLObject.unwrap``) then a TCP FIN on the TLS
+  socket; reading from the TLS peer goes on until it ends its direction (and the reverse).
 * **TIMEOUTclose**: once one direction has ended, the other has ``TIMEOUTclose``
   seconds of inactivity to finish before both sockets are closed (0 = close at once,
   stunnel's setting for peers that never send close_notify).  While both directions
   are open the inactivity limit is ``TIMEOUTidle``.
-* **Errors**: a TLS error (bad record, alert, failed verification) or a reset ends
-  the whole connection.  With ``reset = yes`` (the default) the plain side is closed
-  with a TCP RST (``SO_LINGER`` 0), so the app sees ``Connection reset by peer``
-  rather than a clean EOF it could mistake for a complete reply.
+* **Errors**: a TLS error or a reset ends the whole connection; with ``reset = yes`` (the
+  default) the plain side gets a TCP RST (``SO_LINGER`` 0), never a clean EOF.
 
 Every connection ends with exactly one :class:`CloseReason`; the summary line and the
 counters key on it.  Ended, and with its opening over, a connection is taken apart
 (``Connection.release``): its SSL objects are freed then, not by a later cyclic GC.
 
-What the data path knows of the rest of pytunnel is one narrow :class:`Owner` (a name, the
-three limits above, a log function and an on-closed callback) and, while a ``protocol =``
-negotiation reads the bytes, one :class:`Tap` per side.  It imports no registry, process,
-configuration or protocol module: the opening (``tunnel/opening.py``) builds both sides, links
-them, and gets nothing back but the close report.
+The data path knows one narrow :class:`Owner` (name, limits, log, on-closed callback) and, during
+a ``protocol =`` negotiation, one :class:`Tap` per side; the opening (``tunnel/opening.py``) builds
+and links both sides and gets nothing back but the close report.
 """
 
 from __future__ import annotations
