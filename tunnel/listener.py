@@ -253,14 +253,30 @@ def cap_of(name: str, limit: int) -> Cap:
     return cap
 
 
+# Accepted sockets, by descriptor, that are not yet connections: each counts as pending in the
+# descriptor budget and its cap until ``became_connection`` (from the connection's start, in the
+# same step that counts it active) or, when it never becomes one, the end of its ``_adopt``.
+_PENDING: dict[int, tuple[Cap, object]] = {}
+
+
+def became_connection(fd: int) -> None:
+    entry = _PENDING.pop(fd, None)
+    if entry is not None:
+        BUDGET.pending -= 1
+        entry[0].pending -= 1
+
+
 async def _adopt(loop: asyncio.AbstractEventLoop, lst: Listener, sock: socket.socket, cap: Cap) -> None:
+    fd, token = sock.fileno(), object()
+    _PENDING[fd] = (cap, token)
     try:
         await loop.connect_accepted_socket(lst.factory, sock)
     except OSError:
         sock.close()  # reset before we got to it: nothing to serve
     finally:
-        BUDGET.pending -= 1
-        cap.pending -= 1
+        entry = _PENDING.get(fd)
+        if entry is not None and entry[1] is token:  # it never became a connection
+            became_connection(fd)
         BUDGET.wake()
         cap.wake()
 

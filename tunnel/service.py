@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from tunnel import alpn, program, protocols
 from tunnel.addr import Endpoint
-from tunnel.listener import BUDGET, BindPlan, Listener, Listeners, cap_of
+from tunnel.listener import BUDGET, BindPlan, Listener, Listeners, became_connection, cap_of
 from tunnel.logs import log
 from tunnel.metrics import STATS
 from tunnel.opening import Opening
@@ -101,10 +101,12 @@ class Service:
                 fields = {"service": self.name, "event": "error" if level <= 3 else "log", **(fields or {})}
             log.write(level, conn_id, text, threshold=self.level, fields=fields)
 
-    def opened(self, conn: Connection) -> None:
+    def opened(self, conn: Connection, sock: socket.socket | None) -> None:
         self.connections.add(conn)
         BUDGET.active += 1
         self.cap.opened()
+        if sock is not None:
+            became_connection(sock.fileno())  # no longer pending: never counted twice
 
     def out_of_fds(self, exc: OSError) -> None:
         self.bound.pause(exc)
