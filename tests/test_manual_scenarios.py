@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Certs, EchoServer, TunnelFactory, wait_until
-from test_faults import closed_port, good_tls, server_conf
+from loopback_support import free_port
+from test_faults import good_tls, server_conf
 from test_options_tls import pkcs12_of
 from test_redirect_sessions import TagServer, backends, tls_client  # noqa: F401 - backends: fixture
 
@@ -88,7 +89,7 @@ def connect_lines(log: str) -> list[str]:
 def test_failover_prio_lines(tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str) -> None:
     """``failover = prio``, the first target refusing: every connection starts at entry #0,
     logs the refused attempt, then connects to the second target."""
-    dead = closed_port()
+    dead = free_port()
     t = tunnels.start(server_conf(tunnels, certs, [dead, echo.port], "failover = prio\n"), impl=impl)
     good_tls(t.port("srv"), certs)
     t.wait_for(r"Connection closed: 100000 byte\(s\) sent to TLS, 100000 byte\(s\) sent to socket")
