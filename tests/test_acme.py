@@ -251,3 +251,15 @@ def test_options_are_checked(tunnels: TunnelFactory, certs: Certs) -> None:
     assert t.proc.wait(timeout=60) == 1
     for text in ("cert/key must not be set", "needs at least one ACMEdomain", "http-01 needs ACMEhttp"):
         assert text in t.log, t.log
+
+
+def test_acme_in_a_chroot_is_refused(tunnels: TunnelFactory, tmp_path: Path) -> None:
+    """Renewals could not reach ACMEdir, ACMECAfile or the resolver from inside the jail."""
+    conf = tunnels.conf(
+        f"chroot = {tmp_path}\n[site]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:1\n"
+        "ACMEdirectory = https://acme.example/dir\nACMEdomain = acme.test\n"
+    )
+    t = tunnels.start(conf, mode="run", wait=False)
+    assert t.proc.wait(timeout=60) == 1
+    assert f"Service [site]: ACMEdirectory cannot renew inside chroot = {tmp_path}" in t.log, t.log
+    assert "ACMEdirectory = https://acme.example/dir" in t.log, t.log  # the line it names

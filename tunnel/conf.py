@@ -387,7 +387,7 @@ def build(raw: RawConfig) -> Settings:
             services.append(svc)
         problems.extend(local_problems)
 
-    problems.extend(rules.check_services(services, raw.source))
+    problems.extend(rules.check_services(services, raw.source, gsettings.chroot if gsettings else None))
 
     # duplicates across files make the same problem twice; keep the first
     unique: list[Problem] = []

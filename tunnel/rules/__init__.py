@@ -502,9 +502,30 @@ def sni_primaries(services: Sequence[ServiceSettings], source: str) -> list[Prob
     return out
 
 
-def check_services(services: Sequence[ServiceSettings], source: str) -> list[Problem]:
-    """The rules between services (after each passed its own)."""
-    return sni_primaries(services, source)
+def acme_outside_a_jail(services: Sequence[ServiceSettings], chroot: str | None) -> list[Problem]:
+    """ACME renews for as long as the process runs; inside a ``chroot`` jail its state
+    directory, ACMECAfile and the resolver are out of reach, so renewals would fail later."""
+    out: list[Problem] = []
+    for svc in services:
+        if chroot and svc.ACMEdirectory:
+            file, line, text = svc.locations.get("ACMEdirectory", ("", 0, ""))
+            out.append(
+                Problem(
+                    f"Service [{svc.name}]: ACMEdirectory cannot renew inside chroot = {chroot}",
+                    file or None,
+                    line or None,
+                    text or None,
+                    "remove chroot (pytunnel run's Landlock sandbox confines ACME), or use cert/key files",
+                )
+            )
+    return out
+
+
+def check_services(
+    services: Sequence[ServiceSettings], source: str, chroot: str | None = None
+) -> list[Problem]:
+    """The rules between services (after each passed its own), and those that need a global."""
+    return sni_primaries(services, source) + acme_outside_a_jail(services, chroot)
 
 
 # ---------------------------------------------------------------- once the mode is known
