@@ -38,11 +38,8 @@ class _Lib:
     """libssl/libcrypto calls, reached through the library Python's ssl module uses."""
 
     def __init__(self) -> None:
-        import _ssl
-
-        path = getattr(_ssl, "__file__", None)
         try:
-            lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
+            lib = ossl.library()
             self.servername = lib.SSL_get_servername
             self.bio_new = lib.BIO_new_mem_buf
             self.bio_free = lib.BIO_free

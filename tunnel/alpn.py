@@ -92,11 +92,8 @@ def select(ours: list[bytes], offered: bytes) -> int | None:
 def _set_select_cb() -> Any:
     global _SET_CB
     if _SET_CB is None:
-        import _ssl
-
-        path = getattr(_ssl, "__file__", None)
         try:
-            lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
+            lib = ossl.library()
             fn = lib.SSL_CTX_set_alpn_select_cb
         except (OSError, AttributeError) as exc:
             raise ossl.Unavailable(f"SSL_CTX_set_alpn_select_cb cannot be reached ({exc})") from None

@@ -24,6 +24,7 @@ import ctypes
 import ssl
 from typing import Any
 
+from tunnel import ossl
 from tunnel.metrics import STATS
 
 SSL_CTRL_GET_NEGOTIATED_GROUP = 134
@@ -45,10 +46,7 @@ def unknown_group_hint(curves: str) -> str:
 
 class _Lib:
     def __init__(self) -> None:
-        import _ssl
-
-        path = getattr(_ssl, "__file__", None)
-        lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
+        lib = ossl.library()
         self.get_ctx = lib.SSL_get_SSL_CTX
         self.get_ctx.argtypes = [ctypes.c_void_p]
         self.get_ctx.restype = ctypes.c_void_p

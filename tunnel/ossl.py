@@ -43,15 +43,21 @@ class Unavailable(Exception):
     """This Python's ssl module cannot be reached this way; the message says why."""
 
 
+def library() -> ctypes.CDLL:
+    """libssl/libcrypto as Python's ``_ssl`` module loaded them (this process's symbols where
+    ``_ssl`` is built in).  Raises OSError."""
+    import _ssl
+
+    path = getattr(_ssl, "__file__", None)
+    return ctypes.CDLL(path) if path else ctypes.CDLL(None)
+
+
 class _Lib:
     """libssl/libcrypto as loaded by the ``_ssl`` module, with the prototypes we use."""
 
     def __init__(self) -> None:
-        import _ssl
-
-        path = getattr(_ssl, "__file__", None)
         try:
-            lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
+            lib = library()
             self.raw = lib
             self.get_options = lib.SSL_CTX_get_options
             self.get_verify_mode = lib.SSL_CTX_get_verify_mode

@@ -55,11 +55,8 @@ class _SslLib:
     """The SSL-level prototypes, next to the SSL_CTX ones of tunnel.ossl."""
 
     def __init__(self) -> None:
-        import _ssl
-
-        path = getattr(_ssl, "__file__", None)
         try:
-            lib = ctypes.CDLL(path) if path else ctypes.CDLL(None)
+            lib = ossl.library()
             self.get_ssl_ctx = lib.SSL_get_SSL_CTX
             self.set_verify = lib.SSL_set_verify
             self.ctx_verify_callback = lib.SSL_CTX_get_verify_callback
