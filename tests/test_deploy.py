@@ -34,6 +34,7 @@ import pytest
 import trustme
 import yaml
 from conftest import cannot_run_here
+from loopback_support import free_port
 
 try:
     import kubernetes_validate
@@ -582,12 +583,6 @@ def test_configmap_stunnel_conf_checks(
         assert "Insecure file permissions" not in done.stdout + done.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(port: int, path: str) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
@@ -615,7 +610,7 @@ def _as_deployed(
     pod: dict[str, Any], container: dict[str, Any], certs: dict[str, str], tmp: Path
 ) -> tuple[list[str], dict[str, str], int, int]:
     """The container's args and env, moved to loopback ports and the test certificates."""
-    status, tls = _free_port(), _free_port()
+    status, tls = free_port(), free_port()
     args = _args(container)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTUNNEL_", "STUNNEL_"))}
     env.update(_env(container))

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BOUND, ROOT, Certs, EchoServer, cannot_run_here
+from loopback_support import free_port
 from test_origin import Recorder, _smtps, digest, message, send
 
 import tunnel
@@ -369,12 +370,6 @@ def put(directory: Path, name: str, content: str | bytes | Path) -> Path:
     path.write_bytes(content.encode() if isinstance(content, str) else content)
     path.chmod(0o644)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_conf(port: int, backend: int) -> str:

@@ -284,18 +284,23 @@ def test_refused_client_certificate_lines(
         except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
             pass  # TLS 1.3: the alert arrives after the client's handshake ended
     t.wait_for(r"Connection reset/closed: 0 byte\(s\) sent to TLS, 0 byte\(s\) sent to socket")
+    assert_refused_lines(t.log, certs, "SSL_accept")
+    assert echo.connections == 0
+    assert t.stop() == 0
+
+
+def assert_refused_lines(log: str, certs: Certs, verb: str) -> None:
+    """stunnel's lines for a certificate from an untrusted CA: CERT, Rejected, then `verb`."""
     lines = [
         line.split(": ", 1)[1]
-        for line in t.log.splitlines()
-        if re.search(r"LOG[345]\[\d+\]: (CERT|Rejected|SSL_accept)", line)
+        for line in log.splitlines()
+        if re.search(rf"LOG[345]\[\d+\]: (CERT|Rejected|{verb})", line)
     ]
     assert lines[:2] == [
         "CERT: Pre-verification error: unable to get local issuer certificate",
         f"Rejected by CERT at depth=0: {other_subject(certs)}",
-    ], t.log
-    assert lines[2].startswith("SSL_accept: ") and "certificate verify failed" in lines[2], t.log
-    assert echo.connections == 0
-    assert t.stop() == 0
+    ], log
+    assert lines[2].startswith(f"{verb}: ") and "certificate verify failed" in lines[2], log
 
 
 def test_refused_server_certificate_lines(
@@ -320,16 +325,7 @@ def test_refused_server_certificate_lines(
         with contextlib.suppress(ConnectionResetError):  # reset = yes after a TLS failure
             assert app.recv(10) == b""
     t.wait_for(r"Connection closed/reset: 0 byte\(s\) sent to TLS, 0 byte\(s\) sent to socket")
-    lines = [
-        line.split(": ", 1)[1]
-        for line in t.log.splitlines()
-        if re.search(r"LOG[345]\[\d+\]: (CERT|Rejected|SSL_connect)", line)
-    ]
-    assert lines[:2] == [
-        "CERT: Pre-verification error: unable to get local issuer certificate",
-        f"Rejected by CERT at depth=0: {other_subject(certs)}",
-    ], t.log
-    assert lines[2].startswith("SSL_connect: ") and "certificate verify failed" in lines[2], t.log
+    assert_refused_lines(t.log, certs, "SSL_connect")
     assert echo.connections == 0
     assert t.stop() == 0
 

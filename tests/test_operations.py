@@ -432,11 +432,18 @@ def test_reload_off_when_interval_is_zero(
     cert = tmp_path / "server.pem"
     cert.write_bytes(certs.server_pem.read_bytes())
     t = start_ops(tunnels, server_conf(tunnels, echo, cert), PYTUNNEL_CERT_RELOAD_INTERVAL="0")
+    # the control: the same file, watched every 0.1 s; once it has picked up two changes, each
+    # change was there to see for several of its intervals
+    control = start_ops(tunnels, server_conf(tunnels, echo, cert), PYTUNNEL_CERT_RELOAD_INTERVAL="0.1")
     first = served_serial(t.port("srv"), certs.ca_pem)
-    certs.ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
-    time.sleep(1.0)
+    for n in (1, 2):
+        certs.ca.issue_cert("localhost", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        control.wait_for(rf"(?s)(certificates reloaded.*){{{n}}}")
     assert served_serial(t.port("srv"), certs.ca_pem) == first
     assert "certificates reloaded" not in t.log
+    assert "Certificate files not watched (PYTUNNEL_CERT_RELOAD_INTERVAL = 0)" in t.log
+    assert "Certificate files checked for changes every 0.1 s" in control.log
+    assert control.stop() == 0
     assert t.stop() == 0
 
 

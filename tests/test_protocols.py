@@ -19,6 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from conftest import Certs, TunnelFactory, stunnel4_lacks
+from loopback_support import free_port
 
 USER, PASSWORD = "moo", "secret"
 
@@ -67,12 +68,6 @@ class StartTLSController(Controller):
             auth_require_tls=True,
             hostname="mail.test",
         )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

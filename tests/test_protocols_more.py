@@ -29,6 +29,7 @@ from pathlib import Path
 import protocol_servers as fake
 import pytest
 from conftest import Certs, EchoServer, Tunnel, TunnelFactory, cannot_run_here, stunnel4_lacks
+from loopback_support import free_port
 
 USER, PASSWORD = "moo", "secret"
 # stunnel's limit is 64 KiB, pytunnel's 8 KiB: the fakes send 100 KB
@@ -561,12 +562,6 @@ def test_cifs_client_and_server(
 
 
 # ------------------------------------------------------------------ connect
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_connect_client_through_proxy(

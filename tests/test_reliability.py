@@ -48,6 +48,7 @@ from conftest import (
     roundtrip,
     wait_until,
 )
+from loopback_support import free_port
 from reliability_support import (
     Bulk,
     Echo,
@@ -980,12 +981,6 @@ def test_key_that_does_not_match_the_certificate_is_a_startup_error(
     assert re.search(r"(?i)key values mismatch|KEY_VALUES_MISMATCH", t.log), t.log
     assert str(pem) in t.log
     assert not BOUND.search(t.log), "it bound a listener with a broken key pair"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_privileged_port() -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, Certs, EchoServer, TunnelFactory, need_tool, pytunnel_cmd
+from loopback_support import free_port
 from monitoring_support import Traffic, poll, start_with_status
 
 from tunnel.top import Counters, Scrape, per_second, quantile, rows, sort_rows
@@ -165,14 +165,8 @@ def test_ctrl_c_exits_cleanly(tunnels: TunnelFactory, certs: Certs, echo: EchoSe
     assert t.stop() == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_one_line_when_nothing_listens() -> None:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTUNNEL_")}
     env["PYTHONPATH"] = str(ROOT)
     for args, extra in (

@@ -295,6 +295,9 @@ class Server:
         if interval > 0:
             self.watcher = CertWatcher(lambda: self.services, self.config.secure, interval)
             self.watcher.start()
+            log.ui(6, f"Certificate files checked for changes every {interval:g} s")
+        else:
+            log.ui(6, "Certificate files not watched (PYTUNNEL_CERT_RELOAD_INTERVAL = 0)")
         self._follow_acme()
         self._install_signals(loop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
