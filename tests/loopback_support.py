@@ -102,11 +102,20 @@ class TagServer(Listener):
         return self.connections
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port of ``host`` nobody uses at the moment (connect() to it is refused)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port of ``host`` nobody uses at the moment (connect() to it is refused), and never
+    one this process handed out before: the kernel may give the same free port to two binds
+    in a row, and `port, status = free_port(), free_port()` must be two ports."""
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:
