@@ -9,7 +9,6 @@ value remembers its file and line, and every problem is collected before failing
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +66,8 @@ class RawConfig:
 
 
 def _suggest(name: str) -> str | None:
+    import difflib  # only for a misspelt option: not at start-up
+
     close = difflib.get_close_matches(name.lower(), list(CANONICAL), n=1, cutoff=0.7)
     if close:
         return f'did you mean "{CANONICAL[close[0]]}"?'

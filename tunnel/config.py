@@ -16,7 +16,6 @@ May import: settings, conf, envconf, tls, service (to build services), certwatch
 from __future__ import annotations
 
 import os
-import platform
 import ssl
 import sys
 from collections.abc import Callable
@@ -37,8 +36,9 @@ from tunnel.tls import build as build_tls
 
 
 def banner() -> list[str]:
-    machine = platform.machine() or "unknown"
-    system = platform.system().lower() or "unknown"
+    uname = os.uname()  # what platform.machine() and .system() return on POSIX, without platform
+    machine = uname.machine or "unknown"
+    system = uname.sysname.lower() or "unknown"
     ver = ssl.OPENSSL_VERSION.removeprefix("OpenSSL ")
     return [
         f"stunnel {STUNNEL_COMPAT_VERSION} (pytunnel {__version__}) on {machine}-{system} platform",
