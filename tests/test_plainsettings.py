@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -245,3 +246,34 @@ def test_copy_fields_set_equality_and_freezing() -> None:
         plain.ServiceSettings.model_fields["curves"].default
         == options.ServiceSettings.model_fields["curves"].default
     )
+
+
+# ------------------------------------------------------------------ pytunnel check's second opinion
+
+
+def test_check_validates_with_both_and_reports_a_difference_as_a_bug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tunnel import crosscheck
+    from tunnel.config import Config, Source
+    from tunnel.errors import STARTUP_FAILURE
+
+    path = tmp_path / "t.conf"
+    path.write_text("[s]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\nTIMEOUTidle = 5\n")
+    read = Source(str(path)).raw
+    assert crosscheck.disagreement(read) is None
+    path.write_text("[s]\nclient = maybe\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\n")
+    assert crosscheck.disagreement(read) is None  # the same error, in the same words
+
+    def off_by_one(data: dict[str, Any]) -> Any:  # a plain class that disagrees
+        svc = plain.ServiceSettings.model_validate(data)
+        return svc.model_copy(update={"TIMEOUTidle": svc.TIMEOUTidle + 1})
+
+    monkeypatch.setattr(conf, "PLAIN", (conf.PLAIN[0], off_by_one))
+    path.write_text("[s]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\nTIMEOUTidle = 5\n")
+    differs = crosscheck.disagreement(read)
+    assert differs == (
+        "plain settings: defaults TIMEOUTidle = ('int', 43201); pydantic models: defaults TIMEOUTidle = ('int', 43200)"
+    )
+    assert Config(Source(str(path)), secure=False).check() == STARTUP_FAILURE
+    assert "pytunnel bug: the two validations of this configuration differ" in capsys.readouterr().err

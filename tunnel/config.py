@@ -167,6 +167,14 @@ class Source:
             return conf.load_bytes(self.data, self.path)
         return conf.load(os.path.abspath(self.path))
 
+    def raw(self) -> conf.RawConfig:
+        """The configuration read, not yet validated (``pytunnel check`` validates it twice)."""
+        if self.env is not None:
+            return conf.read_bytes(self.env.text.encode(), envconf.SOURCE)
+        if self.data is not None:
+            return conf.read_bytes(self.data, self.path)
+        return conf.read(os.path.abspath(self.path))
+
     def text(self) -> str:
         """The effective stunnel.conf (`--print-config`)."""
         if self.env is not None:
@@ -373,6 +381,12 @@ class Config:
         log.level = 5
         code = self.load(apply_log=False)
         log.flush_early()
+        from tunnel import crosscheck  # pydantic: `pytunnel check` only, never the run path
+
+        differs = crosscheck.disagreement(self.source.raw)
+        if differs is not None:
+            sys.stderr.write(f"pytunnel bug: the two validations of this configuration differ ({differs})\n")
+            return STARTUP_FAILURE
         if code == 0:
             sys.stderr.write(f"{self.source.path}: configuration OK ({len(self.services)} service(s))\n")
         return code
