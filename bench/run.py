@@ -463,9 +463,18 @@ def churn(port: int, marks: tuple[int, int], pid: int) -> float:
     return (rss_kib(pid) - rss0) / 1024
 
 
-def startups(template: str, conf: Path, count: int) -> tuple[list[float], list[float], list[float]]:
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def startups(
+    template: str, conf: Path, count: int
+) -> tuple[list[float], list[float], list[float], dict[str, float]]:
     """Start ``template`` on ``conf`` ``count`` times: wall ms to `Accepting new connections`, CPU ms
-    of its process tree at that moment, RSS MiB at rest (0.5 s later)."""
+    of its process tree at that moment, RSS MiB at rest (0.5 s later); and the cores busy
+    meanwhile (the tunnels' whole lives, reaped, as "tunnel"; the rest of the machine as "other")."""
+    snap0 = (time.perf_counter(), children_cpu(), self_cpu(), machine_busy())
     cmd = [part.replace("{conf}", str(conf)) for part in shlex.split(template)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     walls: list[float] = []
@@ -491,7 +500,13 @@ def startups(template: str, conf: Path, count: int) -> tuple[list[float], list[f
         rss.append(rss_kib(popen.pid) / 1024)
         popen.send_signal(signal.SIGTERM)
         popen.communicate(timeout=10)
-    return walls, cpus, rss
+    wall, tunnel, load, machine = (
+        b - a
+        for a, b in zip(snap0, (time.perf_counter(), children_cpu(), self_cpu(), machine_busy()), strict=True)
+    )
+    cores = {"tunnel": tunnel / wall, "reference": 0.0, "backend": 0.0, "load": load / wall}
+    cores["other"] = max(0.0, machine / wall - cores["tunnel"] - cores["load"])
+    return walls, cpus, rss, cores
 
 
 def round_trips(port: int, iterations: int, warmup: int) -> list[float]:
@@ -795,8 +810,9 @@ def measure(
 def startup(plan: Plan, rec: Recorder, system: str, template: str, conf: Path, verify: str) -> None:
     """The start-up figures of one run: one client service verifying its upstream."""
     conf.write_text(f"{HEADER}[cli]\nclient = yes\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:9\n{verify}")
-    walls, cpus, rss = startups(template, conf, plan.startups)
+    walls, cpus, rss, cores = startups(template, conf, plan.startups)
     n = plan.startups
+    rec.cpu(system, f"start-ups ({n})", cores)
     for metric, unit, xs in (
         (f"start-up to accepting, median of {n}", "ms", walls),
         (f"start-up CPU to accepting, median of {n}", "ms", cpus),

@@ -1,4 +1,4 @@
-"""Regenerate the options table in README.md from the pydantic models in tunnel/settings.py,
+"""Regenerate the options table in README.md from the pydantic models in tunnel/options.py,
 and the metric label lists in docs/metrics.md from the enums in tunnel/reasons.py.
 
     python tools/gen_options_table.py          # rewrite the table between the markers
@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tunnel.options import GLOBAL_FIELDS, SERVICE_FIELDS, field_meta  # noqa: E402
 from tunnel.reasons import CloseReason, HandshakeFailure  # noqa: E402
-from tunnel.settings import GLOBAL_FIELDS, SERVICE_FIELDS, field_meta  # noqa: E402
 
 START, END = "<!-- options-table:start -->", "<!-- options-table:end -->"
 REASONS_START, REASONS_END = "<!-- reasons:start -->", "<!-- reasons:end -->"

@@ -12,7 +12,6 @@ good context stays in use, and the next change is tried again.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +23,8 @@ from tunnel.tls import TlsConfig, TlsConfigError
 from tunnel.tls import build as build_tls
 
 if TYPE_CHECKING:
+    import datetime
+
     from tunnel.settings import ServiceSettings
 
 FILE_OPTIONS = ("cert", "key", "CAfile", "CRLfile", "PSKsecrets")

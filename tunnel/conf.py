@@ -9,12 +9,10 @@ value remembers its file and line, and every problem is collected before failing
 
 from __future__ import annotations
 
-import difflib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-from pydantic import ValidationError
 
 from tunnel import rules
 from tunnel.errors import ConfigError, Problem
@@ -25,6 +23,7 @@ from tunnel.settings import (
     GlobalSettings,
     ServiceSettings,
     Settings,
+    ValidationError,
     field_meta,
     is_repeatable,
 )
@@ -67,6 +66,8 @@ class RawConfig:
 
 
 def _suggest(name: str) -> str | None:
+    import difflib  # only for a misspelt option: not at start-up
+
     close = difflib.get_close_matches(name.lower(), list(CANONICAL), n=1, cutoff=0.7)
     if close:
         return f'did you mean "{CANONICAL[close[0]]}"?'
@@ -259,6 +260,11 @@ def read_bytes(data: bytes, source: str) -> RawConfig:
 
 # ----------------------------------------------------------------- to Settings
 
+#: validates one section's data: a model's ``model_validate``, raising ``plain.ValidationError``
+Validate = Callable[[dict[str, Any]], Any]
+#: the run path's plain models; ``options.validators()`` gives the pydantic ones
+PLAIN: tuple[Validate, Validate] = (GlobalSettings.model_validate, ServiceSettings.model_validate)
+
 
 def _collect(entries: list[Entry], problems: list[Problem]) -> dict[str, list[Entry]]:
     """Group entries by option, rejecting unsupported values on the way."""
@@ -282,7 +288,7 @@ def _collect(entries: list[Entry], problems: list[Problem]) -> dict[str, list[En
 
 
 def _validate(
-    model: type[Any],
+    validate: Validate,
     grouped: dict[str, list[Entry]],
     extra: dict[str, Any],
     problems: list[Problem],
@@ -298,7 +304,7 @@ def _validate(
         else:
             data[name] = entries[-1].value
     try:
-        return model.model_validate(data)
+        return validate(data)
     except ValidationError as exc:
         for err in exc.errors():
             loc = err["loc"]
@@ -335,8 +341,11 @@ def _check_ids(entries: list[Entry]) -> list[Problem]:
     return out
 
 
-def build(raw: RawConfig) -> Settings:
-    """Validate a read configuration; raise ConfigError listing every problem."""
+def build(raw: RawConfig, models: tuple[Validate, Validate] = PLAIN) -> Settings:
+    """Validate a read configuration; raise ConfigError listing every problem.  ``models``:
+    how the global section and a service are validated (``PLAIN``, or the pydantic models of
+    ``options.validators()``, which ``pytunnel check`` compares)."""
+    validate_global, validate_service = models
     problems = list(raw.problems)
     if any(p.message.startswith("Cannot open configuration file") and p.file == raw.source for p in problems):
         raise ConfigError(problems)  # nothing was read: no rule about its (absent) services applies
@@ -345,9 +354,9 @@ def build(raw: RawConfig) -> Settings:
     glob_entries = [e for e in raw.globals if e.name in GLOBAL_FIELDS]
     default_entries = [e for e in raw.globals if e.name in SERVICE_FIELDS]
 
-    gsettings = _validate(GlobalSettings, _collect(glob_entries, problems), {}, problems, top)
+    gsettings = _validate(validate_global, _collect(glob_entries, problems), {}, problems, top)
     defaults_grouped = _collect(default_entries, problems)
-    defaults = _validate(ServiceSettings, defaults_grouped, {}, problems, top)
+    defaults = _validate(validate_service, defaults_grouped, {}, problems, top)
     problems.extend(_check_ids(default_entries))
 
     services: list[ServiceSettings] = []
@@ -380,7 +389,7 @@ def build(raw: RawConfig) -> Settings:
         locations = {name: (e[-1].file, e[-1].line, e[-1].text) for name, e in grouped.items() if e}
         local_problems.extend(_check_ids(section.entries))  # a Unix accept socket's owner
         svc = _validate(
-            ServiceSettings, grouped, {"name": section.name, "locations": locations}, local_problems, where
+            validate_service, grouped, {"name": section.name, "locations": locations}, local_problems, where
         )
         if svc is not None and not local_problems:
             local_problems.extend(rules.check_service(svc, where, inetd))

@@ -16,7 +16,6 @@ May import: settings, conf, envconf, tls, service (to build services), certwatch
 from __future__ import annotations
 
 import os
-import platform
 import ssl
 import sys
 from collections.abc import Callable
@@ -37,8 +36,9 @@ from tunnel.tls import build as build_tls
 
 
 def banner() -> list[str]:
-    machine = platform.machine() or "unknown"
-    system = platform.system().lower() or "unknown"
+    uname = os.uname()  # what platform.machine() and .system() return on POSIX, without platform
+    machine = uname.machine or "unknown"
+    system = uname.sysname.lower() or "unknown"
     ver = ssl.OPENSSL_VERSION.removeprefix("OpenSSL ")
     return [
         f"stunnel {STUNNEL_COMPAT_VERSION} (pytunnel {__version__}) on {machine}-{system} platform",
@@ -166,6 +166,14 @@ class Source:
         if self.data is not None:
             return conf.load_bytes(self.data, self.path)
         return conf.load(os.path.abspath(self.path))
+
+    def raw(self) -> conf.RawConfig:
+        """The configuration read, not yet validated (``pytunnel check`` validates it twice)."""
+        if self.env is not None:
+            return conf.read_bytes(self.env.text.encode(), envconf.SOURCE)
+        if self.data is not None:
+            return conf.read_bytes(self.data, self.path)
+        return conf.read(os.path.abspath(self.path))
 
     def text(self) -> str:
         """The effective stunnel.conf (`--print-config`)."""
@@ -373,6 +381,12 @@ class Config:
         log.level = 5
         code = self.load(apply_log=False)
         log.flush_early()
+        from tunnel import crosscheck  # pydantic: `pytunnel check` only, never the run path
+
+        differs = crosscheck.disagreement(self.source.raw)
+        if differs is not None:
+            sys.stderr.write(f"pytunnel bug: the two validations of this configuration differ ({differs})\n")
+            return STARTUP_FAILURE
         if code == 0:
             sys.stderr.write(f"{self.source.path}: configuration OK ({len(self.services)} service(s))\n")
         return code

@@ -11,8 +11,6 @@ Callers check :meth:`Log.enabled` before formatting anything costly.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import os
 import socket
 import sys
@@ -214,6 +212,9 @@ class Log:
     @staticmethod
     def _json(level: int, ident: str, text: str, fields: dict[str, object] | None) -> str:
         """One JSON object: time, level, id, event, message, then the event's own fields."""
+        import datetime  # only JSON log lines need these: not at start-up
+        import json
+
         doc: dict[str, object] = {
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "level": LEVEL_NAMES.get(level, str(level)),

@@ -109,10 +109,15 @@ def daemonize() -> None:
 def preload() -> None:
     """After chroot (or setuid, when Python's files are not world-readable) no module can
     be imported: load now what connections and reloads will need."""
+    import datetime  # noqa: F401 - JSON log lines, a reload's certificate warnings
     import difflib  # noqa: F401 - a reload's did-you-mean hints
     import encodings.idna  # noqa: F401 - getaddrinfo() of a host name needs it
     import grp  # noqa: F401
+    import json  # noqa: F401 - JSON log lines
     import pwd  # noqa: F401
+    import secrets  # noqa: F401 - logId = unique
+    import shlex  # noqa: F401 - the sandbox's plan of a reload (exec's interpreter)
+    import urllib.parse  # noqa: F401 - the sandbox's plan of a reload (OCSP, ACME ports)
 
     import cryptography.hazmat.primitives.serialization.pkcs12  # noqa: F401
     import cryptography.x509  # noqa: F401

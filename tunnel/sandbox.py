@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shlex
 import struct
 import sys
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from tunnel.logs import log
 from tunnel.settings import ServiceSettings, Settings
@@ -147,6 +145,8 @@ def _interpreter(program: str) -> str | None:
         return None
     if not first.startswith(b"#!"):
         return None
+    import shlex  # only for exec: not at start-up
+
     words = shlex.split(first[2:].decode("utf-8", "replace"))
     return words[0] if words else None
 
@@ -166,6 +166,8 @@ def _dynamic_targets(svc: ServiceSettings) -> bool:
 
 
 def _ports(svc: ServiceSettings, plan: Plan) -> None:
+    from urllib.parse import urlsplit  # only with OCSP or ACME: not at start-up
+
     if plan.bind is not None:
         if svc.transparent in ("source", "both"):
             plan.bind = None  # bound to each client's own port

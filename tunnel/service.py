@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import secrets
 import socket
 import ssl
 import string
@@ -127,6 +126,8 @@ class Service:
         here, so every connection of a process shares it); the process id."""
         mode = self.settings.logId
         if mode == "unique":
+            import secrets  # only for logId = unique: not at start-up
+
             return "".join(secrets.choice(_BASE62) for _ in range(22))
         if mode == "process":
             return str(os.getpid())

@@ -1,10 +1,11 @@
 """The value types of stunnel options: how one ``name = value`` line's value is parsed.
 
-Each type is an ``Annotated`` type whose ``BeforeValidator`` turns stunnel's text into the
-typed value (or raises ValueError with the one sentence the reader reports); the models in
-``settings.py`` use them for their fields.  Also the tables values are checked against
-(log levels, OpenSSL's SSL_OP_* names, TLS versions, transparent modes) and the lookups of
-``setuid``/``setgid`` names.
+Each parser turns stunnel's text into the typed value (or raises ValueError with the one
+sentence the reader reports).  The pydantic models (``options.py``) wrap them in
+``BeforeValidator``s, and the plain models of the run path (``settings.py``, generated from
+them) call the same functions; this module imports no pydantic (start-up time).  Also the
+tables values are checked against (log levels, OpenSSL's SSL_OP_* names, TLS versions,
+transparent modes) and the lookups of ``setuid``/``setgid`` names.
 
 Imports addr and sockopts (the endpoint and socket-option parsers), nothing above them.
 """
@@ -14,15 +15,12 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
-from typing import Annotated
 
-from pydantic import BeforeValidator, Field
-
-from tunnel.addr import Endpoint, parse_endpoint
-from tunnel.sockopts import SocketOption, parse_socket_option
+from tunnel.addr import parse_endpoint
+from tunnel.sockopts import parse_socket_option
 
 
-def _yes_no(value: object) -> object:
+def yes_no(value: object) -> object:
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -52,37 +50,45 @@ def verify_level(value: object) -> object:
     return level
 
 
-def _endpoint(value: object) -> object:
+def endpoint(value: object) -> object:
     if isinstance(value, str):
         return parse_endpoint(value)
     return value
 
 
-def one_of(*choices: str, message: str | None = None) -> BeforeValidator:
+class one_of:  # lower case: it is called like the function it replaced
     """One of ``choices`` in any case; the value becomes the choice as spelled here.  The
-    error is stunnel's: ``message``, or its words for a choice of two."""
-    two = f"The argument needs to be either '{choices[0]}' or '{choices[1]}'" if len(choices) == 2 else None
+    error is stunnel's: ``message``, or its words for a choice of two.  (Its ``repr`` is the
+    call that makes it, which is how ``tools/gen_settings.py`` writes it out.)"""
 
-    def check(value: object) -> object:
+    __slots__ = ("choices", "message", "__name__")
+
+    def __init__(self, *choices: str, message: str | None = None) -> None:
+        self.choices = choices
+        self.message = message
+        self.__name__ = "one_of"
+
+    def __repr__(self) -> str:
+        args = ", ".join(repr(c) for c in self.choices)
+        return f"one_of({args}{f', message={self.message!r}' if self.message else ''})"
+
+    def __call__(self, value: object) -> object:
+        choices = self.choices
         if isinstance(value, str):
             low = value.strip().lower()
             for choice in choices:
                 if choice.lower() == low:
                     return choice
             listed = f"{value.strip()!r} is not one of: {', '.join(choices)}"
-            raise ValueError(f"{message} ({listed})" if message else two or listed)
+            if self.message:
+                raise ValueError(f"{self.message} ({listed})")
+            if len(choices) == 2:
+                raise ValueError(f"The argument needs to be either '{choices[0]}' or '{choices[1]}'")
+            raise ValueError(listed)
         return value
 
-    return BeforeValidator(check)
 
-
-YesNo = Annotated[bool, BeforeValidator(_yes_no)]
-Seconds = Annotated[int, BeforeValidator(to_int), Field(ge=0)]
-Count = Annotated[int, BeforeValidator(to_int), Field(ge=0)]
-Addr = Annotated[Endpoint, BeforeValidator(_endpoint)]
-
-
-def _ticket_secret(value: object) -> object:
+def ticket_secret(value: object) -> object:
     """stunnel's ticket secrets: hex digits, ':' or '-' allowed between bytes, 16 or 32 bytes."""
     text = str(value).replace(":", "").replace("-", "")
     try:
@@ -93,8 +99,6 @@ def _ticket_secret(value: object) -> object:
         raise ValueError(f"value has {len(data)} bytes instead of required 16 or 32 bytes")
     return data
 
-
-TicketSecret = Annotated[bytes, BeforeValidator(_ticket_secret)]
 
 LOG_LEVELS = ["emerg", "alert", "crit", "err", "warning", "notice", "info", "debug"]
 SYSLOG_FACILITIES = [
@@ -120,13 +124,11 @@ def parse_debug(value: str) -> tuple[str, int]:
     raise ValueError(f"Illegal debug level {value.strip()!r}: expected 0-7 or one of {', '.join(LOG_LEVELS)}")
 
 
-def _debug(value: object) -> object:
+def debug_option(value: object) -> object:
     if isinstance(value, str):
         return parse_debug(value)
     return value
 
-
-Debug = Annotated[tuple[str, int], BeforeValidator(_debug)]
 
 # OpenSSL 3.0 SSL_OP_* values (include/openssl/ssl.h.in).  Zero = obsolete no-op,
 # exactly as OpenSSL itself defines them.
@@ -189,7 +191,7 @@ SSL_OPTIONS: dict[str, int] = {
 _OPTION_NAMES = {name.upper(): name for name in SSL_OPTIONS}
 
 
-def _ssl_option(value: object) -> object:
+def ssl_option(value: object) -> object:
     if isinstance(value, str):
         text = value.strip()
         neg = text.startswith("-")
@@ -205,19 +207,13 @@ def _ssl_option(value: object) -> object:
     return value
 
 
-SslOption = Annotated[str, BeforeValidator(_ssl_option)]
-
-
-def _sockopt(value: object) -> object:
+def socket_option(value: object) -> object:
     if isinstance(value, str):
         return parse_socket_option(value)
     return value
 
 
-SockOpt = Annotated[SocketOption, BeforeValidator(_sockopt)]
-
-
-def _ip(value: object) -> object:
+def ip_text(value: object) -> object:
     if isinstance(value, str):
         try:
             return str(ipaddress.ip_address(value.strip()))
@@ -226,16 +222,13 @@ def _ip(value: object) -> object:
     return value
 
 
-IPText = Annotated[str, BeforeValidator(_ip)]
-
-
-def _local(value: object) -> object:
+def local_addr(value: object) -> object:
     """``local``: an IP address, or a host name resolved now (stunnel resolves it when it
     reads the file) to its first address."""
     if not isinstance(value, str):
         return value
     try:
-        return _ip(value)
+        return ip_text(value)
     except ValueError:
         pass
     import socket
@@ -249,10 +242,7 @@ def _local(value: object) -> object:
     return str(infos[0][4][0])
 
 
-LocalAddr = Annotated[str, BeforeValidator(_local)]
-
-
-def _retry(value: object) -> object:
+def retry_delay(value: object) -> object:
     if isinstance(value, str):
         low = value.strip().lower()
         if low == "yes":
@@ -263,9 +253,6 @@ def _retry(value: object) -> object:
             return int(low)
         raise ValueError("expected yes, no or a delay in milliseconds")
     return value
-
-
-Retry = Annotated[int, BeforeValidator(_retry), Field(ge=0)]
 
 
 TRANSPARENT_MODES = ("none", "source", "destination", "both")
@@ -293,10 +280,8 @@ def parse_mode(value: object) -> object:
     return mode
 
 
-Transparent = Annotated[str, BeforeValidator(parse_mode)]
-
 TLS_VERSIONS = ("all", "SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
-TlsVersion = Annotated[str, one_of(*TLS_VERSIONS, message="Invalid protocol version")]
+tls_version = one_of(*TLS_VERSIONS, message="Invalid protocol version")
 
 
 def uid_of(user: str) -> int:

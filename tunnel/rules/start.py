@@ -7,7 +7,6 @@ ocsp and cryptography lazily.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import os
 from collections.abc import Callable
@@ -81,6 +80,8 @@ def certificate_dates(s: Started) -> list[Problem]:
         return []
     if not certs:
         return []
+    import datetime  # with cryptography, which loads it anyway
+
     leaf, path, out = certs[0], svc.cert, []
     now = datetime.datetime.now(datetime.UTC)
     after, before = leaf.not_valid_after_utc, leaf.not_valid_before_utc
