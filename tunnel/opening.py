@@ -119,7 +119,7 @@ class Opening:
         if venue.settings.client:
             side.pause_reading()
         conn.peer_addr = format_sockaddr(side.transport.get_extra_info("peername"))
-        if sock is not None:
+        if sock is not None and venue.sockopts_l:
             apply_socket_options(sock, sock.family, venue.sockopts_l)
         if venue.settings.ident or venue.settings.acceptProxy:
             # a load balancer's PROXY header comes first, then stunnel asks identd: a refused

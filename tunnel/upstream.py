@@ -23,7 +23,7 @@ from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.listener import OUT_OF_RESOURCES
 from tunnel.reasons import CloseReason
 from tunnel.settings import ServiceSettings
-from tunnel.sockopts import apply_socket_options, socket_options
+from tunnel.sockopts import apply_socket_options, for_transport, socket_options
 from tunnel.transparent import Target, TransparentError
 
 
@@ -72,6 +72,7 @@ class Upstream:
         self.resolved: dict[Endpoint, list[tuple[int, Any]]] = {}
         self._rr = 0
         self.sockopts_r = socket_options(settings.socket, "r")
+        self._before_connect = for_transport(self.sockopts_r)  # the socket becomes a transport
 
     async def resolve_all(self) -> list[str]:
         """stunnel resolves connect names at start-up unless ``delay = yes``."""
@@ -164,7 +165,7 @@ class Upstream:
             sock.setblocking(False)
             try:
                 if family != socket.AF_UNIX:
-                    apply_socket_options(sock, family, self.sockopts_r)
+                    apply_socket_options(sock, family, self._before_connect)
                     if opts.local:
                         sock.bind((opts.local, 0))
                         caller.log(6, "bind succeeded on an ephemeral port")
