@@ -227,3 +227,71 @@ def test_cap_beyond_the_descriptor_budget_is_refused_at_check(tunnels: TunnelFac
     cmd[-1] = str(ok)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+BIG_CAP = 150  # far from it (C_ROOM = 128 free) uvloop's accept loop serves; near it, ours
+
+
+def _listener_fds(pid: int, port: int) -> int:
+    """How many of ``pid``'s descriptors are the listening socket on ``port``: 2 while uvloop's
+    accept loop serves a duplicate of it (tunnel/listener.py), 1 while ours accepts."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            inodes.add(fields[9])
+    links = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            continue
+    return sum(1 for link in links if link in {f"socket:[{i}]" for i in inodes})
+
+
+def test_uvloop_accept_hands_over_near_the_cap(tunnels: TunnelFactory, certs: Certs) -> None:
+    """Far from the cap uvloop's accept loop serves; near it ours takes over and stops at the
+    cap exactly (the excess waits in the backlog); once the connections end, uvloop's again."""
+    backend = CountingEcho()
+    held: list[ssl.SSLSocket] = []
+    try:
+        t, _status = start_with_status(
+            tunnels,
+            f"[capped]\naccept = 127.0.0.1:0\nconnect = 127.0.0.1:{backend.port}\n"
+            f"cert = {certs.server_pem}\nmaxConnections = {BIG_CAP}\n",
+        )
+        port, pid = t.port("capped"), t.proc.pid
+        ctx = ssl.create_default_context(cafile=str(certs.ca_pem))
+        poll("uvloop's accept loop on a duplicate", lambda: _listener_fds(pid, port) == 2)
+        for n in range(BIG_CAP):
+            s = _tls(port, ctx, 60)
+            held.append(s)
+            s.sendall(b"held %d\n" % n)
+            assert _read_exactly(s, len(b"held %d\n" % n)) == b"held %d\n" % n
+        poll("our accept loop near the cap", lambda: _listener_fds(pid, port) == 1)
+        flood = [FloodClient(port, ctx, n) for n in range(20)]
+        for f in flood:
+            f.start()
+        poll("the flood's TCP connections", lambda: all(f.connected.is_set() for f in flood))
+        t.wait_for(rf"maxConnections = {BIG_CAP} reached; new clients wait in the backlog")
+        for s in held[:10]:  # the tunnel goes on serving the held ones meanwhile
+            s.sendall(b"again\n")
+            assert _read_exactly(s, 6) == b"again\n"
+        assert not any(f.done_at for f in flood), "a client was served beyond the cap"
+        for s in held:
+            s.close()
+        poll("every waiting client served", lambda: all(f.done_at for f in flood), timeout=120)
+        assert [f.error for f in flood if f.error] == []
+        assert all(f.reply == f"flood client {f.n}\n".encode() for f in flood)
+        assert backend.peak == BIG_CAP, f"the backend saw {backend.peak} at once (cap {BIG_CAP})"
+        poll("the connections to end", lambda: backend.live == 0)
+        with _tls(port, ctx, 60) as s:  # our loop accepts it, and hands back to uvloop's
+            s.sendall(b"last\n")
+            assert _read_exactly(s, 5) == b"last\n"
+        poll("uvloop's accept loop again", lambda: _listener_fds(pid, port) == 2)
+        assert "Traceback" not in t.log and "Internal error" not in t.log
+        assert t.proc.poll() is None
+    finally:
+        for s in held:
+            s.close()
+        backend.close()

@@ -217,6 +217,25 @@ def test_upstream_tcp_connect_timeout(tunnels: TunnelFactory, tls_echo: TlsEchoS
         hole.close()
 
 
+def test_server_connect_timeout_then_failover(
+    tunnels: TunnelFactory, certs: Certs, echo: EchoServer, impl: str
+) -> None:
+    """Server mode: TIMEOUTconnect bounds the connect to the first target (pytunnel lets uvloop
+    connect a server's plain upstream), and failover goes on to the next, which serves."""
+    hole = Blackhole()
+    try:
+        conf = server_conf(tunnels, certs, [hole.port, echo.port], "TIMEOUTconnect = 2\n")
+        t = tunnels.start(conf, impl=impl)
+        start = time.monotonic()
+        good_tls(t.port("srv"), certs)
+        assert time.monotonic() - start >= 1.5  # the first target's 2 s went by first
+        t.wait_for(rf"LOG3\[\d+\]: s_connect: s_poll_wait 127\.0\.0\.1:{hole.port}: TIMEOUTconnect exceeded$")
+        t.wait_for(rf"s_connect: connected 127\.0\.0\.1:{echo.port}")
+        assert t.stop() == 0
+    finally:
+        hole.close()
+
+
 def test_upstream_never_answers_tls_timeoutbusy(
     tunnels: TunnelFactory, tls_echo: TlsEchoServer, silent: SilentUpstream, impl: str
 ) -> None:

@@ -192,9 +192,15 @@ class Log:
             body = line = self._json(level, ident, text, fields) + "\n"
         else:
             body = f"LOG{level}[{ident}]: {text}"
-            line = f"{self._timestamp()} {body}\n"
-        if self.to_stderr and not _stderr(line):
-            self.to_stderr = False
+            now = time.time()  # the second's stamp is made once (_timestamp, inlined: per line)
+            stamp = self._stamp if int(now) == self._stamp_sec else self._timestamp()
+            line = f"{stamp} {body}\n"
+        if self.to_stderr:
+            try:  # _stderr, inlined: a connection's lines come here
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                self.to_stderr = _stderr(line)
         if self.file is not None:
             with contextlib.suppress(OSError, ValueError):  # ValueError: closed under us
                 self.file.write(line)

@@ -119,7 +119,7 @@ class Opening:
         if venue.settings.client:
             side.pause_reading()
         conn.peer_addr = format_sockaddr(side.transport.get_extra_info("peername"))
-        if sock is not None:
+        if sock is not None and venue.sockopts_l:
             apply_socket_options(sock, sock.family, venue.sockopts_l)
         if venue.settings.ident or venue.settings.acceptProxy:
             # a load balancer's PROXY header comes first, then stunnel asks identd: a refused
@@ -194,7 +194,7 @@ class Opening:
             if mode.early is not None:
                 await mode.early(ctx)
         sock = await self.dial(venue, ctx.targets if ctx else None)
-        if sock is None:
+        if not isinstance(sock, socket.socket):  # None (no TLS side was given: no transport)
             return
         tcfg = venue.tls
         hostname = client_sni(venue.settings, conn.target_host)
@@ -469,9 +469,13 @@ class Opening:
         return program.child_env(venue.set_env, peer, dn)
 
     async def dial(
-        self, venue: Venue, chosen: list[tuple[int, Any, str | None]] | None
-    ) -> socket.socket | None:
-        """The upstream socket (None: the connection failed, with the reason logged).
+        self,
+        venue: Venue,
+        chosen: list[tuple[int, Any, str | None]] | None,
+        protocol: asyncio.BaseProtocol | None = None,
+    ) -> socket.socket | asyncio.BaseTransport | None:
+        """The upstream socket, or its transport when uvloop connected it with ``protocol``
+        (None: the connection failed, with the reason logged).
 
         ``chosen``: the targets a protocol picked (SOCKS), instead of ``connect``; with
         ``exec`` and no ``connect`` the program is the remote end."""
@@ -487,7 +491,7 @@ class Opening:
         if isinstance(targets, Failed):
             self._failed(targets)
             return None
-        dialed = await up.dial(conn, targets, client, venue.out_of_fds)
+        dialed = await up.dial(conn, targets, client, venue.out_of_fds, protocol)
         if dialed is None:
             return None
         if isinstance(dialed, Failed):
@@ -495,11 +499,14 @@ class Opening:
             return None
         conn.log(5, f"s_connect: connected {dialed.shown}", event="connected", upstream=dialed.shown)
         if venue.level >= 5:
-            local = format_sockaddr(dialed.sock.getsockname())
-            conn.log(5, f"Service [{venue.name}] connected remote server from {local}")
+            if dialed.sock is not None:
+                where = dialed.sock.getsockname()
+            else:
+                where = dialed.transport.get_extra_info("sockname") if dialed.transport else None
+            conn.log(5, f"Service [{venue.name}] connected remote server from {format_sockaddr(where)}")
         conn.target = dialed.shown
         conn.target_host = dialed.name
-        return dialed.sock
+        return dialed.sock or dialed.transport
 
     def _failed(self, failed: Failed) -> None:
         self.conn.fail(failed.reason, failed.detail)
@@ -517,16 +524,17 @@ class Opening:
             conn.plain = plain
             await program.PtyTransport(plain).attach(master)
             return plain
-        sock = await self.dial(venue, ctx.targets if ctx is not None else None)
+        conn.plain = plain  # uvloop may connect it (Upstream.dial's direct way)
+        sock = await self.dial(venue, ctx.targets if ctx is not None else None, plain)
         if sock is None:
             return None
-        conn.plain = plain
-        try:
-            await conn.loop.create_connection(lambda: plain, sock=sock)
-        except OSError as exc:
-            sock.close()
-            conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc}")
-            return None
+        if isinstance(sock, socket.socket):
+            try:
+                await conn.loop.create_connection(lambda: plain, sock=sock)
+            except OSError as exc:
+                sock.close()
+                conn.fail(CloseReason.CONNECT_FAILED, f"s_connect: {exc}")
+                return None
         reassert_nodelay(plain.transport, venue.upstream.sockopts_r)
         if conn.reason is not None:
             plain.close()

@@ -5,7 +5,8 @@ buffer its sides share.  A leaf."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+import errno
+from typing import Any, Protocol, TypeGuard
 
 READ_BUFFER = 262144  # what uvloop reads at once for a plain Protocol
 _BUFFER = memoryview(bytearray(READ_BUFFER))
@@ -55,3 +56,8 @@ class Owner(Protocol):
         self, level: int, conn_id: str, text: str, fields: dict[str, object] | None = None
     ) -> None: ...
     def connection_ended(self, conn: Any) -> None: ...
+
+
+def not_connected(exc: Exception | None) -> TypeGuard[OSError]:
+    """ENOTCONN: write_eof on a socket the peer already reset."""
+    return isinstance(exc, OSError) and exc.errno == errno.ENOTCONN

@@ -34,7 +34,7 @@ from tunnel.reasons import CloseReason
 from tunnel.relay import Connection, PlainSide, TlsSide
 from tunnel.settings import ServiceSettings
 from tunnel.sni import SniSwitch
-from tunnel.sockopts import socket_options
+from tunnel.sockopts import for_transport, socket_options
 from tunnel.tls import TlsConfig
 from tunnel.upstream import Upstream
 from tunnel.values import gid_of, uid_of
@@ -84,7 +84,7 @@ class Service:
         self.on_pipes = False  # inetd mode on pipes, not a socket (tunnel/stdio.py)
         self._local_done: asyncio.Event | None = None
         self._local_task: asyncio.Task[None] | None = None  # exec+connect's start/retry loop
-        self.sockopts_l = socket_options(settings.socket, "l")
+        self.sockopts_l = for_transport(socket_options(settings.socket, "l"))  # on a transport
         self.sni: SniSwitch[Service] | None = None
         if not settings.client and self.secondaries:
             patterns = [

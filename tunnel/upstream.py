@@ -23,7 +23,7 @@ from tunnel.addr import Endpoint, format_sockaddr
 from tunnel.listener import OUT_OF_RESOURCES
 from tunnel.reasons import CloseReason
 from tunnel.settings import ServiceSettings
-from tunnel.sockopts import apply_socket_options, socket_options
+from tunnel.sockopts import apply_socket_options, for_transport, socket_options
 from tunnel.transparent import Target, TransparentError
 
 
@@ -39,9 +39,10 @@ class Failed:
 class Dialed:
     """A connected upstream socket, the address shown in logs and the name as configured."""
 
-    sock: socket.socket
+    sock: socket.socket | None  # None: uvloop connected it (``transport``)
     shown: str
     name: str | None
+    transport: asyncio.BaseTransport | None = None
 
 
 class Caller(Protocol):
@@ -72,6 +73,7 @@ class Upstream:
         self.resolved: dict[Endpoint, list[tuple[int, Any]]] = {}
         self._rr = 0
         self.sockopts_r = socket_options(settings.socket, "r")
+        self._before_connect = for_transport(self.sockopts_r)  # the socket becomes a transport
 
     async def resolve_all(self) -> list[str]:
         """stunnel resolves connect names at start-up unless ``delay = yes``."""
@@ -137,18 +139,27 @@ class Upstream:
         targets: list[Target],
         client: Any,
         out_of_fds: Callable[[OSError], None],
+        protocol: asyncio.BaseProtocol | None = None,
     ) -> Dialed | Failed | None:
         """TCP-connect the first reachable target (failover), each bounded by TIMEOUTconnect.
+        With ``protocol``, a plain TCP target may be connected by uvloop with it (``transport``).
 
         None when the caller gave up meanwhile (its connection ended)."""
         loop = asyncio.get_running_loop()
         opts = self.settings
         timeout = float(opts.TIMEOUTconnect)
         source = transparent.uses_source(opts.transparent) and not opts.local
+        direct = protocol is not None and not source and not opts.local and not self._before_connect
         for family, addr, name in targets:
             if caller.reason is not None:
                 return None
             shown = format_sockaddr(addr)
+            if direct and protocol is not None and _plain_ip(family, addr):
+                got = await self._direct(caller, protocol, (addr, shown, name), timeout)
+                if isinstance(got, Dialed):
+                    return got if caller.reason is None else _dropped(got)
+                if not got:
+                    continue  # refused, timed out (logged): the next target
             sock = await self._new_socket(caller, family, out_of_fds)
             if sock is None:
                 break
@@ -164,7 +175,7 @@ class Upstream:
             sock.setblocking(False)
             try:
                 if family != socket.AF_UNIX:
-                    apply_socket_options(sock, family, self.sockopts_r)
+                    apply_socket_options(sock, family, self._before_connect)
                     if opts.local:
                         sock.bind((opts.local, 0))
                         caller.log(6, "bind succeeded on an ephemeral port")
@@ -172,17 +183,34 @@ class Upstream:
                 await connect(loop, sock, family, addr, timeout)
             except (OSError, TimeoutError) as exc:
                 sock.close()
-                if isinstance(exc, TimeoutError) and not exc.errno:
-                    caller.log(3, f"s_connect: s_poll_wait {shown}: TIMEOUTconnect exceeded")
-                else:
-                    text = os.strerror(exc.errno) if exc.errno else str(exc)
-                    caller.log(3, f"s_connect: connect {shown}: {text} ({exc.errno})")
+                _log_failed(caller, exc, shown)
                 continue
             if caller.reason is not None:
                 sock.close()
                 return None
             return Dialed(sock, shown, name)
         return Failed("No more addresses to connect")
+
+    async def _direct(
+        self,
+        caller: Caller,
+        protocol: asyncio.BaseProtocol,
+        target: tuple[Any, str, str | None],
+        timeout: float,
+    ) -> Dialed | bool:
+        """uvloop's own connect (a numeric address: no resolver, no Python socket, no writable
+        wait): ≈ 13 µs of CPU less than ours.  False: failed (logged); True: out of descriptors,
+        our way (which waits for one) is to try."""
+        addr, shown, name = target
+        caller.log(6, f"s_connect: connecting {shown}")
+        try:
+            transport = await connect_direct(protocol, addr, timeout)
+        except (OSError, TimeoutError) as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                return True
+            _log_failed(caller, exc, shown)
+            return False
+        return Dialed(None, shown, name, transport)
 
     async def _new_socket(
         self, caller: Caller, family: int, out_of_fds: Callable[[OSError], None]
@@ -270,3 +298,48 @@ def _writable(done: asyncio.Future[None]) -> None:
 def _expired(done: asyncio.Future[None]) -> None:
     if not done.done():
         done.set_exception(TimeoutError())
+
+
+def _log_failed(caller: Caller, exc: OSError, shown: str) -> None:
+    """stunnel's line for a target that could not be connected."""
+    if isinstance(exc, TimeoutError) and not exc.errno:
+        caller.log(3, f"s_connect: s_poll_wait {shown}: TIMEOUTconnect exceeded")
+    else:
+        text = os.strerror(exc.errno) if exc.errno else str(exc)
+        caller.log(3, f"s_connect: connect {shown}: {text} ({exc.errno})")
+
+
+def _plain_ip(family: int, addr: Any) -> bool:
+    """A target uvloop can connect by its numbers alone (an IPv6 scope needs our socket)."""
+    return family == socket.AF_INET or (family == socket.AF_INET6 and not addr[3])
+
+
+def _dropped(got: Dialed) -> None:
+    """The caller gave up while uvloop connected: nothing to hand over."""
+    if got.transport is not None:
+        got.transport.close()
+
+
+async def connect_direct(protocol: asyncio.BaseProtocol, addr: Any, timeout: float) -> asyncio.BaseTransport:
+    """uvloop's ``create_connection`` to a numeric address with ``protocol``, bounded by ``timeout``
+    (TimeoutError) through a timer that cancels this task, as ``asyncio.timeout`` does, cheaper."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    expired: list[bool] = []
+    timer = loop.call_later(timeout, _cancel, task, expired)
+    try:
+        transport, _ = await loop.create_connection(lambda: protocol, addr[0], addr[1])
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        task.uncancel()
+        raise TimeoutError() from None
+    finally:
+        timer.cancel()
+    return transport
+
+
+def _cancel(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
