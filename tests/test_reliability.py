@@ -1132,6 +1132,8 @@ def test_no_private_key_material_in_logs_at_debug_7(
         wait_closed(s, 10)
     t.signal(signal.SIGHUP)
     wait_count(t, r"Configuration successful", 2)
+    # stunnel4 logs `Configuration successful` before it binds again (to a new port: accept = 0)
+    wait_count(t, r"Service \[cli\] \(FD=\d+\) bound to ", 2)
     assert roundtrip(bound_ports(t, "cli")[-1], data) == data
     assert t.stop() == 0
     bad = tmp_path / "mismatch.pem"
