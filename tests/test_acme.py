@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -73,7 +74,14 @@ def short_pebble(tmp_path: Path) -> Iterator[Pebble]:
     yield from _pebble(tmp_path, validity=24)
 
 
-def _pebble(tmp_path: Path, validity: int) -> Iterator[Pebble]:
+@pytest.fixture
+def reusing_pebble(tmp_path: Path) -> Iterator[Pebble]:
+    """A pebble that hands every new order the valid authorizations of earlier ones (as Let's
+    Encrypt does for 30 days); the other fixtures set that to 0 %."""
+    yield from _pebble(tmp_path, validity=3600, authz_reuse=100)
+
+
+def _pebble(tmp_path: Path, validity: int, authz_reuse: int = 0) -> Iterator[Pebble]:
     binary, challtest = need_tool("pebble"), need_tool("pebble-challtestsrv", "pebble")
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "pebble-ca.pem"))
@@ -102,7 +110,9 @@ def _pebble(tmp_path: Path, validity: int) -> Iterator[Pebble]:
          "-management", f"127.0.0.1:{cmgmt}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
         stdout=open(tmp_path / "challtestsrv.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
     )  # fmt: skip
-    env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
+    env = dict(
+        os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE=str(authz_reuse)
+    )
     argv = [binary, "-config", str(tmp_path / "pebble.json"), "-dnsserver", f"127.0.0.1:{dns}"]
     p = Pebble(
         f"https://127.0.0.1:{api}/dir",
@@ -230,6 +240,43 @@ def test_renewal_hot_swaps_and_survives_an_outage(
     while t.log.count("ACME certificate renewed") == renewed:
         assert time.monotonic() < deadline, t.log
         time.sleep(0.2)
+
+
+def test_a_new_order_skips_authorizations_already_valid(
+    tunnels: TunnelFactory, reusing_pebble: Pebble, echo: EchoServer, tmp_path: Path
+) -> None:
+    """A reload adds an ACMEdomain: the new order comes back with DOMAIN's authorization valid
+    already; only the new name's challenge is answered (posting a valid one is an error)."""
+    pebble = reusing_pebble
+    conf = acme_conf(
+        tunnels,
+        pebble,
+        echo,
+        tmp_path / "state",
+    )
+    t = start(tunnels, conf)
+    t.wait_for(r"ACME certificate obtained")
+    www = f"www.{DOMAIN}"
+    conf.write_text(
+        conf.read_text().replace(f"ACMEdomain = {DOMAIN}\n", f"ACMEdomain = {DOMAIN}\nACMEdomain = {www}\n")
+    )
+    t.signal(signal.SIGHUP)
+    t.wait_for(r"ACME certificate renewed", timeout=60)
+    assert "ACME renewal failed" not in t.log, t.log
+    roots = pebble.roots()
+
+    def names() -> list[str]:
+        served = served_cert(pebble.tls_port, roots)
+        san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return sorted(san.get_values_for_type(x509.DNSName))
+
+    deadline = time.monotonic() + 20  # the certificate watcher swaps the renewed file in
+    while names() != sorted([DOMAIN, www]):
+        assert time.monotonic() < deadline, t.log
+        time.sleep(0.2)
+    # pebble reused the first order's authorization: one challenge was posted for two names
+    assert pebble.log.read_text().count("set VALID by completed challenge") == 2
+    assert t.stop() == 0
 
 
 def test_no_certificate_exits_3(

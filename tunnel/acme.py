@@ -215,11 +215,15 @@ def _client(svc: ServiceSettings, directory: Path) -> Any:
 
 
 def _answer(cl: Any, order: Any, svc: ServiceSettings, answers: Answers) -> None:
-    """Publish and trigger the chosen challenge of each authorization."""
-    from acme import challenges, errors
+    """Publish and trigger the chosen challenge of each authorization still pending."""
+    from acme import challenges, errors, messages
 
     key = cl.net.key
     for authz in order.authorizations:
+        if authz.body.status == messages.STATUS_VALID:
+            # the server reused an authorization validated for an earlier order (Let's
+            # Encrypt does for 30 days; RFC 8555 7.1.4): its challenge must not be posted again
+            continue
         domain = authz.body.identifier.value
         wanted = svc.ACMEchallenge
         challb = next(
