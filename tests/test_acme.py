@@ -279,6 +279,32 @@ def test_a_new_order_skips_authorizations_already_valid(
     assert t.stop() == 0
 
 
+def test_a_stored_account_under_another_url_is_registered_again(
+    tunnels: TunnelFactory, pebble: Pebble, echo: EchoServer, tmp_path: Path
+) -> None:
+    """The account is stored by the URL the server gave; the same server reached by another
+    name (ACMEdirectory changed from 127.0.0.1 to localhost) refuses that URL as the JWS key
+    id. pytunnel registers the key again under the new name instead of failing the order."""
+    state = tmp_path / "state"
+    t = start(tunnels, acme_conf(tunnels, pebble, echo, state))
+    t.wait_for(r"ACME certificate obtained")
+    assert t.stop() == 0
+    stored = state / "site" / "account.json"
+    (url,) = json.loads(stored.read_text()).values()
+    assert url.startswith("https://127.0.0.1:")
+    by_name = pebble.directory.replace("127.0.0.1", "localhost")
+    stored.write_text(json.dumps({by_name: url}))  # the old URL, now filed under the new name
+    (state / "site" / "cert.pem").unlink()
+    conf = acme_conf(tunnels, pebble, echo, state)
+    conf.write_text(
+        conf.read_text().replace(f"ACMEdirectory = {pebble.directory}", f"ACMEdirectory = {by_name}")
+    )
+    again = start(tunnels, conf)
+    again.wait_for(r"ACME certificate obtained")
+    assert json.loads(stored.read_text())[by_name].startswith("https://localhost:")
+    assert again.stop() == 0
+
+
 def test_no_certificate_exits_3(
     tunnels: TunnelFactory, pebble: Pebble, echo: EchoServer, tmp_path: Path
 ) -> None:

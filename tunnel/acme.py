@@ -266,7 +266,13 @@ def _new_order(svc: ServiceSettings, directory: Path, csr: bytes) -> tuple[Any, 
         try:
             return cl, cl.new_order(csr)
         except messages.Error as exc:
-            if attempt == 2 or exc.code != "accountDoesNotExist":
+            # the stored account URL refused: forgotten by the server, or not under this
+            # directory's URL ("Key ID (kid) in JWS header missing expected URL prefix": the
+            # same server by another name, as after a reload that changed ACMEdirectory)
+            refused = exc.code == "accountDoesNotExist" or (
+                exc.code == "malformed" and "Key ID" in str(exc.detail or "")
+            )
+            if attempt == 2 or not refused:
                 raise
             (directory / "account.json").unlink(missing_ok=True)
     raise AssertionError("unreachable")
